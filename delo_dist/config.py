@@ -1,0 +1,286 @@
+"""Recipes: YAML files loaded into typed, validated dataclasses.
+
+`load_recipe(path, overrides)` reads the YAML, applies dotted `key=value` overrides and
+checks every key, type and value before anything is trained. Every error names the
+recipe file, the dotted key and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe or override is wrong: the message names file, key and expectation."""
+
+
+@dataclass
+class SyntheticConfig:
+    sessions: int = 4
+    classes_per_session: int = 4
+    train_per_class: int = 48
+    val_per_class: int = 8
+    test_per_class: int = 24
+    image_size: int = 64
+    samples_per_shard: int = 200
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"
+    shards: str = "data/synthetic"          # folder holding manifest.json and the tars
+    make_synthetic: bool = False            # build the synthetic benchmark there if absent
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    eta: float = 0.7                        # fraction of each split that is incomplete
+    missing_type: Literal["none", "text", "image", "both"] = "both"
+    both_ratio: float = 0.5                 # share of the incomplete samples that lose the image
+    missing_seed: int = 0
+    shuffle_buffer: int = 256
+    num_workers: int = 0
+    sessions: Optional[int] = None          # train only the first N sessions (None: all)
+
+
+@dataclass
+class BackboneConfig:
+    name: Literal["vilt"] = "vilt"
+    pretrained: Optional[str] = None        # local path or hub id; None: tiny random config
+    tiny: dict = field(default_factory=lambda: dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, patch_size=16))
+    image_size: int = 64
+    max_text_len: int = 40
+    targets: list = field(default_factory=lambda: ["query", "key", "value"])
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["delo", "lora", "seq_lora", "head_only"] = "delo"
+    experts: int = 16                       # E: factor pairs per pool
+    rank: int = 4                           # r: factors selected per sample (or LoRA rank)
+    factor_rank: int = 1                    # 1: the paper's rank-one pairs; r: official block shape
+    alpha: float = 2.0
+    a_init_std: Optional[float] = None      # None: 1/sqrt(d_in), LoRA-like scale
+    modality_pools: bool = True             # False: ablation "w/o modality-specific pool"
+    cross_modal_guide: bool = True          # False: ablation "w/o cross-modal guide"
+    lambda_align: float = 0.1
+    lambda_con: float = 0.1
+
+
+@dataclass
+class TaskKeyConfig:
+    momentum: float = 0.99
+    source: Literal["frozen_pooled", "first_layer"] = "frozen_pooled"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 16                    # per device
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    log_every: int = 10
+    checkpoint_every: int = 0               # steps between mid-session checkpoints (0: off)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+    oracle: bool = True                     # also report accuracy with the true session id
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "delo-dist"
+    uri: Optional[str] = None               # None: sqlite store beside the output dir
+    run_name: Optional[str] = None
+    tags: dict = field(default_factory=dict)
+
+
+@dataclass
+class DistributedConfig:
+    engine: Literal["auto", "torch", "deepspeed"] = "auto"
+    zero_stage: int = 2
+
+
+@dataclass
+class Recipe:
+    name: str = "quickstart"
+    seed: int = 0
+    output_dir: str = "outputs/quickstart"
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    task_keys: TaskKeyConfig = field(default_factory=TaskKeyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{src}: key '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key, src)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key, src)
+            except RecipeError:
+                continue
+        raise RecipeError(f"{src}: key '{key}' expected {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise RecipeError(f"{src}: key '{key}' expected {_describe(tp)}, got {value!r}")
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise RecipeError(f"{src}: key '{key}' expected null, got {value!r}")
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise RecipeError(f"{src}: key '{key}' expected {tp.__name__}, got {value!r}")
+    if tp in (int, float, str, bool, list, dict) and not isinstance(value, tp):
+        raise RecipeError(f"{src}: key '{key}' expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str, src: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise RecipeError(f"{src}: unknown key '{key}'; expected one of {sorted(names)}")
+        kwargs[k] = _coerce(v, hints[k], key, src)
+        default = next(f for f in dataclasses.fields(cls) if f.name == k).default_factory
+        if hints[k] is dict and default is not dataclasses.MISSING:
+            kwargs[k] = {**default(), **kwargs[k]}  # a dict key overrides, not replaces, defaults
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, src: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"{src}: override '{dotted}' goes through a non-mapping key '{p}'")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"command line: override '{item}' must look like key.sub=value")
+        k, v = item.split("=", 1)
+        out.append((k.strip(), yaml.safe_load(v) if v != "" else None))
+    return out
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe file (or the defaults when path is None) and apply overrides."""
+    src = str(path) if path else "<defaults>"
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"{src}: recipe file not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{src}: not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise RecipeError(f"{src}: the top level must be a mapping of keys")
+    for k, v in parse_overrides(overrides or []):
+        _set_dotted(tree, k, v, f"{src} (override {k})")
+    recipe = _build(Recipe, tree, "", src)
+    validate(recipe, src)
+    return recipe
+
+
+def _check(cond: bool, src: str, key: str, expected: str, got: Any) -> None:
+    if not cond:
+        raise RecipeError(f"{src}: key '{key}' expected {expected}, got {got!r}")
+
+
+def validate(r: Recipe, src: str) -> None:
+    """Value checks that types cannot express; paths are checked here too."""
+    d, m, t = r.data, r.method, r.train
+    _check(0.0 <= d.eta <= 1.0, src, "data.eta", "a fraction in [0, 1]", d.eta)
+    _check(0.0 <= d.both_ratio <= 1.0, src, "data.both_ratio", "a fraction in [0, 1]", d.both_ratio)
+    _check(d.shuffle_buffer >= 1, src, "data.shuffle_buffer", "an int >= 1", d.shuffle_buffer)
+    _check(d.num_workers >= 0, src, "data.num_workers", "an int >= 0", d.num_workers)
+    _check(d.sessions is None or d.sessions >= 1, src, "data.sessions", "null or an int >= 1", d.sessions)
+    if not d.make_synthetic:
+        _check((Path(d.shards) / "manifest.json").is_file(), src, "data.shards",
+               "a folder with manifest.json (prepare it, or set data.make_synthetic=true)", d.shards)
+    _check(m.experts >= 1, src, "method.experts", "an int >= 1", m.experts)
+    _check(1 <= m.rank <= m.experts or m.name != "delo", src, "method.rank",
+           f"an int in [1, method.experts={m.experts}] (r <= E)", m.rank)
+    _check(m.rank >= 1, src, "method.rank", "an int >= 1", m.rank)
+    _check(m.factor_rank >= 1, src, "method.factor_rank", "an int >= 1", m.factor_rank)
+    _check(m.lambda_align >= 0 and m.lambda_con >= 0, src, "method.lambda_align/lambda_con",
+           "non-negative weights", (m.lambda_align, m.lambda_con))
+    _check(0.0 <= r.task_keys.momentum < 1.0, src, "task_keys.momentum", "a float in [0, 1)",
+           r.task_keys.momentum)
+    _check(t.epochs >= 1, src, "train.epochs", "an int >= 1", t.epochs)
+    _check(t.batch_size >= 1, src, "train.batch_size", "an int >= 1", t.batch_size)
+    _check(t.lr > 0, src, "train.lr", "a float > 0", t.lr)
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), src, "train.betas",
+           "two floats in [0, 1)", t.betas)
+    _check(0.0 <= t.warmup_ratio < 1.0, src, "train.warmup_ratio", "a float in [0, 1)", t.warmup_ratio)
+    _check(r.eval.batch_size >= 1, src, "eval.batch_size", "an int >= 1", r.eval.batch_size)
+    _check(r.distributed.zero_stage in (0, 1, 2, 3), src, "distributed.zero_stage",
+           "0, 1, 2 or 3", r.distributed.zero_stage)
+    b = r.backbone
+    if b.pretrained and (b.pretrained.startswith((".", "/", "~")) or Path(b.pretrained).exists()):
+        _check(Path(b.pretrained).expanduser().is_dir(), src, "backbone.pretrained",
+               "an existing model folder (config.json inside) or a hub id", b.pretrained)
+    _check(len(b.targets) >= 1, src, "backbone.targets", "a non-empty list of linear names",
+           b.targets)
+
+
+def to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the form MLflow params take."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out

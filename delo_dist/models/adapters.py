@@ -1,0 +1,91 @@
+"""Session-partitioned adapters around frozen linears, and the routing context they read.
+
+`AdaptedLinear` keeps the frozen `base` linear and one adapter module per session in a
+ModuleDict (the PEFT pattern, keyed by session). Per forward it:
+  1. computes each sample's modality queries q_v, q_t = mean of that modality's tokens in
+     its input (the backbone marked the tokens in the context);
+  2. applies the cross-modal guide: a sample missing its text routes the text pool with q_v,
+     one missing its image routes the visual pool with q_t (and the consistency loss can ask
+     for the same substitution on complete samples through `ctx.proxy`);
+  3. adds the delta of the session each sample is routed to (per sample: one batch may mix
+     sessions at inference).
+Session modules implement `delta(x, q_v, q_t, q_all) -> (B, N, d_out)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+PROXY_NONE, PROXY_TEXT, PROXY_IMAGE = 0, 1, 2
+
+
+@dataclass
+class RoutingContext:
+    enabled: bool = True                          # False: the frozen backbone alone
+    text_tokens: Optional[torch.Tensor] = None    # (B, N) bool, set by the backbone
+    image_tokens: Optional[torch.Tensor] = None
+    missing_text: Optional[torch.Tensor] = None   # (B,) bool
+    missing_image: Optional[torch.Tensor] = None
+    session: Optional[torch.Tensor] = None        # (B,) long: adapters each sample uses
+    uniform_session: Optional[int] = None         # all samples on one session (training)
+    proxy: Optional[torch.Tensor] = None          # (B,) PROXY_*: simulate a missing modality
+    cross_modal_guide: bool = True
+    record: bool = False
+    queries: list = field(default_factory=list)   # (q_v, q_t) per adapted linear, if record
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def routing_queries(ctx: RoutingContext, q_v: torch.Tensor, q_t: torch.Tensor):
+    """The queries each pool is routed with, after the cross-modal guide (Eq. 5)."""
+    no_text, no_image = ctx.missing_text, ctx.missing_image
+    if ctx.proxy is not None:
+        no_text = no_text | (ctx.proxy == PROXY_TEXT)
+        no_image = no_image | (ctx.proxy == PROXY_IMAGE)
+    if not ctx.cross_modal_guide:
+        return q_v, q_t  # ablation: the dummy input's own query
+    route_t = torch.where(no_text.unsqueeze(-1), q_v, q_t)
+    route_v = torch.where(no_image.unsqueeze(-1), q_t, q_v)
+    return route_v, route_t
+
+
+class AdaptedLinear(nn.Module):
+    def __init__(self, base: nn.Linear, ctx: RoutingContext,
+                 make_session: Callable[[int, int], nn.Module], session_names: list[str]):
+        super().__init__()
+        self.base = base
+        self.ctx = ctx
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.sessions = nn.ModuleDict({
+            name: make_session(base.in_features, base.out_features)
+            for name in dict.fromkeys(session_names)})
+        self.session_names = session_names  # session index -> module name (shared for seq LoRA)
+
+    def session_module(self, k: int) -> nn.Module:
+        return self.sessions[self.session_names[k]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        ctx = self.ctx
+        if not ctx.enabled:
+            return y
+        q_v = masked_mean(x, ctx.image_tokens)
+        q_t = masked_mean(x, ctx.text_tokens)
+        q_all = masked_mean(x, ctx.image_tokens | ctx.text_tokens)
+        if ctx.record:
+            ctx.queries.append((q_v, q_t))
+        route_v, route_t = routing_queries(ctx, q_v, q_t)
+        if ctx.uniform_session is not None:
+            return y + self.session_module(ctx.uniform_session).delta(x, route_v, route_t, q_all)
+        delta = torch.zeros_like(y)
+        for k in ctx.session.unique().tolist():
+            idx = (ctx.session == k).nonzero().squeeze(1)
+            d = self.session_module(k).delta(x[idx], route_v[idx], route_t[idx], q_all[idx])
+            delta = delta.index_add(0, idx, d)
+        return y + delta

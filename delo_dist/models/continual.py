@@ -1,0 +1,133 @@
+"""The continual model: frozen backbone + session-partitioned adapters + one head per
+session + the task-key memory. Training runs one known session; inference routes each
+sample to a session by its key (or, for analysis only, by its true session: `oracle`).
+
+Which query feeds the task keys (`task_keys.source`):
+  - "frozen_pooled" (default): the backbone's pooled feature with every adapter off. It is
+    the representation in which classes, and hence sessions, separate best, and it cannot
+    drift as later sessions train (the backbone is frozen), so old keys stay valid. It costs
+    one extra adapter-free forward per batch.
+  - "first_layer": the mean of the first layer's normalised input, what DeLo's routers see at
+    layer 1. Free, but close to raw embeddings: it separates sessions less well.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from delo_dist.models.adapters import AdaptedLinear, RoutingContext
+from delo_dist.models.backbone import build_backbone
+from delo_dist.models.methods import method_spec
+from delo_dist.models.task_keys import TaskKeyMemory
+
+
+def subset(batch: dict, idx: torch.Tensor) -> dict:
+    out = {}
+    for k, v in batch.items():
+        out[k] = v[idx] if torch.is_tensor(v) else [v[i] for i in idx.tolist()]
+    return out
+
+
+class ContinualModel(nn.Module):
+    def __init__(self, recipe, session_classes: list[list[int]], num_classes: int,
+                 multilabel: bool = False):
+        super().__init__()
+        self.ctx = RoutingContext(cross_modal_guide=recipe.method.cross_modal_guide)
+        self.backbone = build_backbone(recipe.backbone, self.ctx)
+        self.spec = method_spec(recipe.method)
+        self.multilabel = multilabel
+        self.num_classes = num_classes
+        self.key_source = recipe.task_keys.source
+        n = len(session_classes)
+        self.adapted: list[AdaptedLinear] = []
+        if self.spec.make_session is not None:
+            names = ["shared"] * n if self.spec.shared_across_sessions else [str(k) for k in range(n)]
+            for name, linear in self.backbone.adapted_linears().items():
+                wrapped = AdaptedLinear(linear, self.ctx, self.spec.make_session, names)
+                self.backbone.replace_linear(name, wrapped)
+                self.adapted.append(wrapped)
+        d = self.backbone.hidden_size
+        self.heads = nn.ModuleList([nn.Linear(d, len(c)) for c in session_classes])
+        self.task_keys = TaskKeyMemory(n, d, recipe.task_keys.momentum)
+        self.session_classes = [list(c) for c in session_classes]
+        # global class id -> index inside its session's head (-1: not in this session)
+        local = torch.full((n, num_classes), -1, dtype=torch.long)
+        for k, classes in enumerate(session_classes):
+            local[k, torch.tensor(classes)] = torch.arange(len(classes))
+        self.register_buffer("local_index", local, persistent=False)
+
+    # ------------------------------------------------------------ parameters
+    def session_parameters(self, k: int) -> dict[str, nn.Parameter]:
+        """Session k's trainable tensors, by name: its adapters and its head."""
+        wanted = {id(p) for a in self.adapted for p in a.session_module(k).parameters()}
+        wanted |= {id(p) for p in self.heads[k].parameters()}
+        return {n: p for n, p in self.named_parameters() if id(p) in wanted}
+
+    def set_trainable(self, k: int) -> dict[str, nn.Parameter]:
+        self.requires_grad_(False)
+        params = self.session_parameters(k)
+        for p in params.values():
+            p.requires_grad_(True)
+        return params
+
+    # ------------------------------------------------------------ forward
+    def _set_batch(self, batch: dict, record: bool = False, proxy=None) -> None:
+        c = self.ctx
+        c.missing_text, c.missing_image = batch["missing_text"], batch["missing_image"]
+        c.proxy, c.record, c.queries = proxy, record, []
+
+    def forward(self, batch: dict, session: int, proxy=None, record: bool = False):
+        """Training forward on one session: logits over that session's classes."""
+        self._set_batch(batch, record, proxy)
+        self.ctx.uniform_session, self.ctx.session = session, None
+        return self.heads[session](self.backbone(batch))
+
+    @torch.no_grad()
+    def key_query(self, batch: dict) -> torch.Tensor:
+        if self.key_source == "first_layer":
+            return self.backbone.first_layer_query(batch)
+        self.ctx.enabled = False
+        try:
+            return self.backbone(batch)
+        finally:
+            self.ctx.enabled = True
+
+    @torch.no_grad()
+    def predict_with(self, batch: dict, sessions: torch.Tensor) -> torch.Tensor:
+        """Predictions when sample b uses session sessions[b]'s adapters and head.
+        Single-label: (B,) global class ids. Multi-label: (B, num_classes) bool."""
+        self._set_batch(batch)
+        uniq = sessions.unique()
+        self.ctx.session = sessions
+        self.ctx.uniform_session = int(uniq[0]) if len(uniq) == 1 else None
+        pooled = self.backbone(batch)
+        n = pooled.shape[0]
+        pred = (torch.zeros(n, self.num_classes, dtype=torch.bool, device=pooled.device)
+                if self.multilabel else torch.zeros(n, dtype=torch.long, device=pooled.device))
+        for k in uniq.tolist():
+            idx = (sessions == k).nonzero().squeeze(1)
+            logits = self.heads[k](pooled[idx])
+            classes = torch.tensor(self.session_classes[k], device=pooled.device)
+            if self.multilabel:
+                hot = torch.zeros(len(idx), self.num_classes, dtype=torch.bool, device=pooled.device)
+                hot[:, classes] = logits.sigmoid() > 0.5
+                pred[idx] = hot
+            else:
+                pred[idx] = classes[logits.argmax(-1)]
+        return pred
+
+    @torch.no_grad()
+    def predict(self, batch: dict, seen: int, oracle: bool = True) -> dict:
+        """Task-agnostic prediction (headline), the routed sessions, and oracle predictions
+        (true session id; recomputed only for samples the key memory routed elsewhere)."""
+        routed = self.task_keys.select(self.key_query(batch), seen)
+        pred = self.predict_with(batch, routed)
+        out = {"routed": routed, "pred": pred}
+        if oracle:
+            true = batch["session"].to(routed.device)
+            oracle_pred = pred.clone()
+            wrong = (routed != true).nonzero().squeeze(1)
+            if len(wrong):
+                oracle_pred[wrong] = self.predict_with(subset(batch, wrong), true[wrong])
+            out["oracle_pred"] = oracle_pred
+        return out

@@ -1,0 +1,84 @@
+"""DeLo's dual decomposed low-rank experts (paper, "Decomposed Low-Rank Expert Architecture").
+
+A `FactorPool` holds E factor pairs (a_e, b_e) and its two routers. Per sample, with query q:
+    p_A = softmax(W_A q);  top-r of p_A selects the A factors          (Eq. 3)
+    p_B = softmax(W_B q + compat(selected A));  top-r selects the B factors
+          (the two scores are fused by addition, as the text after Eq. 3 says)
+    delta h = alpha * sum_i b_(i) (a_(i) . h)                          (Eq. 2 and 4)
+The top-r choice stays hard. To give the routers a gradient, each selected pair is scaled by
+g = p - stop_grad(p) + 1: exactly 1 in the forward pass (the paper's equations unchanged),
+d g / d p = 1 in the backward pass (a straight-through estimator).
+
+`factor_rank` f: 1 gives the paper's rank-one pairs (a_e in R^d_in, b_e in R^d_out); f = r
+gives the official code's block shapes (A_e in R^{f x d_in}, B_e in R^{d_out x f}), whose
+parameter counts reproduce the paper's Table 5; each selected pair then adds a rank-f term.
+The update is applied to activations through the factors: (B, N, d_in) -> (B, N, r, f) ->
+(B, N, d_out). `delta_naive` materialises the per-sample d_out x d_in matrix; it exists only
+to check the fast path and to be timed against it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class FactorPool(nn.Module):
+    def __init__(self, d_in: int, d_out: int, experts: int, rank: int, factor_rank: int = 1,
+                 a_init_std: float | None = None):
+        super().__init__()
+        self.rank, self.factor_rank = rank, factor_rank
+        std = a_init_std if a_init_std is not None else 1.0 / math.sqrt(d_in)
+        self.A = nn.Parameter(torch.randn(experts, factor_rank, d_in) * std)  # Gaussian
+        self.B = nn.Parameter(torch.zeros(experts, d_out, factor_rank))        # zero: delta starts at 0
+        self.router_a = nn.Linear(d_in, experts)
+        self.router_b = nn.Linear(d_in, experts)
+        # Scores each B factor from the chosen A factors, position by position (r, d_in, E).
+        self.compat = nn.Parameter(torch.randn(rank, d_in, experts) / math.sqrt(rank * d_in))
+
+    def route(self, q: torch.Tensor):
+        """q (B, d_in) -> selected A (B, r, f, d_in), B (B, r, d_out, f), gates (B, r)."""
+        p_a = self.router_a(q).softmax(-1)
+        top_a = p_a.topk(self.rank, dim=-1).indices                   # (B, r), best first
+        a_sel = self.A[top_a]
+        compat = torch.einsum("brfd,rde->be", a_sel.detach(), self.compat)
+        p_b = (self.router_b(q) + compat).softmax(-1)
+        top_b = p_b.topk(self.rank, dim=-1).indices
+        b_sel = self.B[top_b]
+        g_a, g_b = p_a.gather(1, top_a), p_b.gather(1, top_b)
+        gate = (g_a - g_a.detach() + 1.0) * (g_b - g_b.detach() + 1.0)  # == 1, carries grad
+        return a_sel, b_sel, gate, top_a, top_b
+
+    def delta(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        a_sel, b_sel, gate, _, _ = self.route(q)
+        z = torch.einsum("bnd,brfd->bnrf", x, a_sel) * gate[:, None, :, None]
+        return torch.einsum("bnrf,brof->bno", z, b_sel)
+
+    def delta_naive(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        a_sel, b_sel, gate, _, _ = self.route(q)
+        dw = torch.einsum("brof,brfd,br->bod", b_sel, a_sel, gate)    # (B, d_out, d_in)
+        return torch.einsum("bnd,bod->bno", x, dw)
+
+
+class DeloSession(nn.Module):
+    """One session's adapter for one linear: a visual and a textual pool (or one unified)."""
+
+    def __init__(self, d_in: int, d_out: int, cfg):
+        super().__init__()
+        self.alpha = cfg.alpha
+        self.modality_pools = cfg.modality_pools
+        make = lambda: FactorPool(d_in, d_out, cfg.experts, cfg.rank, cfg.factor_rank,  # noqa: E731
+                                  cfg.a_init_std)
+        if cfg.modality_pools:
+            self.visual, self.textual = make(), make()
+        else:
+            self.unified = make()
+
+    def delta(self, x, q_v, q_t, q_all, naive: bool = False):
+        if not self.modality_pools:  # ablation: one pool routed by the whole sequence's mean
+            pool_delta = self.unified.delta_naive if naive else self.unified.delta
+            return self.alpha * pool_delta(x, q_all)
+        if naive:
+            return self.alpha * (self.visual.delta_naive(x, q_v) + self.textual.delta_naive(x, q_t))
+        return self.alpha * (self.visual.delta(x, q_v) + self.textual.delta(x, q_t))

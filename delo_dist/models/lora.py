@@ -1,0 +1,25 @@
+"""Static LoRA of rank r: the DeLo-LoRA ablation (one per session) and sequential
+fine-tuning of one shared LoRA (the same module under every session name).
+
+Written here rather than with peft because it must live inside the same session-routed
+wrapper as DeLo (per-sample session choice in mixed batches); peft's LoRA is the reference
+the benchmark times it against.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LoraSession(nn.Module):
+    def __init__(self, d_in: int, d_out: int, cfg):
+        super().__init__()
+        self.alpha = cfg.alpha
+        std = cfg.a_init_std if cfg.a_init_std is not None else 1.0 / math.sqrt(d_in)
+        self.A = nn.Parameter(torch.randn(cfg.rank, d_in) * std)
+        self.B = nn.Parameter(torch.zeros(d_out, cfg.rank))
+
+    def delta(self, x, q_v=None, q_t=None, q_all=None):
+        return self.alpha * (x @ self.A.t()) @ self.B.t()

@@ -1,0 +1,140 @@
+"""ViLT from transformers as a frozen backbone.
+
+Real recipes load `from_pretrained(path_or_id)` (model and tokenizer). Without one, a tiny
+random config is built with an offline WordPiece vocabulary (special tokens, the synthetic
+benchmark's words, and single characters so that any text still tokenizes).
+Tokens are laid out [text (max_text_len), image (1 + patches)]; the combined mask ViLT's
+embeddings return tells us which positions are real tokens of which modality.
+"""
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, BertTokenizerFast, ViltConfig, ViltModel
+
+from delo_dist.models.backbone import Backbone, register_backbone, select_targets
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+IMAGE_MEAN = IMAGE_STD = 0.5  # ViLT's image processor normalisation
+
+
+def offline_tokenizer() -> BertTokenizerFast:
+    from delo_dist.data.synthetic import VOCAB_WORDS
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'-")
+    vocab = SPECIALS + sorted(set(VOCAB_WORDS)) + chars + ["##" + c for c in chars]
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "vocab.txt"
+        path.write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+        return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+
+
+class ViltBackbone(Backbone):
+    def __init__(self, cfg, ctx):
+        super().__init__()
+        self.ctx = ctx
+        self.max_text_len = cfg.max_text_len
+        self.image_size = cfg.image_size
+        if cfg.pretrained:
+            try:
+                self.vilt = ViltModel.from_pretrained(cfg.pretrained)
+                self.tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained)
+            except OSError as e:
+                raise ValueError(f"backbone.pretrained: cannot load {cfg.pretrained!r} "
+                                 f"(a folder with config.json, weights and tokenizer, or a hub "
+                                 f"id reachable from here): {e}") from e
+        else:
+            self.tokenizer = offline_tokenizer()
+            config = ViltConfig(**cfg.tiny, image_size=cfg.image_size,
+                                max_position_embeddings=cfg.max_text_len,
+                                vocab_size=len(self.tokenizer), max_image_length=-1)
+            self.vilt = ViltModel(config)
+        self.vilt.requires_grad_(False)
+        self.vilt.eval()  # frozen: no dropout, whatever mode the wrapper is in
+        self.hidden_size = self.vilt.config.hidden_size
+        self.targets = list(cfg.targets)
+        self.vilt.embeddings.register_forward_hook(self._capture_token_masks)
+        self._text_len = 0
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vilt.eval()
+        return self
+
+    def _capture_token_masks(self, module, inputs, output):
+        _, mask = output  # (B, N): 1 for real tokens, text first then image
+        mask = mask.bool()
+        pos = torch.arange(mask.shape[1], device=mask.device)
+        self.ctx.text_tokens = mask & (pos < self._text_len)
+        self.ctx.image_tokens = mask & (pos >= self._text_len)
+
+    def adapted_linears(self):
+        linears = {n: m for n, m in self.named_modules() if isinstance(m, torch.nn.Linear)}
+        return select_targets(linears, self.targets)
+
+    # ---------------------------------------------------------------- inputs
+    def collate(self, samples: list[dict]) -> dict:
+        """samples: dicts with key, jpg (bytes), txt (str), label, session, status."""
+        texts, pixels = [], []
+        for s in samples:
+            text_missing, image_missing = s["status"] == 1, s["status"] == 2
+            texts.append("" if text_missing else s["txt"])  # dummy text: the empty string
+            if image_missing:  # dummy image: all ones after normalisation (MAP convention)
+                pixels.append(torch.ones(3, self.image_size, self.image_size))
+            else:
+                pixels.append(self._image_tensor(s["jpg"]))
+        tok = self.tokenizer(texts, padding="max_length", truncation=True,
+                             max_length=self.max_text_len, return_tensors="pt")
+        status = torch.tensor([s["status"] for s in samples])
+        return {
+            "input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"],
+            "pixel_values": torch.stack(pixels),
+            "missing_text": status == 1, "missing_image": status == 2,
+            "session": torch.tensor([s["session"] for s in samples]),
+            "labels": _labels(samples), "keys": [s["key"] for s in samples],
+        }
+
+    def _image_tensor(self, jpg: bytes) -> torch.Tensor:
+        img = Image.open(io.BytesIO(jpg))
+        img.draft("RGB", (self.image_size, self.image_size))  # cheap JPEG downscale on decode
+        img = img.convert("RGB")
+        if img.size != (self.image_size, self.image_size):
+            img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
+        t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+        t = t.view(self.image_size, self.image_size, 3).permute(2, 0, 1).float() / 255.0
+        return (t - IMAGE_MEAN) / IMAGE_STD
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, batch: dict) -> torch.Tensor:
+        self._text_len = batch["input_ids"].shape[1]
+        out = self.vilt(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        pixel_values=batch["pixel_values"],
+                        pixel_mask=torch.ones_like(batch["pixel_values"][:, 0], dtype=torch.long))
+        return out.pooler_output
+
+    @torch.no_grad()
+    def first_layer_query(self, batch: dict) -> torch.Tensor:
+        """Mean of the first encoder layer's normalised input: adapter-free and cheap."""
+        self._text_len = batch["input_ids"].shape[1]
+        emb, mask = self.vilt.embeddings(
+            batch["input_ids"], batch["attention_mask"], None, batch["pixel_values"],
+            torch.ones_like(batch["pixel_values"][:, 0], dtype=torch.long), None, None,
+            image_token_type_idx=1)
+        h = self.vilt.encoder.layer[0].layernorm_before(emb)
+        m = mask.to(h.dtype).unsqueeze(-1)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def _labels(samples: list[dict]):
+    first = samples[0]["label"]
+    if isinstance(first, list):  # multi-label: lists of global ids -> kept as lists
+        return [s["label"] for s in samples]
+    return torch.tensor([s["label"] for s in samples])
+
+
+@register_backbone("vilt")
+def _build(cfg, ctx):
+    return ViltBackbone(cfg, ctx)

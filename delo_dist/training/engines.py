@@ -1,0 +1,120 @@
+"""Per-session optimisation engines, rebuilt at every session.
+
+Only the active session's parameters enter the optimiser, and requires_grad is set before
+the engine is built (DeepSpeed does not follow requires_grad changes made afterwards).
+  - TorchEngine: one process, torch AdamW + warmup-cosine (transformers' schedule).
+  - DeepSpeedEngine: ZeRO stage 0/1/2 over the active session's parameters; their gradients
+    and AdamW state are partitioned across ranks; the frozen backbone and earlier sessions
+    stay outside the optimiser. `destroy()` frees it before the next session's engine.
+Both expose forward / backward / step, the optimiser-state size and a state for checkpoints.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+
+def _schedule(optimizer, cfg, total_steps: int):
+    warmup = int(cfg.warmup_ratio * total_steps)
+    return get_cosine_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))
+
+
+def _adamw_kwargs(cfg) -> dict:
+    return dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def _state_bytes(optimizer) -> int:
+    return sum(t.numel() * t.element_size() for s in optimizer.state.values()
+               for t in s.values() if torch.is_tensor(t))
+
+
+class TorchEngine:
+    name = "torch"
+
+    def __init__(self, model, params: dict, cfg, total_steps: int):
+        self.model, self.cfg = model, cfg
+        self.params = list(params.values())
+        self.optimizer = torch.optim.AdamW(self.params, **_adamw_kwargs(cfg))
+        self.scheduler = _schedule(self.optimizer, cfg, total_steps)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def optimizer_state_bytes(self) -> int:
+        return _state_bytes(self.optimizer)
+
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def destroy(self) -> None:
+        self.optimizer.state.clear()
+
+
+class DeepSpeedEngine:
+    name = "deepspeed"
+
+    def __init__(self, model, params: dict, cfg, total_steps: int, world: int, zero_stage: int,
+                 bf16: bool = False):
+        import deepspeed
+        self.cfg = cfg
+        config = {
+            "train_micro_batch_size_per_gpu": cfg.batch_size,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": cfg.batch_size * world,
+            "gradient_clipping": cfg.grad_clip if cfg.grad_clip > 0 else 0.0,
+            "zero_optimization": {"stage": zero_stage},
+            "optimizer": {"type": "AdamW", "params": {**_adamw_kwargs(cfg), "torch_adam": True}},
+            "bf16": {"enabled": bf16},
+            "steps_per_print": 10 ** 9,
+            "wall_clock_breakdown": False,
+        }
+        config["optimizer"]["params"]["betas"] = list(cfg.betas)
+        # Parameter groups holding no trainable tensor break ZeRO partitioning: one group.
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=list(params.values()), config=config,
+            lr_scheduler=lambda opt: _schedule(opt, cfg, total_steps))
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def optimizer_state_bytes(self) -> int:
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps torch AdamW
+        return _state_bytes(inner)
+
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict([state["optimizer"]] if hasattr(self.optimizer, "partition_count")
+                                       else state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def destroy(self) -> None:
+        self.engine.destroy()
+        self.engine = self.optimizer = self.scheduler = None
