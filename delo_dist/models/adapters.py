@@ -35,6 +35,7 @@ class RoutingContext:
     cross_modal_guide: bool = True
     record: bool = False
     queries: list = field(default_factory=list)   # (q_v, q_t) per adapted linear, if record
+    naive: bool = False                           # benchmark only: materialise per-sample dW
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -75,17 +76,29 @@ class AdaptedLinear(nn.Module):
         ctx = self.ctx
         if not ctx.enabled:
             return y
+        if not getattr(self.sessions[self.session_names[0]], "uses_queries", True):
+            return y + self._per_session(x, y, None, None, None)  # static LoRA: no routing
         q_v = masked_mean(x, ctx.image_tokens)
         q_t = masked_mean(x, ctx.text_tokens)
         q_all = masked_mean(x, ctx.image_tokens | ctx.text_tokens)
         if ctx.record:
             ctx.queries.append((q_v, q_t))
         route_v, route_t = routing_queries(ctx, q_v, q_t)
+        return y + self._per_session(x, y, route_v, route_t, q_all)
+
+    def _delta(self, k: int, *args):
+        module = self.session_module(k)
+        return module.delta(*args, naive=True) if self.ctx.naive else module.delta(*args)
+
+    def _per_session(self, x, y, route_v, route_t, q_all):
+        """Each sample gets the delta of its own session (one call when all agree)."""
+        ctx = self.ctx
         if ctx.uniform_session is not None:
-            return y + self.session_module(ctx.uniform_session).delta(x, route_v, route_t, q_all)
+            return self._delta(ctx.uniform_session, x, route_v, route_t, q_all)
+        pick = lambda t, idx: None if t is None else t[idx]  # noqa: E731
         delta = torch.zeros_like(y)
         for k in ctx.session.unique().tolist():
             idx = (ctx.session == k).nonzero().squeeze(1)
-            d = self.session_module(k).delta(x[idx], route_v[idx], route_t[idx], q_all[idx])
+            d = self._delta(k, x[idx], pick(route_v, idx), pick(route_t, idx), pick(q_all, idx))
             delta = delta.index_add(0, idx, d)
-        return y + delta
+        return delta

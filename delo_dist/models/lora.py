@@ -21,5 +21,9 @@ class LoraSession(nn.Module):
         self.A = nn.Parameter(torch.randn(cfg.rank, d_in) * std)
         self.B = nn.Parameter(torch.zeros(d_out, cfg.rank))
 
-    def delta(self, x, q_v=None, q_t=None, q_all=None):
+    uses_queries = False  # static: the same update for every input
+
+    def delta(self, x, q_v=None, q_t=None, q_all=None, naive: bool = False):
+        if naive:  # benchmark only: the d_out x d_in update, materialised
+            return self.alpha * x @ (self.B @ self.A).t()
         return self.alpha * (x @ self.A.t()) @ self.B.t()
