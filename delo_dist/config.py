@@ -51,9 +51,12 @@ class DataConfig:
 class BackboneConfig:
     name: Literal["vilt"] = "vilt"
     pretrained: Optional[str] = None        # local path or hub id; None: tiny random config
+    # ViltConfig keys of the random tiny backbone. initializer_range: BERT's 0.02 is sized for
+    # width 768 (per-layer gain 0.02 * sqrt(768) ~ 0.55); at width 64 it would leave a random
+    # network with gain 0.16 per linear, so almost no input reaches the pooled feature.
     tiny: dict = field(default_factory=lambda: dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, patch_size=16))
+        intermediate_size=128, patch_size=16, initializer_range=0.125))
     image_size: int = 64
     max_text_len: int = 40
     targets: list = field(default_factory=lambda: ["query", "key", "value"])

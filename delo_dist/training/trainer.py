@@ -262,14 +262,14 @@ class Trainer:
         use_con = routed and m.lambda_con > 0 and m.cross_modal_guide
         logits = engine(batch, session=k, record=use_align)
         ce = supervised_loss(logits, batch, model.local_index[k], self.multilabel)
-        loss, parts = ce, {"ce": float(ce)}
+        loss, parts = ce, {"ce": ce.item()}
         complete = ~(batch["missing_text"] | batch["missing_image"])
         n_global = dist.all_reduce_sum(complete.sum().float().cpu()).item()
         scale = self.world / max(n_global, 1.0)
         if use_align:
             align = alignment_sum(model.ctx.queries, complete) * scale
             loss = loss + m.lambda_align * align
-            parts["align"] = float(align)
+            parts["align"] = align.item()
         if use_con:
             con = torch.zeros((), device=logits.device)
             idx = complete.nonzero().squeeze(1)
@@ -279,14 +279,14 @@ class Trainer:
                 logits_proxy = engine(sub, session=k, proxy=proxy)
                 con = consistency_sum(logits[idx], logits_proxy, self.multilabel) * scale
             loss = loss + m.lambda_con * con
-            parts["con"] = float(con)
+            parts["con"] = con.item()
         engine.backward(loss)
         engine.step()
         # Task key: EMA of the global batch-mean query, outside autograd, equal on all ranks.
         q = model.key_query(batch)
         q_sum = dist.all_reduce_sum(torch.cat([q.sum(0), q.new_tensor([q.shape[0]])]).float())
         model.task_keys.update(k, (q_sum[:-1] / q_sum[-1]).to(q.dtype))
-        parts["loss"] = float(loss)
+        parts["loss"] = loss.item()
         return parts
 
     # ================================================================ evaluation

@@ -1,0 +1,335 @@
+"""Benchmark: one training step and one inference batch per method, on one backbone and batch.
+
+    python -m delo_dist.bench [--hidden 256 --layers 4 --batch 8 ...] [--full-vilt]
+                              [--device cuda --dtype bf16] [--json out.json]
+
+Every model is the project's model, built from a recipe (`load_recipe(None, overrides)`),
+with the same seed, hence the same frozen ViLT weights. Rows:
+  train/*  forward + loss + backward + AdamW step over `set_trainable(k)`'s parameters.
+           delo_full adds the rest of DeLo's objective as the trainer runs it: L_align,
+           L_con (second forward on the complete samples) and the task-key EMA update.
+  infer/*  oracle = `predict_with(batch, true sessions)`; agnostic = `predict(batch, seen=S,
+           oracle=False)` (adds the adapter-free key forward) with S task keys set to each
+           session's mean frozen query on the batch (routing statistics are in the row).
+peft_lora is peft's LoRA (LoraConfig on query/key/value) injected into a separate copy of the
+head-only model's frozen ViLT: the reference for our `lora` method. delo_naive sets
+`ctx.naive` (per-sample d_out x d_in update materialised). --dtype bf16 runs under
+torch.autocast(bfloat16) with fp32 parameters. Times are medians over --repeats after
+--warmup runs; memory is torch.cuda.max_memory_allocated per row on GPU, the process RSS
+growth over the row (model build included; allocator reuse makes it rough) on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from delo_dist.config import load_recipe
+from delo_dist.models.continual import ContinualModel, subset
+from delo_dist.training.losses import (alignment_sum, consistency_sum, proxy_choice,
+                                       supervised_loss)
+
+CLASSES_PER_SESSION = 4
+FULL_VILT = dict(hidden=768, layers=12, heads=12, intermediate=3072, image_size=384, patch=32)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m delo_dist.bench", description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--hidden", type=int, default=256)
+    a("--layers", type=int, default=4)
+    a("--heads", type=int, default=4)
+    a("--intermediate", type=int, default=None, help="default: 4 x hidden")
+    a("--batch", type=int, default=8)
+    a("--text-len", type=int, default=40)
+    a("--image-size", type=int, default=384)
+    a("--patch", type=int, default=32)
+    a("--experts", type=int, default=16)
+    a("--rank", type=int, default=4)
+    a("--sessions", type=int, default=4)
+    a("--repeats", type=int, default=5)
+    a("--warmup", type=int, default=2)
+    a("--device", default="cpu")
+    a("--dtype", choices=["fp32", "bf16"], default="fp32")
+    a("--full-vilt", action="store_true", help="ViLT-B/32 shapes (hidden 768, 12 layers, ...)")
+    a("--full-objective", action=argparse.BooleanOptionalAction, default=True,
+      help="also time DeLo's full objective (L_align + L_con second forward + key EMA)")
+    a("--seed", type=int, default=0)
+    a("--json", default=None, help="write the JSON here (default: stdout)")
+    args = p.parse_args(argv)
+    if args.full_vilt:
+        for k, v in FULL_VILT.items():
+            setattr(args, k, v)
+    args.intermediate = args.intermediate or 4 * args.hidden
+    return args
+
+
+def build(args, method: str, factor_rank: int = 1) -> ContinualModel:
+    recipe = load_recipe(None, [f"{k}={v}" for k, v in {
+        "data.make_synthetic": "true",
+        "backbone.tiny.hidden_size": args.hidden, "backbone.tiny.num_hidden_layers": args.layers,
+        "backbone.tiny.num_attention_heads": args.heads,
+        "backbone.tiny.intermediate_size": args.intermediate, "backbone.tiny.patch_size": args.patch,
+        "backbone.image_size": args.image_size, "backbone.max_text_len": args.text_len,
+        "method.name": method, "method.experts": args.experts, "method.rank": args.rank,
+        "method.factor_rank": factor_rank}.items()])
+    torch.manual_seed(args.seed)  # same frozen ViLT for every method
+    S = args.sessions
+    classes = [list(range(k * CLASSES_PER_SESSION, (k + 1) * CLASSES_PER_SESSION)) for k in range(S)]
+    model = ContinualModel(recipe, classes, S * CLASSES_PER_SESSION)
+    model.lambdas = (recipe.method.lambda_align, recipe.method.lambda_con)
+    return model.to(args.device)
+
+
+def set_task_keys(model: ContinualModel, batch: dict, S: int) -> dict:
+    """Key k = mean frozen query of the batch's session-k samples (what the EMA tracks), so
+    the task-agnostic pass routes about as the oracle does; returns routing statistics."""
+    q = model.key_query(batch).float()
+    for k in range(S):
+        model.task_keys.keys[k] = F.normalize(q[batch["session"] == k].mean(0), dim=-1)
+    routed = model.task_keys.select(q, S)
+    return {"routed_sessions": len(routed.unique()), "oracle_sessions": len(batch["session"].unique()),
+            "routing_accuracy": float((routed == batch["session"]).float().mean())}
+
+
+def make_batch(args, vocab_size: int) -> dict:
+    """A mixed batch as collate would build it: complete, text-missing, image-missing samples."""
+    g = torch.Generator().manual_seed(args.seed + 2)
+    B, L, S = args.batch, args.text_len, args.sessions
+    status = torch.tensor([(0, 1, 0, 2)[i % 4] for i in range(B)])  # half complete
+    lengths = torch.randint(L // 2, L + 1, (B,), generator=g)
+    lengths[status == 1] = 2  # dummy text "": [CLS] [SEP]
+    pos = torch.arange(L)
+    mask = (pos < lengths[:, None]).long()
+    ids = torch.randint(min(5, vocab_size - 1), vocab_size, (B, L), generator=g) * mask
+    ids[:, 0] = 2
+    ids[torch.arange(B), lengths - 1] = 3
+    pixels = torch.randn(B, 3, args.image_size, args.image_size, generator=g).clamp(-1, 1)
+    pixels[status == 2] = 1.0  # dummy image: all ones
+    session = torch.arange(B) % S
+    labels = session * CLASSES_PER_SESSION + torch.arange(B) % CLASSES_PER_SESSION
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
+             "missing_text": status == 1, "missing_image": status == 2,
+             "session": session, "labels": labels, "keys": [f"bench-{i}" for i in range(B)]}
+    return {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_batch(batch: dict, k: int) -> dict:
+    """The same inputs, all samples labelled in session k (training runs one session)."""
+    out = dict(batch)
+    out["session"] = torch.full_like(batch["session"], k)
+    out["labels"] = k * CLASSES_PER_SESSION + batch["labels"] % CLASSES_PER_SESSION
+    return out
+
+
+def rss_mb() -> float:
+    try:
+        import psutil
+        return psutil.Process().memory_info().rss / 2 ** 20
+    except ImportError:
+        return float("nan")
+
+
+class Timer:
+    """Synchronised wall time of one call; on GPU also the call's peak memory above what was
+    allocated before it."""
+
+    def __init__(self, args):
+        self.cuda = str(args.device).startswith("cuda")
+        self.amp = (torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16)
+                    if args.dtype == "bf16" else contextlib.nullcontext())
+
+    def __call__(self, fn) -> tuple[float, float]:
+        extra = 0.0
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        with self.amp:
+            fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+            extra = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+        return (time.perf_counter() - t0) * 1e3, extra
+
+
+def train_step(model, batch: dict, k: int, full: bool = False):
+    params = list(model.set_trainable(k).values())
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-8)
+    complete = ~(batch["missing_text"] | batch["missing_image"])
+
+    def step():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        logits = model(batch, session=k, record=full)
+        loss = supervised_loss(logits, batch, model.local_index[k], False)
+        if full:  # the trainer's DeLo objective (Eq. 10), one rank
+            lam_align, lam_con = model.lambdas
+            scale = 1.0 / max(int(complete.sum()), 1)
+            loss = loss + lam_align * alignment_sum(model.ctx.queries, complete) * scale
+            idx = complete.nonzero().squeeze(1)
+            sub = subset(batch, idx)
+            proxy = proxy_choice(sub["keys"], 0).to(logits.device)
+            logits_proxy = model(sub, session=k, proxy=proxy)
+            loss = loss + lam_con * consistency_sum(logits[idx], logits_proxy, False) * scale
+        loss.backward()
+        opt.step()
+        if full:
+            model.task_keys.update(k, model.key_query(batch).float().mean(0))
+    return step
+
+
+def infer(model, batch: dict, agnostic: bool, keys: torch.Tensor | None = None):
+    def call():
+        model.eval()
+        if agnostic:
+            model.task_keys.keys.copy_(keys)  # undo delo_full's key EMA updates
+            return model.predict(batch, seen=len(keys), oracle=False)
+        return model.predict_with(batch, batch["session"])
+    return call
+
+
+def peft_copy(model: ContinualModel, args) -> ContinualModel:
+    """peft's LoRA injected into a copy of a head-only model's frozen ViLT."""
+    from peft import LoraConfig, inject_adapter_in_model
+    ref = copy.deepcopy(model)
+    alpha = load_recipe(None, ["data.make_synthetic=true"]).method.alpha
+    cfg = LoraConfig(r=args.rank, lora_alpha=alpha * args.rank,  # scale alpha / r = our alpha
+                     target_modules=["query", "key", "value"], lora_dropout=0.0)
+    inject_adapter_in_model(cfg, ref.backbone.vilt)
+    lora = {id(p) for n, p in ref.named_parameters() if "lora_" in n}
+    base_params = ref.session_parameters
+
+    def session_parameters(k):  # peft's LoRA (shared) + session k's head
+        out = base_params(k)
+        out.update({n: p for n, p in ref.named_parameters() if id(p) in lora})
+        return out
+    ref.session_parameters = session_parameters
+    return ref
+
+
+def run(args) -> dict:
+    """Build every variant (warming its rows up), then time the rows round-robin, one call per
+    row per round: bursts of load from other processes then hit all rows alike."""
+    S, k, timer = args.sessions, 0, Timer(args)
+    fns, rows, rss0 = {}, {}, rss_mb()
+    variants = [("head_only", "head_only", 1, False), ("lora", "lora", 1, False),
+                ("peft_lora", "head_only", 1, False), ("delo", "delo", 1, False),
+                ("delo_naive", "delo", 1, True),
+                (f"delo_fr{args.rank}", "delo", args.rank, False)]
+    batch = None
+    for name, method, fr, naive in variants:
+        rss_start = rss_mb()
+        resident = torch.cuda.memory_allocated() if timer.cuda else 0
+        model = build(args, method, fr)
+        if name == "peft_lora":
+            model = peft_copy(model, args)
+        model.ctx.naive = naive
+        if batch is None:
+            batch = make_batch(args, model.backbone.vilt.config.vocab_size)
+        tb = train_batch(batch, k)
+        mine = {f"train/{name}": train_step(model, tb, k)}
+        if name == "delo" and args.full_objective:
+            mine["train/delo_full"] = train_step(model, tb, k, full=True)
+        mine[f"infer/{name}/oracle"] = infer(model, batch, False)
+        routing = None
+        if name not in ("peft_lora", "delo_naive"):
+            routing = set_task_keys(model, batch, S)
+            mine[f"infer/{name}/agnostic"] = infer(model, batch, True, model.task_keys.keys[:S].clone())
+        extra = {r: max(timer(fn)[1] for _ in range(args.warmup)) for r, fn in mine.items()}
+        for r in mine:
+            rows[r] = {"times_ms": []}
+            if timer.cuda:  # this model's weights and optimiser state + the call's working set
+                model_mb = (torch.cuda.memory_allocated() - resident) / 2 ** 20
+                rows[r].update(model_mb=model_mb, peak_mem_mb=model_mb + extra[r])
+            else:  # process RSS growth over the build and warm-up of this model (rough)
+                rows[r]["rss_delta_mb"] = rss_mb() - rss_start
+            if r.endswith("agnostic"):
+                rows[r].update(routing)
+        fns.update(mine)
+    for _ in range(args.repeats):
+        for r, fn in fns.items():
+            ms, extra = timer(fn)
+            rows[r]["times_ms"].append(ms)
+            if timer.cuda:
+                rows[r]["peak_mem_mb"] = max(rows[r]["peak_mem_mb"], rows[r]["model_mb"] + extra)
+    for r in rows.values():
+        r.update(median_ms=statistics.median(r["times_ms"]), min_ms=min(r["times_ms"]),
+                 repeats=len(r["times_ms"]))
+    t = lambda key: rows[key]["median_ms"]  # noqa: E731
+    fr = f"delo_fr{args.rank}"
+    ratios = {
+        "train: delo / lora (ours)": t("train/delo") / t("train/lora"),
+        "train: delo / peft lora": t("train/delo") / t("train/peft_lora"),
+        "train: lora (ours) / peft lora": t("train/lora") / t("train/peft_lora"),
+        "train: delo / delo naive": t("train/delo") / t("train/delo_naive"),
+        "infer oracle: delo / delo naive": t("infer/delo/oracle") / t("infer/delo_naive/oracle"),
+        "infer delo: task-agnostic / oracle": t("infer/delo/agnostic") / t("infer/delo/oracle"),
+        f"train: delo factor_rank {args.rank} / 1": t(f"train/{fr}") / t("train/delo"),
+        f"infer oracle: delo factor_rank {args.rank} / 1": t(f"infer/{fr}/oracle") / t("infer/delo/oracle"),
+    }
+    if args.full_objective:
+        ratios["train: delo full objective / delo"] = t("train/delo_full") / t("train/delo")
+        ratios["train: delo full objective / lora (ours)"] = t("train/delo_full") / t("train/lora")
+    import peft
+    import transformers
+    return {
+        "meta": {
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "device": str(args.device), "dtype": args.dtype,
+            "device_name": (torch.cuda.get_device_name() if str(args.device).startswith("cuda")
+                            else f"cpu ({torch.get_num_threads()} threads)"),
+            "note": "timings from a shared machine: other processes add noise; compare ratios",
+            "shapes": {k_: getattr(args, k_) for k_ in (
+                "hidden", "layers", "heads", "intermediate", "batch", "text_len", "image_size",
+                "patch", "experts", "rank", "sessions")},
+            "tokens": args.text_len + (args.image_size // args.patch) ** 2 + 1,
+            "warmup": args.warmup, "repeats": args.repeats, "rss_start_mb": rss0,
+        },
+        "rows": rows, "ratios": ratios,
+    }
+
+
+def table(result: dict) -> str:
+    m = result["meta"]
+    lines = [f"# {m['device_name']}, {m['dtype']}, torch {m['torch']}, {m['date']} -- {m['note']}",
+             "# " + ", ".join(f"{k}={v}" for k, v in m["shapes"].items()) + f", tokens={m['tokens']}",
+             f"{'row':<28}{'median ms':>12}{'min ms':>12}{'mem MB':>10}"]
+    for name, r in result["rows"].items():
+        mem = r.get("peak_mem_mb", r.get("rss_delta_mb", math.nan))
+        lines.append(f"{name:<28}{r['median_ms']:>12.1f}{r['min_ms']:>12.1f}{mem:>10.0f}")
+    for name, r in result["rows"].items():
+        if "routed_sessions" in r:
+            lines.append(f"# {name}: routed to {r['routed_sessions']} sessions (oracle "
+                         f"{r['oracle_sessions']}), routing accuracy {r['routing_accuracy']:.2f}")
+    lines.append("")
+    lines += [f"{name:<48}{v:>8.2f}" for name, v in result["ratios"].items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    print(table(result), file=sys.stderr if not args.json else sys.stdout)
+    return result
+
+
+if __name__ == "__main__":
+    main()
