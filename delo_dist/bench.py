@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         for k, v in FULL_VILT.items():
             setattr(args, k, v)
     args.intermediate = args.intermediate or 4 * args.hidden
+    args.warmup = max(args.warmup, 1)  # the warm-up call also measures memory
     return args
 
 

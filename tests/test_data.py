@@ -12,7 +12,7 @@ from PIL import Image
 
 from delo_dist.data.shards import iter_tar_samples, read_manifest
 from delo_dist.data.stream import SessionStream, make_loader
-from delo_dist.data.synthetic import FLAVOURS, TOPICS, make_synthetic
+from delo_dist.data.synthetic import CUE_ORDER, FLAVOURS, TOPICS, make_synthetic
 from tests.conftest import TINY
 
 
@@ -44,14 +44,19 @@ def test_synthetic_is_deterministic_and_laid_out(shards, tmp_path):
     assert digest(shards) == digest(again)
 
 
-def _decode_by_hand(sample, session_flavours):
-    """What each modality alone tells: the text's flavour word, the shape's brightness."""
+def _decode_by_hand(sample, session_flavours, cue):
+    """What each modality alone tells: the text's flavour word; the session's image cue."""
     meta = json.loads(sample["json"])
     words = sample["txt"].decode().split()
     text_code = next((session_flavours.index(w) for w in words if w in session_flavours), None)
     img = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("L"), dtype=float)
-    dark = (img < 70).sum() > (img > 190).sum()  # shapes: luma < 60 or > 195; backgrounds between
-    return meta["label"], text_code, 0 if dark else 1
+    dark, bright = img < 70, img > 190       # shapes: luma < 60 or > 195; backgrounds between
+    shape = dark | bright
+    if cue == "brightness":
+        return meta["label"], text_code, 0 if dark.sum() > bright.sum() else 1
+    if cue == "position":
+        return meta["label"], text_code, 0 if np.nonzero(shape)[0].mean() < img.shape[0] / 2 else 1
+    return meta["label"], text_code, 0 if shape.mean() < 0.2 else 1
 
 
 def test_label_needs_both_modalities(shards):
@@ -62,7 +67,7 @@ def test_label_needs_both_modalities(shards):
         flavours = FLAVOURS[2 * k:2 * k + 2]
         for shard in sess["splits"]["test"]["shards"]:
             for s in iter_tar_samples([str(shards / shard)]):
-                label, t, i = _decode_by_hand(s, flavours)
+                label, t, i = _decode_by_hand(s, flavours, CUE_ORDER[k % 3])
                 j = label - sess["classes"][0]
                 guess_t = sess["classes"][0] + 2 * (t or 0)          # image code unknown
                 guess_i = sess["classes"][0] + i                     # text code unknown
@@ -126,8 +131,11 @@ def test_a_truncated_tar_is_read_up_to_the_damage_and_counted(shards, tmp_path):
     root = tmp_path / "broken"
     shutil.copytree(shards, root)
     shard = root / m["sessions"][0]["splits"]["test"]["shards"][0]
-    data = shard.read_bytes()
-    shard.write_bytes(data[: len(data) // 2])  # a truncated tar, as a killed copy leaves it
+    import tarfile
+    with tarfile.open(shard) as tf:
+        member = tf.getmembers()[len(tf.getmembers()) // 2]
+    cut = member.offset_data + member.size // 2          # inside a member's data, as a
+    shard.write_bytes(shard.read_bytes()[:cut])          # killed copy leaves a tar
     s = SessionStream(root, read_manifest(root), 0, "test", 8, identity, {}, train=False)
     n = sum(len(b) for b in s)
     assert 0 < n < 32 and s.stats["skipped"] >= 1
