@@ -122,6 +122,7 @@ def test_food101_counts_labels_and_dropped_items(food_shards, food_raw):
     assert len(m["sessions"][1]["splits"]["train"]["shards"]) == 3                 # 12 at 5 a shard
 
 
+@pytest.mark.slow  # the first trainer run in a process imports ~12 s of libraries
 def test_food101_through_the_trainer(food_shards, tmp_path):
     res = train_one_session(food_shards, tmp_path / "run", "food101")
     assert res["metric"] == "accuracy" and len(res["accuracy_matrix"]) == 1
@@ -258,6 +259,7 @@ def test_mmimdb_genres_sessions_and_plots(imdb_shards):
     assert "0000011" in m["sessions"][1]["splits"]["train"]["sources"]
 
 
+@pytest.mark.slow  # the first trainer run in a process imports ~12 s of libraries
 def test_mmimdb_through_the_trainer_scores_macro_f1(imdb_shards, tmp_path):
     res = train_one_session(imdb_shards, tmp_path / "run", "mmimdb")
     assert res["metric"] == "macro_f1" and res["chance"] is None
@@ -310,6 +312,7 @@ def test_cmml_json_keeps_the_files_split_and_sessions(cmml_shards):
                 assert s["txt"] == (row["text"] if isinstance(row["text"], str) else row["text"][1])
 
 
+@pytest.mark.slow  # the first trainer run in a process imports ~12 s of libraries
 def test_cmml_json_through_the_trainer(cmml_shards, tmp_path):
     res = train_one_session(cmml_shards, tmp_path / "run", "cmml-json", **{"data.eta": 0.0})
     assert res["metric"] == "accuracy" and res["missing"]["s0_train"]["n"] == 7

@@ -1,0 +1,146 @@
+"""A synthetic CMML benchmark with real JPEGs and real sentences, written as shards.
+
+    python -m delo_dist.data.synthetic --out data/synthetic --sessions 4
+
+Classes are split into sessions. Within a session, class j is the pair
+(image code j % 2, text code j // 2): the text names one of C/2 flavours, and the image
+code is carried by a cue that depends on the session (session s uses CUES[s % 3]:
+brightness and shape, vertical position, or size). So image alone or text alone leaves
+the class ambiguous and both together identify it: a model using both modalities beats
+either alone, and a missing modality costs accuracy. Because sessions rely on different
+cues, one adapter tuned session after session is pulled away from earlier sessions' cues:
+interference, and so forgetting, is measurable. Each session has its own background hue
+and topic word, so the session itself can be recognised from either modality (what the
+task-key memory needs). 10 % of texts name a wrong flavour of the same session.
+Deterministic for a seed.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from delo_dist.data.shards import encode_jpeg, sample_key, write_manifest, write_split
+
+TOPICS = ["soup", "salad", "pasta", "cake", "curry", "bread", "sushi", "pizza",
+          "tacos", "ramen", "pie", "stew"]
+FLAVOURS = ["spicy", "sweet", "smoky", "fresh", "sour", "salty", "bitter", "creamy",
+            "crispy", "tangy", "rich", "mild", "zesty", "nutty", "savory", "fruity",
+            "herbal", "buttery", "garlic", "lemon", "peppery", "minty", "earthy", "hearty"]
+FILLERS = ["a", "the", "with", "and", "served", "plate", "of", "home", "made", "bowl",
+           "dish", "tasty", "dinner", "lunch", "recipe", "my", "our", "today", "warm", "big"]
+CUES = {  # image cue of each session kind: (name of code 0, name of code 1)
+    "brightness": ("dark-disc", "bright-square"),
+    "position": ("top", "bottom"),
+    "size": ("small", "large"),
+}
+CUE_ORDER = list(CUES)
+VOCAB_WORDS = TOPICS + FLAVOURS + FILLERS
+
+
+def _draw(rng: random.Random, session: int, n_sessions: int, code: int, size: int) -> Image.Image:
+    import colorsys
+    hue = session / max(n_sessions, 1)
+    bg = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.55, 0.85))
+    bg = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in bg)
+    img = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(img)
+    cue = CUE_ORDER[session % len(CUE_ORDER)]
+    dark, disc = rng.random() < 0.5, rng.random() < 0.5   # nuisance unless they are the cue
+    r = rng.uniform(0.25, 0.4) * size
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    if cue == "brightness":
+        dark = disc = code == 0
+    elif cue == "position":
+        r = rng.uniform(0.15, 0.22) * size
+        cx = rng.uniform(r, size - r)
+        cy = rng.uniform(r, size / 2 - r) if code == 0 else rng.uniform(size / 2 + r, size - r)
+    else:
+        r = rng.uniform(0.1, 0.15) * size if code == 0 else rng.uniform(0.35, 0.45) * size
+        cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    fg = tuple(rng.randint(0, 60) if dark else rng.randint(195, 255) for _ in range(3))
+    box = [cx - r, cy - r, cx + r, cy + r]
+    (draw.ellipse if disc else draw.rectangle)(box, fill=fg)
+    for _ in range(size // 4):  # speckle noise so images are not trivially identical
+        x, y = rng.randrange(size), rng.randrange(size)
+        draw.point((x, y), fill=tuple(rng.randrange(256) for _ in range(3)))
+    return img
+
+
+def _text(rng: random.Random, topic: str, flavour: str) -> str:
+    words = [flavour, topic] + rng.sample(FILLERS, rng.randint(1, 3))
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def make_synthetic(out: str | Path, sessions: int = 4, classes_per_session: int = 4,
+                   train_per_class: int = 48, val_per_class: int = 8, test_per_class: int = 24,
+                   image_size: int = 64, samples_per_shard: int = 200, seed: int = 0,
+                   progress: bool = True) -> Path:
+    out = Path(out)
+    n_codes = math.ceil(classes_per_session / 2)
+    if sessions > len(TOPICS) or sessions * n_codes > len(FLAVOURS):
+        raise ValueError(f"synthetic: at most {len(TOPICS)} sessions and "
+                         f"{len(FLAVOURS)} flavours in all (sessions x ceil(classes/2))")
+    per_split = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
+    total = sessions * classes_per_session * sum(per_split.values())
+    bar = tqdm(total=total, desc="synthetic data", disable=not progress, unit="sample")
+    manifest_sessions, class_names = [], []
+    for s in range(sessions):
+        flavours = FLAVOURS[s * n_codes:(s + 1) * n_codes]
+        classes = list(range(s * classes_per_session, (s + 1) * classes_per_session))
+        cue = CUES[CUE_ORDER[s % len(CUE_ORDER)]]
+        class_names += [f"{cue[j % 2]}-{flavours[j // 2]}-{TOPICS[s]}"
+                        for j in range(classes_per_session)]
+        splits = {}
+        for split, per_class in per_split.items():
+            rng = random.Random(f"{seed}-{s}-{split}")
+
+            def samples():
+                items = [(j, i) for j in range(classes_per_session) for i in range(per_class)]
+                rng.shuffle(items)  # classes interleaved inside shards
+                for idx, (j, _) in enumerate(items):
+                    flavour = flavours[j // 2]
+                    if rng.random() < 0.1:
+                        flavour = rng.choice(flavours)
+                    img = _draw(rng, s, sessions, j % 2, image_size)
+                    bar.update(1)
+                    yield {"key": sample_key(s, split, idx), "jpg": encode_jpeg(img),
+                           "txt": _text(rng, TOPICS[s], flavour), "label": classes[j]}
+
+            splits[split] = write_split(samples(), out, s, split, samples_per_shard)
+        manifest_sessions.append({"classes": classes, "splits": splits})
+    bar.close()
+    write_manifest(out, {
+        "dataset": "synthetic", "multilabel": False,
+        "num_classes": sessions * classes_per_session, "class_names": class_names,
+        "image_size": image_size, "sessions": manifest_sessions,
+        "source": {"generator": "delo_dist.data.synthetic", "seed": seed},
+    })
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--sessions", type=int, default=4)
+    p.add_argument("--classes-per-session", type=int, default=4)
+    p.add_argument("--train-per-class", type=int, default=48)
+    p.add_argument("--val-per-class", type=int, default=8)
+    p.add_argument("--test-per-class", type=int, default=24)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--samples-per-shard", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    out = make_synthetic(a.out, a.sessions, a.classes_per_session, a.train_per_class,
+                         a.val_per_class, a.test_per_class, a.image_size, a.samples_per_shard,
+                         a.seed)
+    print(f"wrote {out}/manifest.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Throughput of preparation and of reading, on a fake food101-layout folder.
+
+    python -m delo_dist.data.throughput --samples 300
+
+Makes <samples> photo-like JPEGs (smooth colour fields with fine grain, as large as real
+512x384 photos, not flat colours that decode for free), times `prepare` (decode, resize to
+--image-size, re-encode, write tars), then times reading every split of every session
+through SessionStream + make_loader with the ViLT backbone's `collate` (JPEG decode,
+tensors normalised for the model, tokenised text), the way the trainer reads. Images are
+all present when read (no missing table): the most decoding work. Prints JSON and a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from delo_dist.data.prepare import prepare
+from delo_dist.data.shards import read_manifest
+from delo_dist.data.stream import SessionStream, make_loader
+
+WORDS = "crispy golden baked fresh sweet spicy sauce plate with served homemade chicken " \
+        "cheese tomato garlic butter cream chocolate rice noodles soup salad grilled".split()
+
+
+def make_raw(root: Path, samples: int, classes: int, width: int, height: int, seed: int = 0) -> int:
+    """A food101-layout folder: `classes` classes, samples split 80/5/15 train/val/test."""
+    rng = np.random.default_rng(seed)
+    names = [f"dish{c:02d}" for c in range(classes)]
+    texts, splits = {}, {"train": [], "val": [], "test": []}
+    raw_bytes = 0
+    for i in range(samples):
+        cls, n = names[i % classes], i // classes
+        frac = (i * 0.6180339887) % 1.0  # spread splits over classes
+        split = "train" if frac < 0.80 else "val" if frac < 0.85 else "test"
+        name = f"{cls}_{n}.jpg"
+        coarse = rng.integers(0, 256, (height // 32, width // 32, 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.int16)
+        img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
+        path = root / "images" / ("test" if split == "test" else "train") / cls / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path, format="JPEG", quality=90)
+        raw_bytes += path.stat().st_size
+        texts[name] = " ".join(rng.choice(WORDS, size=int(rng.integers(8, 30))))
+        splits[split].append(name)
+    (root / "text.json").write_text(json.dumps(texts))
+    (root / "split.json").write_text(json.dumps(splits))
+    (root / "class_idx.json").write_text(json.dumps({c: k for k, c in enumerate(names)}))
+    return raw_bytes
+
+
+def read_all(shards: Path, collate, batch_size: int, workers: int) -> tuple[int, float]:
+    m = read_manifest(shards)
+    n, t0 = 0, time.perf_counter()
+    for k in range(len(m["sessions"])):
+        for split in ("train", "val", "test"):
+            stream = SessionStream(shards, m, k, split, batch_size, collate, {},
+                                   train=split == "train")
+            for batch in make_loader(stream, workers):
+                assert batch["pixel_values"].dtype == torch.float32
+                n += len(batch["keys"])
+    return n, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--samples", type=int, default=300)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=384)
+    p.add_argument("--image-size", type=int, default=384)
+    p.add_argument("--max-text-len", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--prepare-workers", type=int, default=0, help="0: one process")
+    p.add_argument("--read-workers", type=int, default=0, help="DataLoader workers (0: one process)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from delo_dist.config import load_recipe
+    from delo_dist.models.adapters import RoutingContext
+    from delo_dist.models.vilt import ViltBackbone
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, shards = Path(tmp) / "raw", Path(tmp) / "shards"
+        raw_bytes = make_raw(raw, a.samples, a.classes, a.width, a.height)
+        t0 = time.perf_counter()
+        summary = prepare("food101", raw, shards, image_size=a.image_size, workers=a.prepare_workers,
+                          sessions=2, classes_per_session=a.classes // 2, progress=False)
+        prep_s = time.perf_counter() - t0
+        prepared = sum(sum(c.values()) for c in summary["counts"])
+        shard_bytes = sum(f.stat().st_size for f in shards.rglob("*.tar"))
+        recipe = load_recipe(None, [f"data.shards={shards}", f"backbone.image_size={a.image_size}",
+                                    f"backbone.max_text_len={a.max_text_len}"])
+        backbone = ViltBackbone(recipe.backbone, RoutingContext())
+        read_n, read_s = read_all(shards, backbone.collate, a.batch_size, a.read_workers)
+    result = {
+        "samples": a.samples, "raw_image": f"{a.width}x{a.height}", "image_size": a.image_size,
+        "raw_kb_per_image": raw_bytes / a.samples / 1024,
+        "prepare": {"samples": prepared, "seconds": prep_s, "samples_per_s": prepared / prep_s,
+                    "workers": a.prepare_workers, "shard_kb_per_sample": shard_bytes / prepared / 1024},
+        "read": {"samples": read_n, "seconds": read_s, "samples_per_s": read_n / read_s,
+                 "workers": a.read_workers, "batch_size": a.batch_size, "torch_threads": a.threads},
+    }
+    print(json.dumps(result, indent=1))
+    print(f"\n{'stage':<10} {'samples':>8} {'seconds':>8} {'samples/s':>10}")
+    for stage in ("prepare", "read"):
+        r = result[stage]
+        print(f"{stage:<10} {r['samples']:>8} {r['seconds']:>8.2f} {r['samples_per_s']:>10.1f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
