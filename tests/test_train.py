@@ -109,3 +109,15 @@ def test_dummy_inputs_and_token_masks(recipe_for):
     assert torch.equal(ctx.text_tokens[:, :n_text].sum(1), b["attention_mask"].sum(1))
     assert ctx.image_tokens.sum(1).tolist() == [1 + (32 // 16) ** 2] * 3   # [CLS] + patches
     assert not (ctx.text_tokens & ctx.image_tokens).any()
+
+
+def test_offline_tokenizer_knows_the_synthetic_words():
+    """Every synthetic word is one real token (transformers 5 once ignored the vocab file and
+    mapped every word to [UNK], so the text carried nothing)."""
+    from delo_dist.data.synthetic import VOCAB_WORDS
+    from delo_dist.models.vilt import offline_tokenizer
+    tok = offline_tokenizer()
+    ids = tok(" ".join(VOCAB_WORDS), add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(VOCAB_WORDS) and tok.unk_token_id not in ids
+    assert len(set(ids)) == len(set(VOCAB_WORDS))
+    assert tok.unk_token_id not in tok("zxq 42")["input_ids"]        # characters as fallback

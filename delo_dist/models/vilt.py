@@ -8,6 +8,7 @@ embeddings return tells us which positions are real tokens of which modality.
 """
 from __future__ import annotations
 
+import inspect
 import io
 import tempfile
 from pathlib import Path
@@ -25,11 +26,17 @@ IMAGE_MEAN = IMAGE_STD = 0.5  # ViLT's image processor normalisation
 def offline_tokenizer() -> BertTokenizerFast:
     from delo_dist.data.synthetic import VOCAB_WORDS
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'-")
-    vocab = SPECIALS + sorted(set(VOCAB_WORDS)) + chars + ["##" + c for c in chars]
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "vocab.txt"
-        path.write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-        return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+    words = list(dict.fromkeys(SPECIALS + sorted(set(VOCAB_WORDS)) + chars + ["##" + c for c in chars]))
+    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers >= 5
+        tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+    else:  # 4.x reads a vocab file (and 5.x silently ignores one: hence the branch)
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "vocab.txt"
+            path.write_text("\n".join(words) + "\n")
+            tok = BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+    if len(tok) != len(words):
+        raise RuntimeError(f"offline tokenizer has {len(tok)} tokens, expected {len(words)}")
+    return tok
 
 
 class ViltBackbone(Backbone):
