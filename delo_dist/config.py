@@ -100,6 +100,7 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 64
     oracle: bool = True                     # also report accuracy with the true session id
+    checkpoint: Optional[str] = None        # evaluate this checkpoint folder only (no training)
 
 
 @dataclass
@@ -113,7 +114,7 @@ class TrackingConfig:
 @dataclass
 class DistributedConfig:
     engine: Literal["auto", "torch", "deepspeed"] = "auto"
-    zero_stage: int = 2
+    zero_stage: Optional[int] = None        # None: the launch's DeepSpeed config, else 0 (plain DP)
 
 
 @dataclass
@@ -263,8 +264,11 @@ def validate(r: Recipe, src: str) -> None:
            "two floats in [0, 1)", t.betas)
     _check(0.0 <= t.warmup_ratio < 1.0, src, "train.warmup_ratio", "a float in [0, 1)", t.warmup_ratio)
     _check(r.eval.batch_size >= 1, src, "eval.batch_size", "an int >= 1", r.eval.batch_size)
-    _check(r.distributed.zero_stage in (0, 1, 2, 3), src, "distributed.zero_stage",
-           "0, 1, 2 or 3", r.distributed.zero_stage)
+    _check(r.eval.checkpoint is None or (Path(r.eval.checkpoint) / "state.json").is_file(), src,
+           "eval.checkpoint", "a checkpoint folder holding state.json", r.eval.checkpoint)
+    _check(r.distributed.zero_stage in (None, 0, 1, 2), src, "distributed.zero_stage",
+           "null, 0, 1 or 2 (ZeRO-3 would all-gather the frozen backbone for nothing)",
+           r.distributed.zero_stage)
     b = r.backbone
     if b.pretrained and (b.pretrained.startswith((".", "/", "~")) or Path(b.pretrained).exists()):
         _check(Path(b.pretrained).expanduser().is_dir(), src, "backbone.pretrained",

@@ -73,7 +73,7 @@ class DeepSpeedEngine:
     def __init__(self, model, params: dict, cfg, total_steps: int, world: int, zero_stage: int,
                  bf16: bool = False):
         import deepspeed
-        self.cfg = cfg
+        self.cfg, self.zero_stage = cfg, zero_stage
         config = {
             "train_micro_batch_size_per_gpu": cfg.batch_size,
             "gradient_accumulation_steps": 1,

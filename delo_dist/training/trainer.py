@@ -82,10 +82,11 @@ class Trainer:
         torch.manual_seed(r.seed)  # the tiny random backbone is the same on every rank and resume
         self.model = ContinualModel(r, [s["classes"] for s in sessions[:self.n_sessions]],
                                     self.manifest["num_classes"], self.multilabel).to(self.device)
-        self.tracker = Tracker(r, enabled=self.main)
+        evaluating = r.eval.checkpoint is not None  # evaluation only: no run, no resume
+        self.tracker = Tracker(r, enabled=self.main and not evaluating)
         self.result = {"accuracy_matrix": [], "oracle_matrix": [], "routing_matrix": [],
                        "sessions": []}
-        self.resume = self._resume()
+        self.resume = None if evaluating else self._resume()
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
@@ -164,6 +165,10 @@ class Trainer:
             self.setup()
             self.tracker.log_params({f"missing.{k}.{f}": v for k, s in self.missing_summary.items()
                                      for f, v in s.items() if f in ("hash", "complete")})
+            if self.recipe.eval.checkpoint:
+                self.evaluate_checkpoint(Path(self.recipe.eval.checkpoint))
+                self.tracker.end("FINISHED")
+                return 0
             first = self.resume["session"] if self.resume else 0
             for k in range(first, self.n_sessions):
                 if len(self.result["accuracy_matrix"]) > k:
@@ -194,7 +199,9 @@ class Trainer:
         t = self.recipe.train
         if self.engine_kind == "torch":
             return TorchEngine(self.model, params, t, total_steps)
-        stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", self.recipe.distributed.zero_stage))
+        stage = self.recipe.distributed.zero_stage  # the recipe wins, else the launch config
+        if stage is None:
+            stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0))
         bf16 = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16"
         return DeepSpeedEngine(self.model, params, t, total_steps, self.world, stage, bf16)
 
@@ -244,6 +251,7 @@ class Trainer:
             "session": k, "trainable_params": n_trainable,
             "optimizer_state_bytes": engine.optimizer_state_bytes(),
             "train_time_s": time.time() - t0, "engine": engine.name,
+            "zero_stage": getattr(engine, "zero_stage", None),
             **{f"train_{n}": v / steps for n, v in self.session_losses.items() if n != "steps"},
         }
         engine.destroy()
@@ -252,6 +260,10 @@ class Trainer:
         if torch.cuda.is_available():
             self.session_info["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
             torch.cuda.reset_peak_memory_stats()
+        mine = {n: self.session_info.get(n) for n in
+                ("trainable_params", "optimizer_state_bytes", "rss_mb", "peak_gpu_mb")}
+        mine["task_keys_sha"] = _sha(self.model.task_keys.keys)   # equal on every rank
+        self.session_info["per_rank"] = dist.all_gather_objects({"rank": self.rank, **mine})
         return True
 
     def train_step(self, engine, batch: dict, k: int, epoch: int) -> dict:
@@ -287,19 +299,35 @@ class Trainer:
         q_sum = dist.all_reduce_sum(torch.cat([q.sum(0), q.new_tensor([q.shape[0]])]).float())
         model.task_keys.update(k, (q_sum[:-1] / q_sum[-1]).to(q.dtype))
         parts["loss"] = loss.item()
-        return parts
+        # Log global means (rank 0 alone would report its own slice of the batch).
+        names = sorted(parts)
+        means = dist.all_reduce_sum(torch.tensor([parts[n] for n in names], dtype=torch.float64))
+        return {n: v / self.world for n, v in zip(names, means.tolist())}
 
     # ================================================================ evaluation
+    def evaluate_checkpoint(self, path: Path) -> None:
+        """Evaluate a checkpoint on every session it has seen; write eval.json (no training)."""
+        checkpoint.load_model(path, self.model)
+        seen = json.loads((path / "state.json").read_text())["session"]
+        row, oracle_row, routing_row = self.evaluate(seen)
+        if self.main:
+            out = {"checkpoint": str(path), "seen": seen, "performance": row,
+                   "oracle_performance": oracle_row, "routing_accuracy": routing_row,
+                   "world_size": self.world}
+            (self.out / "eval.json").write_text(json.dumps(out, indent=1))
+            print(f"evaluated {path} on {seen} sessions: " +
+                  " ".join(f"{100 * p:.2f}" for p in row), flush=True)
+
     @torch.no_grad()
-    def evaluate_session(self, k: int) -> None:
-        """Evaluate on the test split of sessions 0..k; extend the matrices; log."""
+    def evaluate(self, seen: int) -> tuple[list, list, list]:
+        """Task-agnostic, oracle and routing accuracy on the test split of sessions < seen."""
         self.model.eval()
-        seen, oracle = k + 1, self.recipe.eval.oracle
+        oracle = self.recipe.eval.oracle
         row, oracle_row, routing_row = [], [], []
         for i in range(seen):
             _, loader = self._stream(i, "test", train=False)
             local = []
-            for batch in tqdm(loader, desc=f"eval S{i} after S{k}", disable=not self.main, leave=False):
+            for batch in tqdm(loader, desc=f"eval S{i} of {seen}", disable=not self.main, leave=False):
                 batch = to_device(batch, self.device)
                 out = self.model.predict(batch, seen, oracle)
                 labels = batch["labels"]
@@ -311,6 +339,11 @@ class Trainer:
             row.append(perf)
             oracle_row.append(oracle_perf)
             routing_row.append(routing)
+        return row, oracle_row, routing_row
+
+    def evaluate_session(self, k: int) -> None:
+        """After session k: evaluate sessions 0..k, extend the matrices, log."""
+        row, oracle_row, routing_row = self.evaluate(k + 1)
         res = self.result
         res["accuracy_matrix"].append(row)
         res["oracle_matrix"].append(oracle_row)
@@ -343,6 +376,9 @@ class Trainer:
 
     def _log_session(self, k: int, info: dict) -> None:
         scalars = {n: v for n, v in info.items() if isinstance(v, (int, float)) and n != "session"}
+        for r in info.get("per_rank", []):
+            scalars.update({f"rank{r['rank']}/{n}": v for n, v in r.items()
+                            if isinstance(v, (int, float)) and n != "rank"})
         for i, (p, o, rt) in enumerate(zip(info["performance"], info["oracle_performance"],
                                            info["routing_accuracy"])):
             scalars.update({f"perf_s{i}": p, f"oracle_perf_s{i}": o, f"routing_acc_s{i}": rt})
@@ -398,6 +434,11 @@ class Trainer:
               f"(oracle AP {100 * summary['oracle_ap']:.2f}, "
               f"routing {100 * summary['routing_accuracy']:.1f}%{chance})  wall {wall:.0f}s\n"
               f"wrote {self.out / 'metrics.json'}", flush=True)
+
+
+def _sha(t: torch.Tensor) -> str:
+    import hashlib
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def _plain(t, j):

@@ -1,0 +1,114 @@
+"""Two real processes on gloo with DeepSpeed ZeRO-2, against one process (torch engine).
+
+Same recipe, seed and global batch (1 x 16 and 2 x 8). The stream gives both the same global
+batches, the losses are normalised to global means, the task keys are updated from
+all-reduced means: the two runs are the same experiment and differ only in floating-point
+reduction order (gradient all-reduce, ZeRO's flat partitions). Tolerance on AP/FG: 0.02
+absolute, i.e. less than one test sample of the 32 per session changing its answer.
+Evaluation of one checkpoint on 1 and 2 ranks must agree exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, tiny_overrides
+
+pytestmark = pytest.mark.slow
+TOLERANCE = 0.02
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if nproc == 1:
+        cmd = [sys.executable, "delo_dist/train.py", "recipes/quickstart.yaml", *overrides]
+    else:
+        cmd = ["accelerate", "launch", "--config_file", "accelerate_configs/cpu_2proc_zero2.yaml",
+               "--main_process_port", str(free_port()), "delo_dist/train.py",
+               "recipes/quickstart.yaml", *overrides]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def runs(shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    common = {"data.sessions": 2, "train.epochs": 2}
+    one = launch(1, tiny_overrides(shards, root / "one", **common, **{"train.batch_size": 16}))
+    two = launch(2, tiny_overrides(shards, root / "two", **common, **{"train.batch_size": 8}))
+    return root, one, two
+
+
+def metrics(path):
+    return json.loads((path / "metrics.json").read_text())
+
+
+def test_two_ranks_train_the_same_experiment_as_one(runs):
+    root, _, _ = runs
+    one, two = metrics(root / "one"), metrics(root / "two")
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert one["sessions"][0]["engine"] == "torch" and two["sessions"][0]["engine"] == "deepspeed"
+    assert abs(one["ap"] - two["ap"]) <= TOLERANCE and abs(one["fg"] - two["fg"]) <= TOLERANCE
+    for a, b in zip(sum(one["accuracy_matrix"], []), sum(two["accuracy_matrix"], [])):
+        assert abs(a - b) <= 1 / 32 + 1e-9                 # at most one test sample moved
+    assert one["sessions"][1]["train_loss"] == pytest.approx(two["sessions"][1]["train_loss"], rel=1e-3)
+
+
+def test_zero2_halves_optimizer_state_per_rank_and_keys_agree(runs):
+    root, _, _ = runs
+    one, two = metrics(root / "one"), metrics(root / "two")
+    for s1, s2 in zip(one["sessions"], two["sessions"]):
+        ranks = s2["per_rank"]
+        assert [r["rank"] for r in ranks] == [0, 1]
+        for r in ranks:
+            ratio = r["optimizer_state_bytes"] / s1["optimizer_state_bytes"]
+            assert 0.45 < ratio < 0.56, ratio              # ZeRO partitions, plus padding
+            assert r["trainable_params"] == s1["trainable_params"]
+        assert ranks[0]["task_keys_sha"] == ranks[1]["task_keys_sha"]
+
+
+def test_session_0_unchanged_by_session_1_under_zero2(runs):
+    root, _, _ = runs
+    ckpt = root / "two" / "checkpoints"
+    a, b = load_file(str(ckpt / "session_00/model.safetensors")), load_file(str(ckpt / "session_01/model.safetensors"))
+    names = [n for n in a if ".sessions.0." in n or n.startswith("heads.0.")]
+    assert names and all(torch.equal(a[n], b[n]) for n in names)
+    assert torch.equal(a["task_keys.keys"][0], b["task_keys.keys"][0])
+
+
+def test_one_checkpoint_evaluates_identically_on_one_and_two_ranks(runs, shards):
+    root, _, _ = runs
+    ckpt = root / "two" / "checkpoints" / "session_01"
+    evals = {}
+    for n in (1, 2):
+        extra = {"eval.checkpoint": str(ckpt), "eval.batch_size": 7}
+        if n == 1:
+            extra["distributed.engine"] = "torch"
+        launch(n, tiny_overrides(shards, root / f"eval{n}", **extra))
+        evals[n] = json.loads((root / f"eval{n}" / "eval.json").read_text())
+    assert evals[2]["world_size"] == 2 and evals[1]["seen"] == 2
+    for key in ("performance", "oracle_performance", "routing_accuracy"):
+        assert evals[1][key] == evals[2][key]
+    assert evals[1]["performance"] == metrics(root / "two")["accuracy_matrix"][-1]
+
+
+def test_launch_and_recipe_disagreements_are_refused(shards, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "delo_dist/train.py", "recipes/quickstart.yaml",
+           *tiny_overrides(shards, tmp_path / "x", **{"distributed.engine": "deepspeed"})]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "needs 2 or more processes" in done.stderr
