@@ -11,12 +11,14 @@ with the same seed, hence the same frozen ViLT weights. Rows:
   infer/*  oracle = `predict_with(batch, true sessions)`; agnostic = `predict(batch, seen=S,
            oracle=False)` (adds the adapter-free key forward) with S task keys set to each
            session's mean frozen query on the batch (routing statistics are in the row).
-peft_lora is peft's LoRA (LoraConfig on query/key/value) injected into a separate copy of the
-head-only model's frozen ViLT: the reference for our `lora` method. delo_naive sets
-`ctx.naive` (per-sample d_out x d_in update materialised). --dtype bf16 runs under
-torch.autocast(bfloat16) with fp32 parameters. Times are medians over --repeats after
---warmup runs; memory is torch.cuda.max_memory_allocated per row on GPU, the process RSS
-growth over the row (model build included; allocator reuse makes it rough) on CPU.
+peft_lora: peft's LoRA (LoraConfig on query/key/value) injected into a copy of the head-only
+model's frozen ViLT, the reference for our `lora`. delo_naive: `ctx.naive` (per-sample
+d_out x d_in update materialised). bf16 = torch.autocast(bfloat16), fp32 parameters.
+All models are built and warmed up first, then the rows are timed round-robin (one call
+per row per round, so load bursts from other processes hit all rows alike); the JSON has
+median and min per row, and ratios of both. Memory: GPU, the model's resident memory plus
+the call's peak above it (max_memory_allocated); CPU, process RSS growth over the model's
+build and warm-up (rough: the allocator reuses freed memory).
 """
 from __future__ import annotations
 
@@ -34,9 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from delo_dist.config import load_recipe
-from delo_dist.models.continual import ContinualModel, subset
-from delo_dist.training.losses import (alignment_sum, consistency_sum, proxy_choice,
-                                       supervised_loss)
+from delo_dist.models.continual import ContinualModel
+from delo_dist.training.objective import objective, update_task_key
 
 CLASSES_PER_SESSION = 4
 FULL_VILT = dict(hidden=768, layers=12, heads=12, intermediate=3072, image_size=384, patch=32)
@@ -63,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--full-vilt", action="store_true", help="ViLT-B/32 shapes (hidden 768, 12 layers, ...)")
     a("--full-objective", action=argparse.BooleanOptionalAction, default=True,
       help="also time DeLo's full objective (L_align + L_con second forward + key EMA)")
+    a("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     a("--seed", type=int, default=0)
     a("--json", default=None, help="write the JSON here (default: stdout)")
     args = p.parse_args(argv)
@@ -71,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, k, v)
     args.intermediate = args.intermediate or 4 * args.hidden
     args.warmup = max(args.warmup, 1)  # the warm-up call also measures memory
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return args
 
 
@@ -87,7 +91,7 @@ def build(args, method: str, factor_rank: int = 1) -> ContinualModel:
     S = args.sessions
     classes = [list(range(k * CLASSES_PER_SESSION, (k + 1) * CLASSES_PER_SESSION)) for k in range(S)]
     model = ContinualModel(recipe, classes, S * CLASSES_PER_SESSION)
-    model.lambdas = (recipe.method.lambda_align, recipe.method.lambda_con)
+    model.method_cfg = recipe.method  # what the shared objective reads
     return model.to(args.device)
 
 
@@ -167,26 +171,18 @@ class Timer:
 def train_step(model, batch: dict, k: int, full: bool = False):
     params = list(model.set_trainable(k).values())
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-8)
-    complete = ~(batch["missing_text"] | batch["missing_image"])
+    method = copy.copy(model.method_cfg)
+    if not full:  # the plain step: cross-entropy only
+        method.lambda_align = method.lambda_con = 0.0
 
     def step():
         model.train()
         opt.zero_grad(set_to_none=True)
-        logits = model(batch, session=k, record=full)
-        loss = supervised_loss(logits, batch, model.local_index[k], False)
-        if full:  # the trainer's DeLo objective (Eq. 10), one rank
-            lam_align, lam_con = model.lambdas
-            scale = 1.0 / max(int(complete.sum()), 1)
-            loss = loss + lam_align * alignment_sum(model.ctx.queries, complete) * scale
-            idx = complete.nonzero().squeeze(1)
-            sub = subset(batch, idx)
-            proxy = proxy_choice(sub["keys"], 0).to(logits.device)
-            logits_proxy = model(sub, session=k, proxy=proxy)
-            loss = loss + lam_con * consistency_sum(logits[idx], logits_proxy, False) * scale
+        loss, _ = objective(model, model, batch, k, method, epoch=0)   # the trainer's objective
         loss.backward()
         opt.step()
         if full:
-            model.task_keys.update(k, model.key_query(batch).float().mean(0))
+            update_task_key(model, batch, k)
     return step
 
 
@@ -219,6 +215,24 @@ def peft_copy(model: ContinualModel, args) -> ContinualModel:
     return ref
 
 
+def _ratios(args, t: dict) -> dict:
+    fr = f"delo_fr{args.rank}"
+    out = {
+        "train: delo / lora (ours)": t["train/delo"] / t["train/lora"],
+        "train: delo / peft lora": t["train/delo"] / t["train/peft_lora"],
+        "train: lora (ours) / peft lora": t["train/lora"] / t["train/peft_lora"],
+        "train: delo / delo naive": t["train/delo"] / t["train/delo_naive"],
+        "infer oracle: delo / delo naive": t["infer/delo/oracle"] / t["infer/delo_naive/oracle"],
+        "infer delo: task-agnostic / oracle": t["infer/delo/agnostic"] / t["infer/delo/oracle"],
+        f"train: delo factor_rank {args.rank} / 1": t[f"train/{fr}"] / t["train/delo"],
+        f"infer oracle: delo factor_rank {args.rank} / 1": t[f"infer/{fr}/oracle"] / t["infer/delo/oracle"],
+    }
+    if args.full_objective:
+        out["train: delo full objective / delo"] = t["train/delo_full"] / t["train/delo"]
+        out["train: delo full objective / lora (ours)"] = t["train/delo_full"] / t["train/lora"]
+    return out
+
+
 def run(args) -> dict:
     """Build every variant (warming its rows up), then time the rows round-robin, one call per
     row per round: bursts of load from other processes then hit all rows alike."""
@@ -243,7 +257,6 @@ def run(args) -> dict:
         if name == "delo" and args.full_objective:
             mine["train/delo_full"] = train_step(model, tb, k, full=True)
         mine[f"infer/{name}/oracle"] = infer(model, batch, False)
-        routing = None
         if name not in ("peft_lora", "delo_naive"):
             routing = set_task_keys(model, batch, S)
             mine[f"infer/{name}/agnostic"] = infer(model, batch, True, model.task_keys.keys[:S].clone())
@@ -267,21 +280,8 @@ def run(args) -> dict:
     for r in rows.values():
         r.update(median_ms=statistics.median(r["times_ms"]), min_ms=min(r["times_ms"]),
                  repeats=len(r["times_ms"]))
-    t = lambda key: rows[key]["median_ms"]  # noqa: E731
-    fr = f"delo_fr{args.rank}"
-    ratios = {
-        "train: delo / lora (ours)": t("train/delo") / t("train/lora"),
-        "train: delo / peft lora": t("train/delo") / t("train/peft_lora"),
-        "train: lora (ours) / peft lora": t("train/lora") / t("train/peft_lora"),
-        "train: delo / delo naive": t("train/delo") / t("train/delo_naive"),
-        "infer oracle: delo / delo naive": t("infer/delo/oracle") / t("infer/delo_naive/oracle"),
-        "infer delo: task-agnostic / oracle": t("infer/delo/agnostic") / t("infer/delo/oracle"),
-        f"train: delo factor_rank {args.rank} / 1": t(f"train/{fr}") / t("train/delo"),
-        f"infer oracle: delo factor_rank {args.rank} / 1": t(f"infer/{fr}/oracle") / t("infer/delo/oracle"),
-    }
-    if args.full_objective:
-        ratios["train: delo full objective / delo"] = t("train/delo_full") / t("train/delo")
-        ratios["train: delo full objective / lora (ours)"] = t("train/delo_full") / t("train/lora")
+    ratios = {"median": _ratios(args, {r: v["median_ms"] for r, v in rows.items()}),
+              "min": _ratios(args, {r: v["min_ms"] for r, v in rows.items()})}
     import peft
     import transformers
     return {
@@ -291,7 +291,8 @@ def run(args) -> dict:
             "peft": peft.__version__, "device": str(args.device), "dtype": args.dtype,
             "device_name": (torch.cuda.get_device_name() if str(args.device).startswith("cuda")
                             else f"cpu ({torch.get_num_threads()} threads)"),
-            "note": "timings from a shared machine: other processes add noise; compare ratios",
+            "note": ("timings from a shared machine: other processes add noise; rows run "
+                     "round-robin; ratios of medians and of minima"),
             "shapes": {k_: getattr(args, k_) for k_ in (
                 "hidden", "layers", "heads", "intermediate", "batch", "text_len", "image_size",
                 "patch", "experts", "rank", "sessions")},
@@ -315,7 +316,9 @@ def table(result: dict) -> str:
             lines.append(f"# {name}: routed to {r['routed_sessions']} sessions (oracle "
                          f"{r['oracle_sessions']}), routing accuracy {r['routing_accuracy']:.2f}")
     lines.append("")
-    lines += [f"{name:<48}{v:>8.2f}" for name, v in result["ratios"].items()]
+    lines.append(f"{'ratio':<48}{'median':>8}{'min':>8}")
+    rm, rn = result["ratios"]["median"], result["ratios"]["min"]
+    lines += [f"{name:<48}{rm[name]:>8.2f}{rn[name]:>8.2f}" for name in rm]
     return "\n".join(lines)
 
 

@@ -33,13 +33,14 @@ def test_bench_command_writes_every_row_and_ratio(tmp_path, capsys):
         assert row["repeats"] == 2, name
         for key in ("median_ms", "min_ms"):
             assert math.isfinite(row[key]) and row[key] > 0, (name, key)
-    assert set(ratios) == {
+    assert set(ratios) == {"median", "min"}
+    assert set(ratios["median"]) == set(ratios["min"]) == {
         "train: delo / lora (ours)", "train: delo / peft lora", "train: lora (ours) / peft lora",
         "train: delo / delo naive", "infer oracle: delo / delo naive",
         "infer delo: task-agnostic / oracle", "train: delo factor_rank 2 / 1",
         "infer oracle: delo factor_rank 2 / 1", "train: delo full objective / delo",
         "train: delo full objective / lora (ours)"}
-    assert all(math.isfinite(v) and v > 0 for v in ratios.values())
+    assert all(math.isfinite(v) and v > 0 for r in ratios.values() for v in r.values())
     meta = result["meta"]
     assert meta["device"] == "cpu" and meta["dtype"] == "fp32" and meta["torch"] == torch.__version__
     assert meta["shapes"]["hidden"] == 32 and meta["tokens"] == 12 + 4 + 1

@@ -7,7 +7,6 @@ import json
 from collections import Counter
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from delo_dist.data.shards import iter_tar_samples, read_manifest

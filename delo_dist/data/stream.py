@@ -22,7 +22,6 @@ import random
 from pathlib import Path
 from typing import Callable
 
-import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 

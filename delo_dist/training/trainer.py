@@ -25,13 +25,12 @@ from delo_dist.config import Recipe, to_dict
 from delo_dist.data.missing import MissingSpec, missing_table, table_summary
 from delo_dist.data.shards import read_manifest
 from delo_dist.data.stream import SessionStream, make_loader
-from delo_dist.models.continual import ContinualModel, subset
+from delo_dist.models.continual import ContinualModel
 from delo_dist.plots import accuracy_heatmap
 from delo_dist.tracking import Tracker
 from delo_dist.training import checkpoint, dist
 from delo_dist.training.engines import DeepSpeedEngine, TorchEngine
-from delo_dist.training.losses import (alignment_sum, consistency_sum, proxy_choice,
-                                       supervised_loss)
+from delo_dist.training.objective import objective, update_task_key
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, relaunch to resume
 
@@ -207,7 +206,7 @@ class Trainer:
 
     def train_session(self, k: int) -> bool:
         """Train session k; False if a stop signal interrupted it (checkpoint written)."""
-        r, t = self.recipe, self.recipe.train
+        t = self.recipe.train
         params = self.model.set_trainable(k)  # before the engine: it only sees these
         n_train = self.manifest["sessions"][k]["splits"]["train"]["count"]
         steps_per_epoch = n_train // (t.batch_size * self.world)
@@ -267,38 +266,12 @@ class Trainer:
         return True
 
     def train_step(self, engine, batch: dict, k: int, epoch: int) -> dict:
-        m, model = self.recipe.method, self.model
-        model.train()
-        routed = model.spec.modality_routed
-        use_align = routed and m.lambda_align > 0
-        use_con = routed and m.lambda_con > 0 and m.cross_modal_guide
-        logits = engine(batch, session=k, record=use_align)
-        ce = supervised_loss(logits, batch, model.local_index[k], self.multilabel)
-        loss, parts = ce, {"ce": ce.item()}
-        complete = ~(batch["missing_text"] | batch["missing_image"])
-        n_global = dist.all_reduce_sum(complete.sum().float().cpu()).item()
-        scale = self.world / max(n_global, 1.0)
-        if use_align:
-            align = alignment_sum(model.ctx.queries, complete) * scale
-            loss = loss + m.lambda_align * align
-            parts["align"] = align.item()
-        if use_con:
-            con = torch.zeros((), device=logits.device)
-            idx = complete.nonzero().squeeze(1)
-            if len(idx):
-                sub = subset(batch, idx)
-                proxy = proxy_choice(sub["keys"], epoch).to(logits.device)
-                logits_proxy = engine(sub, session=k, proxy=proxy)
-                con = consistency_sum(logits[idx], logits_proxy, self.multilabel) * scale
-            loss = loss + m.lambda_con * con
-            parts["con"] = con.item()
+        self.model.train()
+        loss, parts = objective(engine, self.model, batch, k, self.recipe.method, epoch,
+                                self.multilabel)
         engine.backward(loss)
         engine.step()
-        # Task key: EMA of the global batch-mean query, outside autograd, equal on all ranks.
-        q = model.key_query(batch)
-        q_sum = dist.all_reduce_sum(torch.cat([q.sum(0), q.new_tensor([q.shape[0]])]).float())
-        model.task_keys.update(k, (q_sum[:-1] / q_sum[-1]).to(q.dtype))
-        parts["loss"] = loss.item()
+        update_task_key(self.model, batch, k)
         # Log global means (rank 0 alone would report its own slice of the batch).
         names = sorted(parts)
         means = dist.all_reduce_sum(torch.tensor([parts[n] for n in names], dtype=torch.float64))
