@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from delo_dist.config import load_recipe
 from delo_dist.models.continual import ContinualModel
 from delo_dist.training.objective import objective, update_task_key
+from delo_dist.training.trainer import rss_mb
 
 CLASSES_PER_SESSION = 4
 FULL_VILT = dict(hidden=768, layers=12, heads=12, intermediate=3072, image_size=384, patch=32)
@@ -134,14 +135,6 @@ def train_batch(batch: dict, k: int) -> dict:
     out["session"] = torch.full_like(batch["session"], k)
     out["labels"] = k * CLASSES_PER_SESSION + batch["labels"] % CLASSES_PER_SESSION
     return out
-
-
-def rss_mb() -> float:
-    try:
-        import psutil
-        return psutil.Process().memory_info().rss / 2 ** 20
-    except ImportError:
-        return float("nan")
 
 
 class Timer:

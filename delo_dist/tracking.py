@@ -8,6 +8,8 @@ MLFLOW_TRACKING_URI is set or the recipe names one.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 from pathlib import Path
@@ -32,6 +34,38 @@ def git_commit() -> str:
         return "unknown"
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Serialise store creation between processes sharing one sqlite file (array tasks would
+    otherwise race through the schema migration)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _experiment(mlflow, name: str, uri: str) -> str:
+    """The experiment's id, created if needed; with a sqlite store its artifacts go beside the
+    database, not into ./mlruns of whatever folder the job started in."""
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except Exception:  # created meanwhile by a process that does not share our lock
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
 class Tracker:
     def __init__(self, recipe: Recipe, enabled: bool):
         self.enabled = enabled
@@ -44,13 +78,15 @@ class Tracker:
         uri = os.environ.get("MLFLOW_TRACKING_URI") or recipe.tracking.uri or default_uri(out)
         mlflow.set_tracking_uri(uri)
         self.uri = uri
-        mlflow.set_experiment(recipe.tracking.experiment)
         id_file = out / RUN_ID_FILE
-        if id_file.is_file():  # resume the run this output dir already has
-            self.run_id = id_file.read_text().strip()
-            mlflow.start_run(run_id=self.run_id)
-            return
-        run = mlflow.start_run(run_name=recipe.tracking.run_name or recipe.name)
+        with _store_lock(uri):
+            experiment_id = _experiment(mlflow, recipe.tracking.experiment, uri)
+            if id_file.is_file():  # resume the run this output dir already has
+                self.run_id = id_file.read_text().strip()
+                mlflow.start_run(run_id=self.run_id)
+                return
+            run = mlflow.start_run(experiment_id=experiment_id,
+                                   run_name=recipe.tracking.run_name or recipe.name)
         self.run_id = run.info.run_id
         tmp = id_file.with_suffix(".tmp")
         tmp.write_text(self.run_id)

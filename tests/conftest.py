@@ -19,6 +19,20 @@ TINY = dict(sessions=3, classes_per_session=4, train_per_class=16, val_per_class
             test_per_class=8, image_size=32, samples_per_shard=24, seed=0)
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, which then wins over the recipe
+    in every job a later test launches: give each test the environment it started with."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    import mlflow
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        mlflow.set_tracking_uri(None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
     """3 sessions x 4 classes, 64 train / 32 test samples a session, 3 train shards each."""

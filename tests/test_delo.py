@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from delo_dist.ablations import VARIANTS, overrides_for
 from delo_dist.config import load_recipe
 from delo_dist.data.missing import MissingSpec, missing_table
 from delo_dist.data.shards import read_manifest
@@ -206,24 +207,11 @@ def test_training_session_1_leaves_session_0_bit_identical(recipe_for):
     assert not torch.equal(after0["task_keys.keys"][1], after1["task_keys.keys"][1])
 
 
-ABLATIONS = {
-    "delo": {},
-    "unified_pool": {"method.modality_pools": False},
-    "no_cross_modal_guide": {"method.cross_modal_guide": False},
-    "no_align": {"method.lambda_align": 0.0},
-    "no_con": {"method.lambda_con": 0.0},
-    "delo_lora": {"method.name": "lora"},
-    "seq_lora": {"method.name": "seq_lora"},
-    "head_only": {"method.name": "head_only"},
-    "factor_rank_r": {"method.factor_rank": 2},
-    "first_layer_keys": {"task_keys.source": "first_layer"},
-}
-
-
-@pytest.mark.parametrize("variant", sorted(ABLATIONS))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_variant_runs_and_reports_three_views(recipe_for, variant):
     from delo_dist.training.trainer import Trainer
-    recipe = recipe_for(**{"data.sessions": 2, **ABLATIONS[variant]})
+    extra = dict(o.split("=", 1) for o in overrides_for(variant, rank=2))
+    recipe = recipe_for(**{"data.sessions": 2, **extra})
     assert Trainer(recipe).run() == 0
     res = json.loads(open(recipe.output_dir + "/metrics.json").read())
     assert [len(r) for r in res["accuracy_matrix"]] == [1, 2]
@@ -234,3 +222,14 @@ def test_every_variant_runs_and_reports_three_views(recipe_for, variant):
             assert acc <= res["routing_matrix"][k][i] + 1e-9
     assert res["routing_matrix"][0] == [1.0]     # one session seen: routing is trivial
     assert 0.0 <= res["ap"] <= 1.0 and res["method"] == recipe.method.name
+
+
+def test_ablations_command_writes_a_table(shards, tmp_path):
+    from delo_dist.ablations import run
+    from tests.conftest import REPO, tiny_overrides
+    rows = run(str(REPO / "recipes" / "quickstart.yaml"),
+               tiny_overrides(shards, tmp_path / "abl", **{"data.sessions": 2}),
+               only=["delo", "head_only"])
+    assert [r["variant"] for r in rows] == ["delo", "head_only"]
+    text = (tmp_path / "abl" / "ablations" / "table.md").read_text()
+    assert text.count("\n") == 4 and f"{100 * rows[0]['ap']:.2f}" in text

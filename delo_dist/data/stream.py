@@ -22,6 +22,7 @@ import random
 from pathlib import Path
 from typing import Callable
 
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -102,5 +103,8 @@ class SessionStream(IterableDataset):
 
 
 def make_loader(stream: SessionStream, num_workers: int = 0) -> DataLoader:
+    # Its own generator: a DataLoader iterator otherwise draws its base seed from the global
+    # torch RNG, and a resumed job, creating its iterator at another point, would diverge.
     return DataLoader(stream, batch_size=None, num_workers=num_workers,
-                      persistent_workers=False, prefetch_factor=2 if num_workers else None)
+                      persistent_workers=False, prefetch_factor=2 if num_workers else None,
+                      generator=torch.Generator().manual_seed(stream.seed))

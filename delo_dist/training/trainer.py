@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from tqdm import tqdm
 
@@ -44,11 +45,7 @@ def to_device(batch: dict, device) -> dict:
 
 
 def rss_mb() -> float:
-    try:
-        import psutil
-        return psutil.Process().memory_info().rss / 2 ** 20
-    except ImportError:
-        return float("nan")
+    return psutil.Process().memory_info().rss / 2 ** 20
 
 
 class Trainer:
@@ -59,6 +56,8 @@ class Trainer:
     # ================================================================ setup
     def setup(self) -> None:
         r = self.recipe
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # first: a stop during setup is not lost
+            signal.signal(sig, self._on_signal)
         from accelerate import Accelerator
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.rank, self.world = dist.rank(), dist.world()
@@ -75,6 +74,9 @@ class Trainer:
         self.multilabel = bool(self.manifest.get("multilabel"))
         sessions = self.manifest["sessions"]
         self.n_sessions = min(len(sessions), r.data.sessions or len(sessions))
+        if r.eval.checkpoint:  # evaluate with the model the checkpoint was trained as
+            state = json.loads((Path(r.eval.checkpoint) / "state.json").read_text())
+            self.n_sessions = state["n_sessions"]
         self._check_launch()
         self.tables = self._missing_tables()
 
@@ -86,8 +88,6 @@ class Trainer:
         self.result = {"accuracy_matrix": [], "oracle_matrix": [], "routing_matrix": [],
                        "sessions": []}
         self.resume = None if evaluating else self._resume()
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
 
     def _engine_kind(self) -> str:
         kind = self.recipe.distributed.engine
@@ -365,6 +365,7 @@ class Trainer:
     # ================================================================ checkpoints and outputs
     def save(self, tag: str, session: int, epoch: int, step: int, engine, mid_session=False) -> None:
         state = {"session": session, "epoch": epoch, "step_in_epoch": step, "mid_session": mid_session,
+                 "n_sessions": self.n_sessions,
                  "result": self.result, "run_id": self.tracker.run_id,
                  "session_losses": getattr(self, "session_losses", None)}
         checkpoint.save(self.out, tag, self.model, engine, state,
