@@ -66,7 +66,7 @@ class Cell:
 
     def text(self, metric: str) -> str:
         if not self.runs:
-            return ""
+            return "-"
         m, n, rest = self.mean(metric), len(self.done), self.others()
         if m is None:
             return rest
@@ -169,7 +169,7 @@ def write_csv(methods: list[str], rows: list[dict], path: Path) -> None:
 
 
 def _num(v: float | None) -> str:
-    return "" if v is None else f"{v:.4f}"
+    return "" if v is None else f"{v:.6f}"
 
 
 def plot(methods: list[str], rows: list[dict], path: Path) -> None:
