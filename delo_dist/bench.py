@@ -99,10 +99,11 @@ def build(args, method: str, factor_rank: int = 1) -> ContinualModel:
 def set_task_keys(model: ContinualModel, batch: dict, S: int) -> dict:
     """Key k = mean frozen query of the batch's session-k samples (what the EMA tracks), so
     the task-agnostic pass routes about as the oracle does; returns routing statistics."""
-    q = model.key_query(batch).float()
-    for k in range(S):
-        model.task_keys.keys[k] = F.normalize(q[batch["session"] == k].mean(0), dim=-1)
-    routed = model.task_keys.select(q, S)
+    q, present = model.key_query(batch)
+    for k in range(S):  # per modality: the mean over the session's samples that have it
+        w = (present & (batch["session"] == k)[:, None]).unsqueeze(-1).float()
+        model.task_keys.keys[k] = F.normalize((q.float() * w).sum(0) / w.sum(0).clamp(min=1), dim=-1)
+    routed = model.task_keys.select(q, present, S)
     return {"routed_sessions": len(routed.unique()), "oracle_sessions": len(batch["session"].unique()),
             "routing_accuracy": float((routed == batch["session"]).float().mean())}
 

@@ -79,7 +79,7 @@ class MethodConfig:
 @dataclass
 class TaskKeyConfig:
     momentum: float = 0.99
-    source: Literal["frozen_pooled", "first_layer"] = "frozen_pooled"
+    source: Literal["first_layer", "frozen_pooled"] = "first_layer"
 
 
 @dataclass

@@ -7,8 +7,8 @@ DeLo and the baselines never import ViLT. A backbone tells them:
     `ctx.text_tokens` / `ctx.image_tokens` (bool, (B, N)) before the first layer runs;
   - how to build inputs, dummies for a missing modality included: `collate(samples)`;
   - the pooled feature the heads eat: `forward(batch) -> (B, hidden_size)`;
-  - a cheap query for the task-key memory that does not depend on any adapter:
-    `first_layer_query(batch)`.
+  - cheap per-modality queries for the task-key memory that no adapter influences:
+    `first_layer_queries(batch) -> (q_v, q_t)`.
 CLIP-like models with two encoders implement the same calls (their text layers see only
 text tokens: the other modality's query then comes from the cross-modal guide).
 """
@@ -36,7 +36,7 @@ class Backbone(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
-    def first_layer_query(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def first_layer_queries(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
 

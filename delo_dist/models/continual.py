@@ -2,13 +2,15 @@
 session + the task-key memory. Training runs one known session; inference routes each
 sample to a session by its key (or, for analysis only, by its true session: `oracle`).
 
-Which query feeds the task keys (`task_keys.source`):
-  - "frozen_pooled" (default): the backbone's pooled feature with every adapter off. It is
-    the representation in which classes, and hence sessions, separate best, and it cannot
-    drift as later sessions train (the backbone is frozen), so old keys stay valid. It costs
-    one extra adapter-free forward per batch.
-  - "first_layer": the mean of the first layer's normalised input, what DeLo's routers see at
-    layer 1. Free, but close to raw embeddings: it separates sessions less well.
+Which queries feed the task keys (`task_keys.source`):
+  - "first_layer" (default): q_v and q_t, the per-modality means of the first layer's
+    normalised input, i.e. what DeLo's first routers see. No adapter acts before them, so
+    old keys cannot drift as later sessions train, and they cost no extra forward pass.
+    Each session keeps a visual and a textual key; a sample missing a modality is routed
+    by the modality it has (on the synthetic benchmark a single key sent every text-only
+    sample to chance: a dummy image is the same in every session).
+  - "frozen_pooled": the backbone's pooled feature with every adapter off, one key per
+    session (one extra adapter-free forward per batch).
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ class ContinualModel(nn.Module):
                 self.adapted.append(wrapped)
         d = self.backbone.hidden_size
         self.heads = nn.ModuleList([nn.Linear(d, len(c)) for c in session_classes])
-        self.task_keys = TaskKeyMemory(n, d, recipe.task_keys.momentum)
+        self.task_keys = TaskKeyMemory(n, d, recipe.task_keys.momentum,
+                                       modalities=2 if self.key_source == "first_layer" else 1)
         self.session_classes = [list(c) for c in session_classes]
         # global class id -> index inside its session's head (-1: not in this session)
         local = torch.full((n, num_classes), -1, dtype=torch.long)
@@ -83,14 +86,18 @@ class ContinualModel(nn.Module):
         return self.heads[session](self.backbone(batch))
 
     @torch.no_grad()
-    def key_query(self, batch: dict) -> torch.Tensor:
+    def key_query(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task-key queries (B, M, d) and which of them are real (B, M) bool."""
         if self.key_source == "first_layer":
-            return self.backbone.first_layer_query(batch)
+            q_v, q_t = self.backbone.first_layer_queries(batch)
+            present = torch.stack([~batch["missing_image"], ~batch["missing_text"]], 1)
+            return torch.stack([q_v, q_t], 1), present.to(q_v.device)
         self.ctx.enabled = False
         try:
-            return self.backbone(batch)
+            pooled = self.backbone(batch)
         finally:
             self.ctx.enabled = True
+        return pooled[:, None], torch.ones(len(pooled), 1, dtype=torch.bool, device=pooled.device)
 
     @torch.no_grad()
     def predict_with(self, batch: dict, sessions: torch.Tensor) -> torch.Tensor:
@@ -120,7 +127,7 @@ class ContinualModel(nn.Module):
     def predict(self, batch: dict, seen: int, oracle: bool = True) -> dict:
         """Task-agnostic prediction (headline), the routed sessions, and oracle predictions
         (true session id; recomputed only for samples the key memory routed elsewhere)."""
-        routed = self.task_keys.select(self.key_query(batch), seen)
+        routed = self.task_keys.select(*self.key_query(batch), seen)
         pred = self.predict_with(batch, routed)
         out = {"routed": routed, "pred": pred}
         if oracle:

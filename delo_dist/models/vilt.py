@@ -123,16 +123,17 @@ class ViltBackbone(Backbone):
         return out.pooler_output
 
     @torch.no_grad()
-    def first_layer_query(self, batch: dict) -> torch.Tensor:
-        """Mean of the first encoder layer's normalised input: adapter-free and cheap."""
+    def first_layer_queries(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_v, q_t): per-modality means of the first encoder layer's normalised input, the
+        queries DeLo's first routers see. No adapter acts before them: cheap and frozen."""
+        from delo_dist.models.adapters import masked_mean
         self._text_len = batch["input_ids"].shape[1]
-        emb, mask = self.vilt.embeddings(
+        emb, _ = self.vilt.embeddings(
             batch["input_ids"], batch["attention_mask"], None, batch["pixel_values"],
             torch.ones_like(batch["pixel_values"][:, 0], dtype=torch.long), None, None,
-            image_token_type_idx=1)
+            image_token_type_idx=1)  # the hook has marked text and image tokens in ctx
         h = self.vilt.encoder.layer[0].layernorm_before(emb)
-        m = mask.to(h.dtype).unsqueeze(-1)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1)
+        return masked_mean(h, self.ctx.image_tokens), masked_mean(h, self.ctx.text_tokens)
 
 
 def _labels(samples: list[dict]):

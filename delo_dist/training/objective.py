@@ -44,7 +44,10 @@ def objective(forward, model, batch: dict, k: int, method_cfg, epoch: int,
 
 
 def update_task_key(model, batch: dict, k: int) -> None:
-    """EMA of the global batch-mean query, outside autograd, equal on all ranks (Eq. 7)."""
-    q = model.key_query(batch)
-    q_sum = dist.all_reduce_sum(torch.cat([q.sum(0), q.new_tensor([q.shape[0]])]).float())
-    model.task_keys.update(k, (q_sum[:-1] / q_sum[-1]).to(q.dtype))
+    """EMA of the global batch-mean queries per modality, outside autograd, equal on all
+    ranks (Eq. 7): sums and counts are all-reduced before the division."""
+    q, present = model.key_query(batch)                       # (B, M, d), (B, M)
+    w = present.unsqueeze(-1).to(q.dtype)
+    packed = torch.cat([(q * w).sum(0), w.sum(0)], dim=-1).float()   # (M, d + 1)
+    packed = dist.all_reduce_sum(packed)
+    model.task_keys.update(k, packed[:, :-1], packed[:, -1])
