@@ -112,3 +112,26 @@ def test_launch_and_recipe_disagreements_are_refused(shards, tmp_path):
            *tiny_overrides(shards, tmp_path / "x", **{"distributed.engine": "deepspeed"})]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "needs 2 or more processes" in done.stderr
+
+
+def test_zero2_resumes_mid_session_from_its_partitioned_state(shards, tmp_path):
+    """A mid-session checkpoint under ZeRO-2 (each rank's partition of the AdamW state in
+    safetensors) restarts the session where it stopped and ends exactly where the
+    uninterrupted run ended."""
+    import shutil
+    extra = {"data.sessions": 2, "train.epochs": 3, "train.checkpoint_every": 5}
+    launch(2, tiny_overrides(shards, tmp_path / "full", **extra))
+    ckpt = tmp_path / "full" / "checkpoints" / "latest_step"
+    assert {p.name for p in ckpt.iterdir()} >= {"engine-rank0.safetensors", "engine-rank1.safetensors"}
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["mid_session"] and state["session"] == 1
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")       # as if killed at that step
+    (tmp_path / "cut" / "metrics.json").unlink()
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "session_01")
+    (tmp_path / "cut" / "checkpoints" / "latest").write_text("latest_step")
+    done = launch(2, tiny_overrides(shards, tmp_path / "cut", **extra))
+    assert "resuming from" in done.stdout
+    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
+    for key in ("accuracy_matrix", "oracle_matrix", "routing_matrix", "ap", "fg"):
+        assert a[key] == b[key], key
+    assert [s["train_loss"] for s in a["sessions"]] == [s["train_loss"] for s in b["sessions"]]

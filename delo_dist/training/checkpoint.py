@@ -2,7 +2,8 @@
 
     <output_dir>/checkpoints/<tag>/model.safetensors        adapters, heads, task keys (by name)
     <output_dir>/checkpoints/<tag>/engine-rank<r>.safetensors + .json   optimiser/scheduler
-    <output_dir>/checkpoints/<tag>/state.json               progress, metrics so far, RNG
+    <output_dir>/checkpoints/<tag>/state.json               progress, metrics so far, Python RNG
+    <output_dir>/checkpoints/<tag>/rng-rank<r>.safetensors  torch RNG of each rank
     <output_dir>/checkpoints/latest                         name of the newest complete tag
 A checkpoint is written into `<tag>.tmp`, renamed when every rank has written its part, and
 only then named in `latest`: a job killed while saving leaves the previous one in force.
@@ -37,6 +38,15 @@ def _flatten(obj, tensors: dict, path: str):
     raise TypeError(f"checkpoint: cannot store a {type(obj).__name__} at {path}")
 
 
+def storable(obj) -> bool:
+    """Whether `obj` is made of tensors, numbers, strings, lists and dicts only."""
+    try:
+        _flatten(obj, {}, "probe")
+        return True
+    except TypeError:
+        return False
+
+
 def _unflatten(obj, tensors: dict):
     if isinstance(obj, dict) and "__tensor__" in obj:
         return tensors[obj["__tensor__"]]
@@ -65,6 +75,7 @@ def save(out_dir: Path, tag: str, model, engine, state: dict, include_backbone: 
         tmp.mkdir(parents=True)
     dist.barrier()
     r = dist.rank()
+    save_file({"torch_rng": torch.get_rng_state()}, str(tmp / f"rng-rank{r}.safetensors"))
     if engine is not None:
         tensors: dict = {}
         skeleton = _flatten(engine.state(), tensors, "e")
@@ -72,7 +83,6 @@ def save(out_dir: Path, tag: str, model, engine, state: dict, include_backbone: 
         (tmp / f"engine-rank{r}.json").write_text(json.dumps(skeleton))
     if r == 0:
         save_file(model_tensors(model, include_backbone), str(tmp / "model.safetensors"))
-        save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         state = {**state, "python_rng": _flatten(random.getstate(), {}, "py")}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     dist.barrier()
@@ -100,7 +110,9 @@ def load_state(path: Path) -> dict:
     if py is not None:
         v = _unflatten(py, {})
         random.setstate((v[0], tuple(v[1]), v[2]))
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch_rng"])
+    mine = path / f"rng-rank{dist.rank()}.safetensors"   # each rank's own stream
+    rng = mine if mine.is_file() else path / "rng-rank0.safetensors"  # a different world size
+    torch.set_rng_state(load_file(str(rng))["torch_rng"])
     return state
 
 

@@ -108,11 +108,20 @@ class DeepSpeedEngine:
         return _state_bytes(inner)
 
     def state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """ZeRO's optimizer state without its Python objects (the loss scaler): checkpoints
+        hold tensors and JSON only, and loading takes those objects from the fresh engine."""
+        from delo_dist.training.checkpoint import storable
+        sd = self.optimizer.state_dict()
+        return {"optimizer": {k: v for k, v in sd.items() if storable(v)},
+                "scheduler": self.scheduler.state_dict()}
 
     def load_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict([state["optimizer"]] if hasattr(self.optimizer, "partition_count")
-                                       else state["optimizer"])
+        merged = {**self.optimizer.state_dict(), **state["optimizer"]}
+        if hasattr(self.optimizer, "partition_count"):  # ZeRO 1/2: one entry per data-parallel rank
+            import torch.distributed as tdist
+            self.optimizer.load_state_dict([merged] * tdist.get_world_size())
+        else:
+            self.optimizer.load_state_dict(merged)
         self.scheduler.load_state_dict(state["scheduler"])
 
     def destroy(self) -> None:
