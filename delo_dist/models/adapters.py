@@ -3,7 +3,7 @@
 `AdaptedLinear` keeps the frozen `base` linear and one adapter module per session in a
 ModuleDict (the PEFT pattern, keyed by session). Per forward it:
   1. computes each sample's modality queries q_v, q_t = mean of that modality's tokens in
-     its input (the backbone marked the tokens in the context);
+     its input (the backbone marked the tokens in the context), once per layer input;
   2. applies the cross-modal guide: a sample missing its text routes the text pool with q_v,
      one missing its image routes the visual pool with q_t (and the consistency loss can ask
      for the same substitution on complete samples through `ctx.proxy`);
@@ -36,11 +36,29 @@ class RoutingContext:
     record: bool = False
     queries: list = field(default_factory=list)   # (q_v, q_t) per adapted linear, if record
     naive: bool = False                           # benchmark only: materialise per-sample dW
+    cached_input: Optional[torch.Tensor] = None   # query, key and value share one input:
+    cached_queries: Optional[tuple] = None        # their modality means are computed once
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(x.dtype).unsqueeze(-1)
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def modality_queries(ctx: RoutingContext, x: torch.Tensor):
+    """(q_v, q_t, q_all) for a layer input, once per input tensor: the linears that share it
+    (query, key, value) reuse the result, and only its first computation is recorded."""
+    if ctx.cached_input is x:
+        return ctx.cached_queries
+    m_v, m_t = ctx.image_tokens.to(x.dtype), ctx.text_tokens.to(x.dtype)   # (B, N)
+    s_v, s_t = torch.einsum("bn,bnd->bd", m_v, x), torch.einsum("bn,bnd->bd", m_t, x)
+    n_v, n_t = m_v.sum(1, keepdim=True), m_t.sum(1, keepdim=True)
+    queries = (s_v / n_v.clamp(min=1.0), s_t / n_t.clamp(min=1.0),
+               (s_v + s_t) / (n_v + n_t).clamp(min=1.0))
+    ctx.cached_input, ctx.cached_queries = x, queries
+    if ctx.record:
+        ctx.queries.append(queries[:2])
+    return queries
 
 
 def routing_queries(ctx: RoutingContext, q_v: torch.Tensor, q_t: torch.Tensor):
@@ -78,11 +96,7 @@ class AdaptedLinear(nn.Module):
             return y
         if not getattr(self.sessions[self.session_names[0]], "uses_queries", True):
             return y + self._per_session(x, y, None, None, None)  # static LoRA: no routing
-        q_v = masked_mean(x, ctx.image_tokens)
-        q_t = masked_mean(x, ctx.text_tokens)
-        q_all = masked_mean(x, ctx.image_tokens | ctx.text_tokens)
-        if ctx.record:
-            ctx.queries.append((q_v, q_t))
+        q_v, q_t, q_all = modality_queries(ctx, x)
         route_v, route_t = routing_queries(ctx, q_v, q_t)
         return y + self._per_session(x, y, route_v, route_t, q_all)
 

@@ -78,6 +78,7 @@ class ContinualModel(nn.Module):
         c = self.ctx
         c.missing_text, c.missing_image = batch["missing_text"], batch["missing_image"]
         c.proxy, c.record, c.queries = proxy, record, []
+        c.cached_input = c.cached_queries = None
 
     def forward(self, batch: dict, session: int, proxy=None, record: bool = False):
         """Training forward on one session: logits over that session's classes."""

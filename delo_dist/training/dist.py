@@ -35,8 +35,3 @@ def all_gather_objects(obj) -> list:
 def barrier() -> None:
     if active():
         dist.barrier()
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank if any rank says True: ranks must agree to stop."""
-    return bool(all_reduce_sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)

@@ -31,7 +31,9 @@ def supervised_loss(logits: torch.Tensor, batch: dict, local_index: torch.Tensor
         return F.binary_cross_entropy_with_logits(logits, target)
     target = local_index[batch["labels"].to(logits.device)]
     if (target < 0).any():
-        raise ValueError("a training label is not one of the active session's classes")
+        bad = [batch["keys"][i] for i in (target < 0).nonzero().squeeze(1).tolist()]
+        raise ValueError(f"samples {bad[:3]} carry labels outside the active session's classes "
+                         "(check the manifest's session -> classes)")
     return F.cross_entropy(logits, target)
 
 

@@ -236,7 +236,7 @@ class Trainer:
                     if global_step % t.log_every == 0:
                         self.tracker.log_metrics({"step/loss": parts["loss"], "step/lr": engine.lr()},
                                                  global_step)
-                stop = dist.any_rank(self.stop_requested)
+                stop = self.stop_agreed  # reduced with the step's losses: every rank agrees
                 due = t.checkpoint_every and global_step % t.checkpoint_every == 0
                 if stop or due:
                     self.save(tag="latest_step", session=k, epoch=epoch, step=i + 1,
@@ -272,10 +272,13 @@ class Trainer:
         engine.backward(loss)
         engine.step()
         update_task_key(self.model, batch, k)
-        # Log global means (rank 0 alone would report its own slice of the batch).
+        # One reduction: global means of the loss parts (rank 0 alone would report its own
+        # slice of the batch) and whether any rank was asked to stop.
         names = sorted(parts)
-        means = dist.all_reduce_sum(torch.tensor([parts[n] for n in names], dtype=torch.float64))
-        return {n: v / self.world for n, v in zip(names, means.tolist())}
+        packed = [parts[n] for n in names] + [1.0 if self.stop_requested else 0.0]
+        sums = dist.all_reduce_sum(torch.tensor(packed, dtype=torch.float64)).tolist()
+        self.stop_agreed = sums[-1] > 0
+        return {n: v / self.world for n, v in zip(names, sums)}
 
     # ================================================================ evaluation
     def evaluate_checkpoint(self, path: Path) -> None:
@@ -332,20 +335,17 @@ class Trainer:
         self._log_session(k, info)
 
     def _score(self, rows: list, session: int) -> tuple[float, float, float]:
-        routing = float(np.mean([r[4] == session for r in rows]))
+        """rows: (key, label, pred, oracle pred, routed) -> performance, oracle, routing."""
         if self.multilabel:
-            n = self.manifest["num_classes"]
-            classes = self.manifest["sessions"][session]["classes"]
-            labels = M.multi_hot([r[1] for r in rows], n)
-            perf = M.macro_f1(M.multi_hot([r[2] for r in rows], n), labels, classes)
-            oracle = M.macro_f1(M.multi_hot([r[3] for r in rows], n), labels, classes) \
-                if rows and rows[0][3] is not None else float("nan")
-            return perf, oracle, routing
-        labels = torch.tensor([r[1] for r in rows])
-        perf = M.accuracy(torch.tensor([r[2] for r in rows]), labels)
-        oracle = M.accuracy(torch.tensor([r[3] for r in rows]), labels) \
-            if rows and rows[0][3] is not None else float("nan")
-        return perf, oracle, routing
+            n, classes = self.manifest["num_classes"], self.manifest["sessions"][session]["classes"]
+            as_tensor = lambda col: M.multi_hot(col, n)                    # noqa: E731
+            metric = lambda pred, y: M.macro_f1(pred, y, classes)         # noqa: E731
+        else:
+            as_tensor, metric = torch.tensor, M.accuracy
+        column = lambda j: as_tensor([r[j] for r in rows])                # noqa: E731
+        labels = column(1)
+        oracle = metric(column(3), labels) if rows and rows[0][3] is not None else float("nan")
+        return metric(column(2), labels), oracle, float(np.mean([r[4] == session for r in rows]))
 
     def _log_session(self, k: int, info: dict) -> None:
         scalars = {n: v for n, v in info.items() if isinstance(v, (int, float)) and n != "session"}
