@@ -291,3 +291,26 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+# Keys that cannot change what a run computes: a relaunch may change them, and comparisons
+# ignore them when they group runs. A trailing ".*" covers a whole section. The seed is a
+# results key; comparisons treat it as the axis they average over. data.shards is a path:
+# the data's identity is the manifest's hash, which the trainer records.
+RESULT_NEUTRAL_KEYS = (
+    "name", "output_dir", "data.shards", "data.num_workers", "eval.batch_size",
+    "eval.checkpoint", "train.log_every", "train.checkpoint_every", "tracking.*",
+    "distributed.engine",
+)
+
+
+def result_neutral(key: str) -> bool:
+    """True if the dotted recipe key cannot change results (see RESULT_NEUTRAL_KEYS)."""
+    return any(key == k or (k.endswith(".*") and key.startswith(k[:-1]))
+               for k in RESULT_NEUTRAL_KEYS)
+
+
+def recipe_diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """Flattened keys whose values differ between two recipe trees: {key: (old, new)}."""
+    a, b = flatten(old), flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
