@@ -45,6 +45,11 @@ class DataConfig:
     shuffle_buffer: int = 256
     num_workers: int = 0
     sessions: Optional[int] = None          # train only the first N sessions (None: all)
+    # Undecodable samples are skipped and reported (key, shard). A test split scores the
+    # model: any skip changes the metric, so by default none is allowed. A train split may
+    # lose up to this fraction of its samples (rounded down) before the job stops.
+    max_bad_samples: int = 0
+    max_bad_train_fraction: float = 0.01
 
 
 @dataclass
@@ -245,6 +250,9 @@ def validate(r: Recipe, src: str) -> None:
     _check(d.shuffle_buffer >= 1, src, "data.shuffle_buffer", "an int >= 1", d.shuffle_buffer)
     _check(d.num_workers >= 0, src, "data.num_workers", "an int >= 0", d.num_workers)
     _check(d.sessions is None or d.sessions >= 1, src, "data.sessions", "null or an int >= 1", d.sessions)
+    _check(d.max_bad_samples >= 0, src, "data.max_bad_samples", "an int >= 0", d.max_bad_samples)
+    _check(0.0 <= d.max_bad_train_fraction <= 1.0, src, "data.max_bad_train_fraction",
+           "a fraction in [0, 1]", d.max_bad_train_fraction)
     if not d.make_synthetic:
         _check((Path(d.shards) / "manifest.json").is_file(), src, "data.shards",
                "a folder with manifest.json (prepare it, or set data.make_synthetic=true)", d.shards)

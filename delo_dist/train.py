@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from delo_dist.training.stopping import die_with_parent
+    die_with_parent()  # a launcher that dies (SIGTERM/SIGKILL) takes no trainer with it as an orphan
     try:
         recipe = load_recipe(argv[0], argv[1:])
     except RecipeError as e:
