@@ -72,6 +72,8 @@ class SessionStream(IterableDataset):
         self.bad = []
         for raw in self._ordered():
             shard = self._shard(raw.get("__url__", "?"))
+            if "json" not in raw or not ("jpg" in raw or "txt" in raw):
+                continue  # members lost (a cut tar): not a sample; the count below stops the job
             seen[shard] = seen.get(shard, 0) + 1
             problem = sample_problem(raw)
             if problem is None:
@@ -171,8 +173,6 @@ class SessionStream(IterableDataset):
 def sample_problem(raw: dict) -> str | None:
     """Why a raw sample cannot be used, or None. Cheap: the JPEG header is parsed and its end
     marker checked, its pixels are not decoded (the collate does that once)."""
-    if "json" not in raw or not ("jpg" in raw or "txt" in raw):
-        return f"incomplete sample, members {sorted(k for k in raw if not k.startswith('__'))}"
     try:
         meta = json.loads(raw["json"])
         if "label" not in meta or "session" not in meta:
