@@ -29,6 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         print(f"recipe error: {e}", file=sys.stderr)
         return 2
+    if recipe.eval.checkpoint is None and os.environ.get("WORLD_SIZE", "1") == "1":
+        # One process: probe the tracking server before the heavy imports (the trainer probes
+        # again after the ranks have met, where several processes must agree to stop).
+        from delo_dist.tracking import TrackingUnreachable, probe, resolve_uri
+        try:
+            probe(resolve_uri(recipe))
+        except TrackingUnreachable as e:
+            print(f"tracking error: {e}", file=sys.stderr)
+            return 2
     from delo_dist.training.trainer import LaunchError, Trainer
     try:
         return Trainer(recipe).run()

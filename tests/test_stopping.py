@@ -33,19 +33,22 @@ def launcher(config: str, overrides: list[str]) -> list[str]:
 
 
 def term_the_launcher_mid_session(cmd: list[str], out, trainers: int):
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    out.mkdir(parents=True)
+    log_path = out.parent / f"{out.name}.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log_file, stderr=subprocess.STDOUT)
     marker = out / "checkpoints" / "session_00" / "state.json"
-    deadline = time.time() + 300
+    deadline = time.time() + 900
     while not marker.exists():                       # session 1 is training now
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
         time.sleep(0.1)
     children = [c for c in psutil.Process(proc.pid).children(recursive=True)
                 if "delo_dist/train.py" in " ".join(c.cmdline())]
     assert len(children) == trainers
     proc.send_signal(signal.SIGTERM)
-    log = proc.communicate(timeout=120)[0]
-    gone, alive = psutil.wait_procs(children, timeout=120)
+    proc.wait(timeout=120)
+    gone, alive = psutil.wait_procs(children, timeout=180)
+    log = log_path.read_text()
     assert not alive, f"orphaned trainers: {[p.pid for p in alive]}\n{log[-3000:]}"
     return log
 
@@ -79,7 +82,7 @@ def test_sigterm_to_the_one_process_launcher(shards, tmp_path):
 
 def test_sigterm_to_the_two_process_deepspeed_launcher(shards, tmp_path):
     out = tmp_path / "killed"
-    overrides = tiny_overrides(shards, out, **{"data.sessions": 2, "train.epochs": 6})
+    overrides = tiny_overrides(shards, out, **{"data.sessions": 2, "train.epochs": 3})
     term_the_launcher_mid_session(launcher("cpu_2proc_zero2.yaml", overrides), out, trainers=2)
     assert (out / "PREEMPTED").is_file()
     state = json.loads((out / "checkpoints" / "latest_step" / "state.json").read_text())
