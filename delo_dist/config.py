@@ -7,6 +7,7 @@ recipe file, the dotted key and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,6 +46,11 @@ class DataConfig:
     shuffle_buffer: int = 256
     num_workers: int = 0
     sessions: Optional[int] = None          # train only the first N sessions (None: all)
+    # Undecodable samples are skipped and reported (key, shard). A test split scores the
+    # model: any skip changes the metric, so by default none is allowed. A train split may
+    # lose up to this fraction of its samples (rounded down) before the job stops.
+    max_bad_samples: int = 0
+    max_bad_train_fraction: float = 0.01
 
 
 @dataclass
@@ -225,11 +231,29 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise RecipeError(f"{src}: not valid YAML: {e}") from e
         if not isinstance(tree, dict):
             raise RecipeError(f"{src}: the top level must be a mapping of keys")
-    for k, v in parse_overrides(overrides or []):
-        _set_dotted(tree, k, v, f"{src} (override {k})")
-    recipe = _build(Recipe, tree, "", src)
-    validate(recipe, src)
+    given = {}
+    for item, (k, v) in zip(overrides or [], parse_overrides(overrides or [])):
+        given[k] = item
+        _set_dotted(tree, k, v, f"command line: override '{item}'")
+    try:
+        recipe = _build(Recipe, tree, "", src)
+        validate(recipe, src)
+    except RecipeError as e:
+        raise _blame_command_line(e, src, given) from None
     return recipe
+
+
+def _blame_command_line(e: RecipeError, src: str, given: dict[str, str]) -> RecipeError:
+    """An error about a key set on the command line names the override, not the recipe file.
+    (Errors are raised as "<src>: key '<dotted>' ...": the key is read back from there.)"""
+    msg = str(e)
+    found = re.search(r"key '([^']+)'", msg)
+    key = found.group(1) if found else None
+    item = given.get(key) or next((it for k, it in given.items()
+                                   if key and key.startswith(k + ".")), None)
+    if item is None or not msg.startswith(src + ": "):
+        return e
+    return RecipeError(f"command line: override '{item}'" + msg[len(src):])
 
 
 def _check(cond: bool, src: str, key: str, expected: str, got: Any) -> None:
@@ -245,6 +269,9 @@ def validate(r: Recipe, src: str) -> None:
     _check(d.shuffle_buffer >= 1, src, "data.shuffle_buffer", "an int >= 1", d.shuffle_buffer)
     _check(d.num_workers >= 0, src, "data.num_workers", "an int >= 0", d.num_workers)
     _check(d.sessions is None or d.sessions >= 1, src, "data.sessions", "null or an int >= 1", d.sessions)
+    _check(d.max_bad_samples >= 0, src, "data.max_bad_samples", "an int >= 0", d.max_bad_samples)
+    _check(0.0 <= d.max_bad_train_fraction <= 1.0, src, "data.max_bad_train_fraction",
+           "a fraction in [0, 1]", d.max_bad_train_fraction)
     if not d.make_synthetic:
         _check((Path(d.shards) / "manifest.json").is_file(), src, "data.shards",
                "a folder with manifest.json (prepare it, or set data.make_synthetic=true)", d.shards)
@@ -269,6 +296,9 @@ def validate(r: Recipe, src: str) -> None:
     _check(r.distributed.zero_stage in (None, 0, 1, 2), src, "distributed.zero_stage",
            "null, 0, 1 or 2 (ZeRO-3 would all-gather the frozen backbone for nothing)",
            r.distributed.zero_stage)
+    _check(not re.match(r"^\w+://[^/@]*:[^/@]*@", r.tracking.uri or ""), src, "tracking.uri",
+           "a URI without credentials (pass MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+           "in the environment)", re.sub(r"://[^/@]*@", "://***@", r.tracking.uri or ""))
     b = r.backbone
     if b.pretrained and (b.pretrained.startswith((".", "/", "~")) or Path(b.pretrained).exists()):
         _check(Path(b.pretrained).expanduser().is_dir(), src, "backbone.pretrained",

@@ -22,11 +22,22 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from delo_dist.training.stopping import die_with_parent
+    die_with_parent()  # a launcher that dies (SIGTERM/SIGKILL) takes no trainer with it as an orphan
     try:
         recipe = load_recipe(argv[0], argv[1:])
     except RecipeError as e:
         print(f"recipe error: {e}", file=sys.stderr)
         return 2
+    if recipe.eval.checkpoint is None and os.environ.get("WORLD_SIZE", "1") == "1":
+        # One process: probe the tracking server before the heavy imports (the trainer probes
+        # again after the ranks have met, where several processes must agree to stop).
+        from delo_dist.tracking import TrackingUnreachable, probe, resolve_uri
+        try:
+            probe(resolve_uri(recipe))
+        except TrackingUnreachable as e:
+            print(f"tracking error: {e}", file=sys.stderr)
+            return 2
     from delo_dist.training.trainer import LaunchError, Trainer
     try:
         return Trainer(recipe).run()

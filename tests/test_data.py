@@ -9,7 +9,9 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
-from delo_dist.data.shards import iter_tar_samples, read_manifest
+import pytest
+
+from delo_dist.data.shards import DataIntegrityError, iter_tar_samples, read_manifest
 from delo_dist.data.stream import SessionStream, make_loader
 from delo_dist.data.synthetic import CUE_ORDER, FLAVOURS, TOPICS, make_synthetic
 from tests.conftest import TINY
@@ -124,7 +126,7 @@ def test_missing_status_reaches_the_batch(shards):
     assert sum(got.values()) == 3
 
 
-def test_a_truncated_tar_is_read_up_to_the_damage_and_counted(shards, tmp_path):
+def test_a_truncated_tar_stops_the_stream_naming_shard_split_and_counts(shards, tmp_path):
     import shutil
     m = read_manifest(shards)
     root = tmp_path / "broken"
@@ -136,5 +138,9 @@ def test_a_truncated_tar_is_read_up_to_the_damage_and_counted(shards, tmp_path):
     cut = member.offset_data + member.size // 2          # inside a member's data, as a
     shard.write_bytes(shard.read_bytes()[:cut])          # killed copy leaves a tar
     s = SessionStream(root, read_manifest(root), 0, "test", 8, identity, {}, train=False)
-    n = sum(len(b) for b in s)
-    assert 0 < n < 32 and s.stats["skipped"] >= 1
+    with pytest.raises(DataIntegrityError) as e:
+        sum(len(b) for b in s)
+    read = int(str(e.value).split(" samples read")[0].split()[-1])
+    assert 0 < read < 32 and "manifest says 32" in str(e.value) and "session 0 test" in str(e.value)
+    first = m['sessions'][0]['splits']['test']['shards'][0]           # 24 samples, 8 in the next
+    assert f"{first}: {read - 8} read, manifest 24" in str(e.value)

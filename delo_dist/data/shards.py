@@ -5,13 +5,17 @@
 
 manifest.json (format "delo-dist/1"):
     dataset, multilabel, num_classes, class_names, image_size,
-    sessions: [{"classes": [global ids], "splits": {split: {"count", "shards", "keys"}}}]
+    sessions: [{"classes": [global ids], "splits": {split: {"count", "shards", "keys", "files"}}}]
+    files: {shard: {"bytes", "sha256", "count"}}: what each tar held when written. The trainer
+    checks sizes on every run (cheap), `python -m delo_dist.data.verify ROOT` the hashes.
+    Manifests written before "files" existed still load; their sizes cannot be checked.
 The json member holds {"label": int | [int, ...], "session": k}; labels are global ids.
 Shards are written to a temporary name and renamed, so a killed writer never leaves a
 half tar that looks whole; the manifest is written last, the same way.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -34,13 +38,15 @@ def write_split(samples: Iterable[dict], root: Path, session: int, split: str,
     """Write dicts {key, jpg (bytes), txt (str), label} into tars; return the split entry."""
     folder = Path(root) / f"session_{session:02d}"
     folder.mkdir(parents=True, exist_ok=True)
-    shards, keys = [], []
+    shards, keys, files = [], [], {}
     writer, tmp, final = None, None, None
 
     def close():
         if writer is not None:
             writer.close()
             os.replace(tmp, final)
+            files[shards[-1]] = {"bytes": final.stat().st_size, "sha256": file_sha256(final),
+                                 "count": len(keys) - sum(f["count"] for f in files.values())}
 
     for s in samples:
         if len(keys) % samples_per_shard == 0:
@@ -58,7 +64,45 @@ def write_split(samples: Iterable[dict], root: Path, session: int, split: str,
         })
         keys.append(s["key"])
     close()
-    return {"count": len(keys), "shards": shards, "keys": keys}
+    return {"count": len(keys), "shards": shards, "keys": keys, "files": files}
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_sha256(root: str | Path) -> str:
+    """The data's identity: the hash of manifest.json (which holds every tar's hash)."""
+    return file_sha256(Path(root) / "manifest.json")
+
+
+def has_file_records(manifest: dict) -> bool:
+    return all("files" in sess["splits"][split] for sess in manifest["sessions"]
+               for split in sess["splits"])
+
+
+def check_sizes(root: str | Path, manifest: dict) -> None:
+    """Every tar has the size the manifest recorded (a cut or grown tar is caught here, before
+    training); manifests without records are let through (the caller says so)."""
+    wrong = []
+    for sess in manifest["sessions"]:
+        for entry in sess["splits"].values():
+            for shard, rec in entry.get("files", {}).items():
+                size = (Path(root) / shard).stat().st_size
+                if size != rec["bytes"]:
+                    wrong.append(f"{shard}: {size} bytes, the manifest says {rec['bytes']}")
+    if wrong:
+        raise DataIntegrityError(f"{Path(root) / 'manifest.json'}: shards changed since they were "
+                                 "written: " + "; ".join(wrong) +
+                                 " (re-prepare them; `python -m delo_dist.data.verify` checks hashes)")
+
+
+class DataIntegrityError(RuntimeError):
+    """Shards disagree with their manifest, or hold samples that cannot be decoded."""
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
@@ -96,6 +140,7 @@ def iter_tar_samples(urls: list[str], counter: dict | None = None) -> Iterator[d
     def handler(exn):
         if counter is not None:
             counter["skipped"] = counter.get("skipped", 0) + 1
-        return True  # keep going
+            counter.setdefault("read_errors", []).append(repr(exn)[:300])
+        return True  # keep going: the stream counts samples against the manifest at the end
 
     yield from wds.tarfile_to_samples(handler=handler)(iter({"url": u} for u in urls))

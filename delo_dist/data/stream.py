@@ -14,9 +14,17 @@ decoding), which is cheap next to JPEG decoding for a session's worth of shards.
 
 Evaluation: sample i of the split goes to rank i % world: each test sample is seen exactly
 once across ranks; `gather` puts the predictions back together.
+
+Integrity: every reader checks every raw sample before batching (JSON parses, the JPEG's
+header parses and its end marker is there: no pixel decoding), so every rank makes the same
+skip decision and batches stay aligned. A bad sample is skipped and recorded with its key
+and shard; more than `max_bad` of them stops the job. At the end of the stream the samples
+read are counted against the manifest, per shard where it records counts: a cut tar or a
+manifest with wrong counts stops the job naming the shard, the split and both counts.
 """
 from __future__ import annotations
 
+import io
 import json
 import random
 from pathlib import Path
@@ -24,25 +32,31 @@ from typing import Callable
 
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from delo_dist.data.shards import iter_tar_samples
+from delo_dist.data.shards import DataIntegrityError, iter_tar_samples
 
 
 class SessionStream(IterableDataset):
     def __init__(self, root: str | Path, manifest: dict, session: int, split: str,
                  batch_size: int, collate: Callable, status: dict[str, int], *,
                  train: bool, rank: int = 0, world: int = 1, seed: int = 0, epoch: int = 0,
-                 shuffle_buffer: int = 256, skip_batches: int = 0):
+                 shuffle_buffer: int = 256, skip_batches: int = 0, max_bad: int = 0,
+                 faults_path: Path | None = None):
         entry = manifest["sessions"][session]["splits"][split]
-        self.urls = [str(Path(root) / s) for s in entry["shards"]]
+        self.root = Path(root)
+        self.urls = [str(self.root / s) for s in entry["shards"]]
         self.count = entry["count"]
+        self.shard_counts = {s: f["count"] for s, f in entry.get("files", {}).items()}
+        self.max_bad, self.faults_path = max_bad, faults_path
         self.session, self.split = session, split
         self.batch_size, self.collate, self.status = batch_size, collate, status
         self.train, self.rank, self.world = train, rank, world
         self.seed, self.epoch, self.shuffle_buffer = seed, epoch, shuffle_buffer
         self.skip_batches = skip_batches   # resume mid-epoch: global batches already trained
-        self.stats = {"skipped": 0}
+        self.stats = {"skipped": 0, "read_errors": []}
+        self.bad: list[dict] = []   # undecodable samples: key, shard, why
 
     def __len__(self) -> int:
         if self.train:
@@ -51,13 +65,59 @@ class SessionStream(IterableDataset):
         return -(-local // self.batch_size)
 
     def _raw(self):
-        """Raw samples in stream order; incomplete ones (a truncated tar) dropped and counted
-        here, before batching, so that every reader drops the same ones."""
+        """Raw samples in stream order, bad ones skipped (the same on every reader), counted
+        against the manifest at the end."""
+        where = f"session {self.session} {self.split}"
+        seen: dict[str, int] = {}
+        self.bad = []
         for raw in self._ordered():
-            if "json" in raw and ("jpg" in raw or "txt" in raw):
+            shard = self._shard(raw.get("__url__", "?"))
+            if "json" not in raw or not ("jpg" in raw or "txt" in raw):
+                continue  # members lost (a cut tar): not a sample; the count below stops the job
+            seen[shard] = seen.get(shard, 0) + 1
+            problem = sample_problem(raw)
+            if problem is None:
                 yield raw
-            else:
-                self.stats["skipped"] += 1
+                continue
+            self.bad.append({"session": self.session, "split": self.split,
+                             "key": raw.get("__key__"), "shard": shard, "error": problem})
+            if len(self.bad) > self.max_bad:
+                raise DataIntegrityError(
+                    f"{where}: sample {raw.get('__key__')} in {self.root / shard} cannot be "
+                    f"decoded ({problem}); {len(self.bad)} bad sample(s) exceed the allowance of "
+                    f"{self.max_bad} for this split (data.max_bad_samples, "
+                    "data.max_bad_train_fraction)")
+        self._check_counts(seen, where)
+        self._report()
+
+    def _shard(self, url: str) -> str:
+        try:
+            return Path(url).relative_to(self.root).as_posix()
+        except ValueError:
+            return url
+
+    def _check_counts(self, seen: dict, where: str) -> None:
+        total = sum(seen.values())
+        wrong = [f"{s}: {seen.get(s, 0)} read, manifest {n}" for s, n in self.shard_counts.items()
+                 if seen.get(s, 0) != n]
+        if total == self.count and not wrong:
+            return
+        errors = "; ".join(self.stats["read_errors"][:3])
+        shards = "; ".join(wrong) if wrong else "shards " + ", ".join(self._shard(u) for u in self.urls)
+        raise DataIntegrityError(
+            f"{where} of {self.root}: {total} samples read, the manifest says {self.count} "
+            f"({shards}){' read errors: ' + errors if errors else ''}. A cut or changed tar, or "
+            "a manifest that does not describe these shards: re-prepare them")
+
+    def _report(self) -> None:
+        """One reader (rank 0, worker 0) writes the bad samples it skipped, for the trainer."""
+        info = get_worker_info()
+        if self.faults_path is None or self.rank != 0 or (info is not None and info.id != 0):
+            return
+        self.faults_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.faults_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.bad))
+        tmp.replace(self.faults_path)
 
     def _ordered(self):
         urls = list(self.urls)
@@ -77,6 +137,14 @@ class SessionStream(IterableDataset):
                 "label": meta["label"], "session": meta["session"],
                 "status": self.status.get(key, 0)}
 
+    def _batch(self, raws: list[dict]) -> dict:
+        try:
+            return self.collate([self._decode(r) for r in raws])
+        except Exception as e:  # the cheap check passed, the decode did not: name the samples
+            names = ", ".join(f"{r['__key__']} ({self._shard(r.get('__url__', '?'))})" for r in raws)
+            raise DataIntegrityError(f"session {self.session} {self.split}: a batch of {names} "
+                                     f"failed to decode: {e!r}") from e
+
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
@@ -87,7 +155,7 @@ class SessionStream(IterableDataset):
                 chunk.append(raw)
                 if len(chunk) == size:  # one global batch
                     if index >= self.skip_batches and (index - self.skip_batches) % nw == wid:
-                        yield self.collate([self._decode(r) for r in chunk[lo:lo + self.batch_size]])
+                        yield self._batch(chunk[lo:lo + self.batch_size])
                     chunk, index = [], index + 1
             return  # the last partial global batch is dropped on every rank alike
         for i, raw in enumerate(self._raw()):
@@ -96,10 +164,30 @@ class SessionStream(IterableDataset):
             chunk.append(raw)
             if len(chunk) == self.batch_size:
                 if index % nw == wid:
-                    yield self.collate([self._decode(r) for r in chunk])
+                    yield self._batch(chunk)
                 chunk, index = [], index + 1
         if chunk and index % nw == wid:
-            yield self.collate([self._decode(r) for r in chunk])
+            yield self._batch(chunk)
+
+
+def sample_problem(raw: dict) -> str | None:
+    """Why a raw sample cannot be used, or None. Cheap: the JPEG header is parsed and its end
+    marker checked, its pixels are not decoded (the collate does that once)."""
+    try:
+        meta = json.loads(raw["json"])
+        if "label" not in meta or "session" not in meta:
+            return "json member without label/session"
+        if "txt" in raw:
+            raw["txt"].decode("utf-8")
+        if "jpg" in raw:
+            with Image.open(io.BytesIO(raw["jpg"])) as img:
+                if img.format != "JPEG":
+                    return f"jpg member is {img.format}, not JPEG"
+            if not raw["jpg"].rstrip(b"\0").endswith(b"\xff\xd9"):
+                return "JPEG without its end marker (truncated)"
+    except Exception as e:  # noqa: BLE001 - any failure to parse makes the sample unusable
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def make_loader(stream: SessionStream, num_workers: int = 0) -> DataLoader:

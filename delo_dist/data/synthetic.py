@@ -17,6 +17,7 @@ Deterministic for a seed.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 from pathlib import Path
@@ -81,7 +82,10 @@ def make_synthetic(out: str | Path, sessions: int = 4, classes_per_session: int 
                    train_per_class: int = 48, val_per_class: int = 8, test_per_class: int = 24,
                    image_size: int = 64, samples_per_shard: int = 200, seed: int = 0,
                    progress: bool = True) -> Path:
+    settings = {k: v for k, v in locals().items() if k not in ("out", "progress")}
     out = Path(out)
+    if synthetic_folder_ready(out, settings):
+        return out
     n_codes = math.ceil(classes_per_session / 2)
     if sessions > len(TOPICS) or sessions * n_codes > len(FLAVOURS):
         raise ValueError(f"synthetic: at most {len(TOPICS)} sessions and "
@@ -119,9 +123,35 @@ def make_synthetic(out: str | Path, sessions: int = 4, classes_per_session: int 
         "dataset": "synthetic", "multilabel": False,
         "num_classes": sessions * classes_per_session, "class_names": class_names,
         "image_size": image_size, "sessions": manifest_sessions,
-        "source": {"generator": "delo_dist.data.synthetic", "seed": seed},
+        "source": {"generator": GENERATOR, "seed": seed, "settings": settings},
     })
     return out
+
+
+GENERATOR = "delo_dist.data.synthetic"
+
+
+def synthetic_folder_ready(out: Path, settings: dict) -> bool:
+    """True if `out` already holds this benchmark made with these settings; False if it is
+    absent or empty (write it). Anything else is not ours to overwrite: an error."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return False
+    manifest = out / "manifest.json"
+    source = {}
+    if manifest.is_file():
+        try:
+            source = json.loads(manifest.read_text()).get("source", {})
+        except ValueError:
+            pass
+    if source.get("generator") != GENERATOR:
+        raise FileExistsError(f"{out}: not empty and not a synthetic benchmark made by this project: "
+                              "refusing to write synthetic data into it (point data.shards / --out "
+                              "at an absent or empty folder)")
+    if source.get("settings") != settings:
+        raise FileExistsError(f"{out}: holds a synthetic benchmark made with other settings "
+                              f"({source.get('settings', 'not recorded')}, asked for {settings}): "
+                              "use another folder, or delete this one to remake it")
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,10 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples-per-shard", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    out = make_synthetic(a.out, a.sessions, a.classes_per_session, a.train_per_class,
-                         a.val_per_class, a.test_per_class, a.image_size, a.samples_per_shard,
-                         a.seed)
-    print(f"wrote {out}/manifest.json")
+    try:
+        out = make_synthetic(a.out, a.sessions, a.classes_per_session, a.train_per_class,
+                             a.val_per_class, a.test_per_class, a.image_size,
+                             a.samples_per_shard, a.seed)
+    except FileExistsError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"{out}/manifest.json ready")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@ the test split of every session seen so far, log, and checkpoint.
 
 Phases, top-down: `setup` (distributed state, data, model, tracker, resume), `run`
 (sessions), `finish` (metrics.json, heatmap, artefacts). A SIGTERM or SIGUSR1 (what Slurm
-sends before preemption or the time limit) makes every rank agree to stop after the
-current step, write a checkpoint and exit with EXIT_PREEMPTED; relaunched with the same
-output dir, the job resumes from it, in the same MLflow run.
+sends before preemption or the time limit) or SIGINT makes every rank agree to stop after
+the current step, write a checkpoint, leave `<output_dir>/PREEMPTED` and exit with
+EXIT_PREEMPTED; relaunched with the same output dir and recipe, the job resumes from it, in
+the same MLflow run. Before any work the main rank takes the output folder's lock, checks
+the run identity (run_identity.py) and probes the tracking server; every rank stops if any
+of that fails.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import json
 import os
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -24,14 +28,16 @@ from tqdm import tqdm
 from delo_dist import metrics as M
 from delo_dist.config import Recipe, to_dict
 from delo_dist.data.missing import MissingSpec, missing_table, table_summary
-from delo_dist.data.shards import read_manifest
+from delo_dist.data.shards import check_sizes, has_file_records, manifest_sha256, read_manifest
 from delo_dist.data.stream import SessionStream, make_loader
 from delo_dist.models.continual import ContinualModel
 from delo_dist.plots import accuracy_heatmap
-from delo_dist.tracking import Tracker
-from delo_dist.training import checkpoint, dist
+from delo_dist.tracking import Tracker, TrackingUnreachable, probe, resolve_uri
+from delo_dist.training import checkpoint, dist, run_identity, stopping
 from delo_dist.training.engines import DeepSpeedEngine, TorchEngine
 from delo_dist.training.objective import objective, update_task_key
+from delo_dist.training.run_identity import RunIdentityError
+from delo_dist.training.run_lock import RunLock, RunLockError
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, relaunch to resume
 
@@ -52,11 +58,12 @@ class Trainer:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.stop_requested = False
+        self.already_finished = False
 
     # ================================================================ setup
     def setup(self) -> None:
         r = self.recipe
-        for sig in (signal.SIGTERM, signal.SIGUSR1):  # first: a stop during setup is not lost
+        for sig in stopping.STOP_SIGNALS:  # first: a stop during setup is not lost
             signal.signal(sig, self._on_signal)
         from accelerate import Accelerator
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -69,8 +76,18 @@ class Trainer:
         torch.manual_seed(r.seed)
         self.out = Path(r.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        evaluating = r.eval.checkpoint is not None  # evaluation only: no run, no resume
+        self.lock = RunLock(self.out)
+        self._agree(self._preflight, evaluating)
 
         self.manifest = self._data()
+        self.manifest_sha = manifest_sha256(r.data.shards)
+        check_sizes(r.data.shards, self.manifest)
+        if not evaluating:
+            self._agree(self._record_identity)
+            self.already_finished = dist.all_gather_objects(self.already_finished)[0]  # main's word
+        if self.already_finished:
+            return
         self.multilabel = bool(self.manifest.get("multilabel"))
         sessions = self.manifest["sessions"]
         self.n_sessions = min(len(sessions), r.data.sessions or len(sessions))
@@ -83,11 +100,46 @@ class Trainer:
         torch.manual_seed(r.seed)  # the tiny random backbone is the same on every rank and resume
         self.model = ContinualModel(r, [s["classes"] for s in sessions[:self.n_sessions]],
                                     self.manifest["num_classes"], self.multilabel).to(self.device)
-        evaluating = r.eval.checkpoint is not None  # evaluation only: no run, no resume
-        self.tracker = Tracker(r, enabled=self.main and not evaluating)
+        self.tracker = Tracker(r, enabled=self.main and not evaluating,
+                               manifest_sha256=self.manifest_sha)
         self.result = {"accuracy_matrix": [], "oracle_matrix": [], "routing_matrix": [],
                        "sessions": []}
         self.resume = None if evaluating else self._resume()
+
+    def _agree(self, step, *args) -> None:
+        """Run a main-rank check; every rank raises if it failed (no rank left waiting)."""
+        error = None
+        if self.main:
+            try:
+                step(*args)
+            except (RunLockError, RunIdentityError, TrackingUnreachable, FileExistsError) as e:
+                error = str(e)
+        errors = [e for e in dist.all_gather_objects(error) if e]
+        if errors:
+            raise LaunchError(errors[0])
+
+    def _preflight(self, evaluating: bool) -> None:
+        """Main rank, before any work: the folder's lock, its recorded recipe, the tracker."""
+        note = self.lock.acquire()
+        if note:
+            print(note, flush=True)
+        if not evaluating:
+            neutral = run_identity.check_recipe(self.out, to_dict(self.recipe))
+            if neutral:
+                print("continuing this output folder's run; result-neutral keys differ "
+                      "(allowed): " + "; ".join(neutral), flush=True)
+            probe(resolve_uri(self.recipe))
+
+    def _record_identity(self) -> None:
+        """Main rank, data in hand: same data as the folder's run? Then record the identity."""
+        run_identity.check_data(self.out, self.manifest_sha)
+        if (self.out / "metrics.json").is_file():
+            self.already_finished = True   # nothing to train, nothing to rewrite
+            return
+        run_identity.record(self.out, to_dict(self.recipe), self.manifest_sha)
+        if not has_file_records(self.manifest):
+            print(f"{self.recipe.data.shards}/manifest.json records no tar sizes (written by an "
+                  "older version): sizes could not be checked; re-prepare to get them", flush=True)
 
     def _engine_kind(self) -> str:
         kind = self.recipe.distributed.engine
@@ -120,14 +172,17 @@ class Trainer:
         d = self.recipe.data
         root = Path(d.shards)
         if d.make_synthetic and not (root / "manifest.json").is_file():
-            if self.main:
-                from delo_dist.data.synthetic import make_synthetic
-                s = d.synthetic
-                make_synthetic(root, s.sessions, s.classes_per_session, s.train_per_class,
-                               s.val_per_class, s.test_per_class, s.image_size,
-                               s.samples_per_shard, s.seed, progress=True)
-            dist.barrier()
+            self._agree(self._make_synthetic, root)
         return read_manifest(root)
+
+    def _make_synthetic(self, root: Path) -> None:
+        from delo_dist.data.synthetic import make_synthetic
+        print(f"data.shards={root} has no manifest.json: making the synthetic benchmark there "
+              "(data.make_synthetic=true)", flush=True)
+        s = self.recipe.data.synthetic
+        make_synthetic(root, s.sessions, s.classes_per_session, s.train_per_class,
+                       s.val_per_class, s.test_per_class, s.image_size,
+                       s.samples_per_shard, s.seed, progress=sys.stderr.isatty())
 
     def _missing_tables(self) -> dict:
         d = self.recipe.data
@@ -143,6 +198,8 @@ class Trainer:
 
     def _resume(self) -> dict | None:
         path = checkpoint.latest(self.out)
+        if self.main:
+            stopping.clear_marker(self.out)
         if path is None:
             return None
         checkpoint.load_model(path, self.model)
@@ -162,6 +219,11 @@ class Trainer:
         start = time.time()
         try:
             self.setup()
+            if self.already_finished:
+                if self.main:
+                    print(f"{self.out} holds a finished run of this recipe "
+                          f"({self.out / 'metrics.json'}): nothing to do", flush=True)
+                return 0
             self.tracker.log_params({f"missing.{k}.{f}": v for k, s in self.missing_summary.items()
                                      for f, v in s.items() if f in ("hash", "complete")})
             if self.recipe.eval.checkpoint:
@@ -173,10 +235,14 @@ class Trainer:
                 if len(self.result["accuracy_matrix"]) > k:
                     continue  # this session was trained and evaluated before the restart
                 if not self.train_session(k):
+                    if self.main:
+                        line = stopping.mark_preempted(self.out, self.out / "checkpoints" / "latest_step")
+                        print(line, flush=True)
                     self.tracker.end("KILLED")
                     return EXIT_PREEMPTED
                 self.evaluate_session(k)
                 self.save(tag=f"session_{k:02d}", session=k + 1, epoch=0, step=0, engine=None)
+                self.tracker.flush()   # records buffered while the server was unreachable
             self.finish(time.time() - start)
             self.tracker.end("FINISHED")
             return 0
@@ -184,14 +250,20 @@ class Trainer:
             if getattr(self, "tracker", None) is not None:
                 self.tracker.end("FAILED")
             raise
+        finally:
+            if getattr(self, "lock", None) is not None:
+                self.lock.release()
 
     def _stream(self, k: int, split: str, train: bool, epoch: int = 0, skip: int = 0):
         r = self.recipe
+        count = self.manifest["sessions"][k]["splits"][split]["count"]
+        max_bad = int(r.data.max_bad_train_fraction * count) if train else r.data.max_bad_samples
         stream = SessionStream(
             r.data.shards, self.manifest, k, split,
             r.train.batch_size if train else r.eval.batch_size, self.model.backbone.collate,
             self.tables.get((k, split), {}), train=train, rank=self.rank, world=self.world,
-            seed=r.seed, epoch=epoch, shuffle_buffer=r.data.shuffle_buffer, skip_batches=skip)
+            seed=r.seed, epoch=epoch, shuffle_buffer=r.data.shuffle_buffer, skip_batches=skip,
+            max_bad=max_bad, faults_path=self.out / "data_faults" / f"s{k:02d}-{split}.json")
         return stream, make_loader(stream, r.data.num_workers)
 
     def _build_engine(self, params: dict, total_steps: int):
@@ -224,7 +296,7 @@ class Trainer:
         for epoch in range(epoch0, t.epochs):
             _, loader = self._stream(k, "train", True, epoch, skip=step0 if epoch == epoch0 else 0)
             bar = tqdm(loader, desc=f"session {k} epoch {epoch + 1}/{t.epochs}",
-                       disable=not self.main, leave=False)
+                       disable=not (self.main and sys.stderr.isatty()), leave=False)
             for i, batch in enumerate(bar, start=step0 if epoch == epoch0 else 0):
                 parts = self.train_step(engine, to_device(batch, self.device), k, epoch)
                 for name, v in parts.items():
@@ -236,6 +308,9 @@ class Trainer:
                     if global_step % t.log_every == 0:
                         self.tracker.log_metrics({"step/loss": parts["loss"], "step/lr": engine.lr()},
                                                  global_step)
+                        if bar.disable:  # a log file, not a terminal: one plain line, no frames
+                            print(f"session {k} epoch {epoch + 1}/{t.epochs} step {i + 1}/"
+                                  f"{steps_per_epoch} loss {parts['loss']:.3f}", flush=True)
                 stop = self.stop_agreed  # reduced with the step's losses: every rank agrees
                 due = t.checkpoint_every and global_step % t.checkpoint_every == 0
                 if stop or due:
@@ -303,7 +378,8 @@ class Trainer:
         for i in range(seen):
             _, loader = self._stream(i, "test", train=False)
             local = []
-            for batch in tqdm(loader, desc=f"eval S{i} of {seen}", disable=not self.main, leave=False):
+            for batch in tqdm(loader, desc=f"eval S{i} of {seen}", leave=False,
+                              disable=not (self.main and sys.stderr.isatty())):
                 batch = to_device(batch, self.device)
                 out = self.model.predict(batch, seen, oracle)
                 labels = batch["labels"]
@@ -331,8 +407,21 @@ class Trainer:
                 "oracle_ap": M.average_performance(res["oracle_matrix"]),
                 "oracle_fg": M.forgetting(res["oracle_matrix"]),
                 "mean_routing_accuracy": float(np.mean(routing_row))}
+        bad = self._bad_samples(session=k)
+        info["bad_samples"] = len(bad)
+        if bad and self.main:
+            print(f"session {k}: skipped {len(bad)} undecodable sample(s): " + "; ".join(
+                f"{b['split']} {b['key']} in {b['shard']} ({b['error']})" for b in bad[:5]), flush=True)
         res["sessions"].append(info)
         self._log_session(k, info)
+
+    def _bad_samples(self, session: int | None = None) -> list[dict]:
+        """Samples the streams skipped as undecodable (key, shard, why), from their reports."""
+        found = []
+        for path in sorted((self.out / "data_faults").glob("s*.json")):
+            found += [b for b in json.loads(path.read_text())
+                      if session is None or b["session"] == session]
+        return found
 
     def _score(self, rows: list, session: int) -> tuple[float, float, float]:
         """rows: (key, label, pred, oracle pred, routed) -> performance, oracle, routing."""
@@ -390,10 +479,10 @@ class Trainer:
             "routing_accuracy": float(np.mean(res["routing_matrix"][-1])),
             "chance": None if self.multilabel else 1.0 / seen_classes,
             "sessions": res["sessions"], "missing": self.missing_summary,
+            "bad_samples": self._bad_samples(), "manifest_sha256": self.manifest_sha,
             "wall_time_s": wall, "world_size": self.world,
         }
         (self.out / "metrics.json").write_text(json.dumps(summary, indent=1))
-        (self.out / "recipe.resolved.yaml").write_text(_yaml(to_dict(r)))
         accuracy_heatmap(res["accuracy_matrix"], self.out / "accuracy_matrix.png",
                          f"{r.name}: {r.method.name}, task-agnostic {metric} "
                          f"(AP {100 * summary['ap']:.1f}, FG {100 * summary['fg']:.1f})", metric)
@@ -401,8 +490,9 @@ class Trainer:
                                   "final_oracle_ap": summary["oracle_ap"],
                                   "final_routing_accuracy": summary["routing_accuracy"]},
                                  step=self.n_sessions - 1)
-        for name in ("metrics.json", "recipe.resolved.yaml", "accuracy_matrix.png"):
+        for name in ("metrics.json", "recipe.resolved.yaml", "run.json", "accuracy_matrix.png"):
             self.tracker.log_artifact(self.out / name)
+        stopping.clear_marker(self.out)
         chance = "" if summary["chance"] is None else f", chance {100 * summary['chance']:.2f}"
         print(f"\nfinal: AP {100 * summary['ap']:.2f}  FG {100 * summary['fg']:.2f}  "
               f"(oracle AP {100 * summary['oracle_ap']:.2f}, "
@@ -422,8 +512,3 @@ def _plain(t, j):
     if torch.is_tensor(v):
         return v.nonzero().squeeze(1).tolist() if v.dtype == torch.bool else int(v)
     return v
-
-
-def _yaml(tree: dict) -> str:
-    import yaml
-    return yaml.safe_dump(tree, sort_keys=False)
