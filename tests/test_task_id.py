@@ -167,6 +167,10 @@ def test_identifier_state_checkpointed_and_routing_by_availability_reported(reci
     assert fresh.task_keys.state_sha() != res["sessions"][1]["per_rank"][0]["task_keys_sha"]
     checkpoint.load_model(ckpt, fresh)
     assert fresh.task_keys.state_sha() == res["sessions"][1]["per_rank"][0]["task_keys_sha"]
+    from safetensors.torch import load_file   # session 1 leaves session 0's statistics alone
+    after0, after1 = (load_file(str(ckpt.parent / t / "model.safetensors")) for t in ("session_00", "session_01"))
+    for n in ("task_keys.sums", "task_keys.val_sums", "task_keys.val_counts"):
+        assert torch.equal(after0[n][0], after1[n][0]) and not torch.equal(after0[n][1], after1[n][1])
 
 
 # ------------------------------------------------------------------ content benchmark
@@ -218,3 +222,13 @@ def test_content_classes_need_both_modalities(content):
     assert patterns[0] == patterns[2] != patterns[1] and flavours[0] == flavours[1] != flavours[2]
     later = {n.rsplit("-", 1)[0] for n in m["class_names"][4:]}
     assert not later & set(patterns)                                   # sessions differ by content
+
+
+def test_task_id_table_reports_mean_and_std_over_seeds():
+    from delo_dist.task_id_table import table
+    rows = [{"benchmark": "content", "source": "analytic", "seed": s, "ap": ap, "oracle_ap": 0.5,
+             "routing": 0.8, "complete": 1.0, "text_only": None, "image_only": 0.6}
+            for s, ap in ((0, 0.2), (1, 0.4))]
+    line = table(rows).splitlines()[2]
+    assert line == ("| content | analytic | 2 | 30.0 +/- 10.0 | 50.0 +/- 0.0 | 80.0 +/- 0.0 | "
+                    "100.0 +/- 0.0 | - | 60.0 +/- 0.0 |")
