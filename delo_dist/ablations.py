@@ -23,6 +23,10 @@ VARIANTS: dict[str, dict] = {
     "no_con": {"method.lambda_con": 0.0},
     "factor_rank_r": {"method.factor_rank": "${rank}"},
     "pooled_keys": {"task_keys.source": "frozen_pooled"},
+    "keys_paper": {"task_keys.source": "paper"},
+    "keys_first_layer": {"task_keys.source": "first_layer"},
+    "keys_prototypes": {"task_keys.source": "class_prototypes"},
+    "keys_analytic": {"task_keys.source": "analytic"},
     "seq_lora": {"method.name": "seq_lora"},
     "head_only": {"method.name": "head_only"},
 }

@@ -87,7 +87,8 @@ def build(args, method: str, factor_rank: int = 1) -> ContinualModel:
         "backbone.tiny.intermediate_size": args.intermediate, "backbone.tiny.patch_size": args.patch,
         "backbone.image_size": args.image_size, "backbone.max_text_len": args.text_len,
         "method.name": method, "method.experts": args.experts, "method.rank": args.rank,
-        "method.factor_rank": factor_rank}.items()])
+        "method.factor_rank": factor_rank,
+        "task_keys.source": "first_layer"}.items()])   # set_task_keys writes its keys
     torch.manual_seed(args.seed)  # same frozen ViLT for every method
     S = args.sessions
     classes = [list(range(k * CLASSES_PER_SESSION, (k + 1) * CLASSES_PER_SESSION)) for k in range(S)]
@@ -99,7 +100,7 @@ def build(args, method: str, factor_rank: int = 1) -> ContinualModel:
 def set_task_keys(model: ContinualModel, batch: dict, S: int) -> dict:
     """Key k = mean frozen query of the batch's session-k samples (what the EMA tracks), so
     the task-agnostic pass routes about as the oracle does; returns routing statistics."""
-    q, present = model.key_query(batch)
+    q, present = model.task_keys.query(model.identification_features(batch), batch)
     for k in range(S):  # per modality: the mean over the session's samples that have it
         w = (present & (batch["session"] == k)[:, None]).unsqueeze(-1).float()
         model.task_keys.keys[k] = F.normalize((q.float() * w).sum(0) / w.sum(0).clamp(min=1), dim=-1)

@@ -31,6 +31,7 @@ class SyntheticConfig:
     image_size: int = 64
     samples_per_shard: int = 200
     seed: int = 0
+    variant: Literal["cue", "content"] = "cue"   # content: sessions differ only by content
 
 
 @dataclass
@@ -85,7 +86,9 @@ class MethodConfig:
 @dataclass
 class TaskKeyConfig:
     momentum: float = 0.99
-    source: Literal["first_layer", "frozen_pooled"] = "first_layer"
+    # task identification (delo_dist/models/task_id.py): paper = Eq. 7/8 as written
+    source: Literal["paper", "first_layer", "frozen_pooled", "class_prototypes",
+                    "analytic"] = "first_layer"
 
 
 @dataclass

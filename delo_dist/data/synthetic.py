@@ -13,6 +13,16 @@ interference, and so forgetting, is measurable. Each session has its own backgro
 and topic word, so the session itself can be recognised from either modality (what the
 task-key memory needs). 10 % of texts name a wrong flavour of the same session.
 Deterministic for a seed.
+
+    python -m delo_dist.data.synthetic --out data/synthetic_content --variant content
+
+The `content` variant keeps the class structure (class j = image pattern j % 2 and text
+flavour j // 2: each modality alone leaves the class ambiguous) but removes every
+session-level cue: all sessions draw background and foreground colours, position, size,
+filler words and a dish word from ONE distribution. Only content tells sessions apart: each
+session has its own two image textures (PATTERNS) and its own flavour
+words, as Food-101's classes split into sessions do. Sessions need different patterns, so
+an adapter tuned session after session still interferes with earlier ones.
 """
 from __future__ import annotations
 
@@ -41,6 +51,8 @@ CUES = {  # image cue of each session kind: (name of code 0, name of code 1)
 }
 CUE_ORDER = list(CUES)
 VOCAB_WORDS = TOPICS + FLAVOURS + FILLERS
+PATTERNS = ["h-fine", "h-coarse", "v-fine", "v-coarse", "d-fine", "d-coarse", "a-fine",
+            "a-coarse", "checker-fine", "checker-coarse", "dots", "rings"]  # content: 2 a session
 
 
 def _draw(rng: random.Random, session: int, n_sessions: int, code: int, size: int) -> Image.Image:
@@ -72,6 +84,51 @@ def _draw(rng: random.Random, session: int, n_sessions: int, code: int, size: in
     return img
 
 
+def _draw_pattern(rng: random.Random, pattern: str, size: int) -> Image.Image:
+    """Content variant: the whole image is one texture (PATTERNS: stripes of 4 orientations
+    at 2 periods, checkers, dots, rings), with random phase, period jitter and pixel noise.
+    Colours: a light and a dark colour of random hues in random polarity, from the same
+    distribution for every pattern: the mean colour does not depend on the pattern (or
+    session). Textures rather than objects: a frozen random backbone can tell them apart."""
+    import numpy as np
+    light = np.array([rng.randint(155, 255) for _ in range(3)], float)
+    dark = np.array([rng.randint(0, 100) for _ in range(3)], float)
+    if rng.random() < 0.5:
+        light, dark = dark, light
+    kind, _, fineness = pattern.partition("-")
+    period = size * (0.125 if fineness == "fine" else 0.25) * rng.uniform(0.9, 1.1)
+    y, x = np.mgrid[0:size, 0:size].astype(float)
+    x, y = x + rng.uniform(0, period), y + rng.uniform(0, period)   # random phase
+    half = period / 2
+    if kind == "h":
+        on = y % period < half
+    elif kind == "v":
+        on = x % period < half
+    elif kind == "d":
+        on = (x + y) / math.sqrt(2) % period < half
+    elif kind == "a":
+        on = (x - y) / math.sqrt(2) % period < half
+    elif kind == "checker":
+        on = (x % period < half) ^ (y % period < half)
+    elif kind == "dots":
+        p = size * 0.2
+        on = (x % p - p / 2) ** 2 + (y % p - p / 2) ** 2 < (p / 4) ** 2
+    elif kind == "rings":
+        cx, cy = rng.uniform(0.3, 0.7) * size, rng.uniform(0.3, 0.7) * size
+        on = np.hypot(x - cx, y - cy) % (size * 0.2) < size * 0.1
+    else:
+        raise ValueError(f"unknown pattern {pattern!r}")
+    img = np.where(on[..., None], light, dark)
+    noise = np.random.default_rng(rng.randrange(2 ** 32)).normal(0, 10, img.shape)
+    return Image.fromarray((img + noise).clip(0, 255).astype(np.uint8))
+
+
+def _content_text(rng: random.Random, flavour: str) -> str:
+    """Content variant: the flavour (the class's content word) plus a dish word and fillers
+    drawn from the distribution every session shares."""
+    return _text(rng, rng.choice(TOPICS), flavour)
+
+
 def _text(rng: random.Random, topic: str, flavour: str) -> str:
     words = [flavour, topic] + rng.sample(FILLERS, rng.randint(1, 3))
     rng.shuffle(words)
@@ -81,15 +138,20 @@ def _text(rng: random.Random, topic: str, flavour: str) -> str:
 def make_synthetic(out: str | Path, sessions: int = 4, classes_per_session: int = 4,
                    train_per_class: int = 48, val_per_class: int = 8, test_per_class: int = 24,
                    image_size: int = 64, samples_per_shard: int = 200, seed: int = 0,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, variant: str = "cue") -> Path:
     settings = {k: v for k, v in locals().items() if k not in ("out", "progress")}
     out = Path(out)
     if synthetic_folder_ready(out, settings):
         return out
     n_codes = math.ceil(classes_per_session / 2)
+    if variant not in ("cue", "content"):
+        raise ValueError(f"synthetic: variant must be 'cue' or 'content', got {variant!r}")
     if sessions > len(TOPICS) or sessions * n_codes > len(FLAVOURS):
         raise ValueError(f"synthetic: at most {len(TOPICS)} sessions and "
                          f"{len(FLAVOURS)} flavours in all (sessions x ceil(classes/2))")
+    if variant == "content" and 2 * sessions > len(PATTERNS):
+        raise ValueError(f"synthetic: the content variant has {len(PATTERNS)} patterns, "
+                         f"2 per session: at most {len(PATTERNS) // 2} sessions")
     per_split = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
     total = sessions * classes_per_session * sum(per_split.values())
     bar = tqdm(total=total, desc="synthetic data", disable=not progress, unit="sample")
@@ -98,7 +160,9 @@ def make_synthetic(out: str | Path, sessions: int = 4, classes_per_session: int 
         flavours = FLAVOURS[s * n_codes:(s + 1) * n_codes]
         classes = list(range(s * classes_per_session, (s + 1) * classes_per_session))
         cue = CUES[CUE_ORDER[s % len(CUE_ORDER)]]
-        class_names += [f"{cue[j % 2]}-{flavours[j // 2]}-{TOPICS[s]}"
+        patterns = PATTERNS[2 * s:2 * s + 2]
+        class_names += [f"{patterns[j % 2]}-{flavours[j // 2]}" if variant == "content" else
+                        f"{cue[j % 2]}-{flavours[j // 2]}-{TOPICS[s]}"
                         for j in range(classes_per_session)]
         splits = {}
         for split, per_class in per_split.items():
@@ -111,10 +175,15 @@ def make_synthetic(out: str | Path, sessions: int = 4, classes_per_session: int 
                     flavour = flavours[j // 2]
                     if rng.random() < 0.1:
                         flavour = rng.choice(flavours)
-                    img = _draw(rng, s, sessions, j % 2, image_size)
+                    if variant == "content":
+                        img = _draw_pattern(rng, patterns[j % 2], image_size)
+                        txt = _content_text(rng, flavour)
+                    else:
+                        img = _draw(rng, s, sessions, j % 2, image_size)
+                        txt = _text(rng, TOPICS[s], flavour)
                     bar.update(1)
                     yield {"key": sample_key(s, split, idx), "jpg": encode_jpeg(img),
-                           "txt": _text(rng, TOPICS[s], flavour), "label": classes[j]}
+                           "txt": txt, "label": classes[j]}
 
             splits[split] = write_split(samples(), out, s, split, samples_per_shard)
         manifest_sessions.append({"classes": classes, "splits": splits})
@@ -123,7 +192,7 @@ def make_synthetic(out: str | Path, sessions: int = 4, classes_per_session: int 
         "dataset": "synthetic", "multilabel": False,
         "num_classes": sessions * classes_per_session, "class_names": class_names,
         "image_size": image_size, "sessions": manifest_sessions,
-        "source": {"generator": GENERATOR, "seed": seed, "settings": settings},
+        "source": {"generator": GENERATOR, "seed": seed, "variant": variant, "settings": settings},
     })
     return out
 
@@ -165,11 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--samples-per-shard", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variant", choices=["cue", "content"], default="cue",
+                   help="cue: session-specific hue, topic and cue; content: only content differs")
     a = p.parse_args(argv)
     try:
         out = make_synthetic(a.out, a.sessions, a.classes_per_session, a.train_per_class,
                              a.val_per_class, a.test_per_class, a.image_size,
-                             a.samples_per_shard, a.seed)
+                             a.samples_per_shard, a.seed, variant=a.variant)
     except FileExistsError as e:
         raise SystemExit(f"error: {e}")
     print(f"{out}/manifest.json ready")

@@ -8,7 +8,11 @@ DeLo and the baselines never import ViLT. A backbone tells them:
   - how to build inputs, dummies for a missing modality included: `collate(samples)`;
   - the pooled feature the heads eat: `forward(batch) -> (B, hidden_size)`;
   - cheap per-modality queries for the task-key memory that no adapter influences:
-    `first_layer_queries(batch) -> (q_v, q_t)`.
+    `first_layer_queries(batch) -> (q_v, q_t)`, which also leaves the batch's token masks
+    in `ctx.text_tokens` / `ctx.image_tokens`;
+  - `identification_features(batch)`, adapter-free features for task identification: the
+    default here builds them from the two calls above and `self.ctx` (the RoutingContext
+    the builder received), so a new backbone needs nothing more.
 CLIP-like models with two encoders implement the same calls (their text layers see only
 text tokens: the other modality's query then comes from the cross-modal guide).
 """
@@ -38,6 +42,23 @@ class Backbone(nn.Module):
 
     def first_layer_queries(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def identification_features(self, batch: dict, pooled: bool = False) -> dict[str, torch.Tensor]:
+        """q_v, q_t (B, d): first-layer per-modality means; q_all (B, d): their mean over all
+        real tokens of the sequence (weighted by token counts); pooled (B, hidden_size), if
+        asked: `forward` with every adapter off (one extra frozen forward)."""
+        q_v, q_t = self.first_layer_queries(batch)
+        n_v = self.ctx.image_tokens.sum(1, keepdim=True).to(q_v.dtype)
+        n_t = self.ctx.text_tokens.sum(1, keepdim=True).to(q_v.dtype)
+        feats = {"q_v": q_v, "q_t": q_t, "q_all": (n_v * q_v + n_t * q_t) / (n_v + n_t).clamp(min=1)}
+        if pooled:
+            enabled, self.ctx.enabled = self.ctx.enabled, False
+            try:
+                feats["pooled"] = self.forward(batch)
+            finally:
+                self.ctx.enabled = enabled
+        return feats
 
 
 _REGISTRY: dict[str, Callable] = {}

@@ -1,16 +1,8 @@
 """The continual model: frozen backbone + session-partitioned adapters + one head per
 session + the task-key memory. Training runs one known session; inference routes each
-sample to a session by its key (or, for analysis only, by its true session: `oracle`).
-
-Which queries feed the task keys (`task_keys.source`):
-  - "first_layer" (default): q_v and q_t, the per-modality means of the first layer's
-    normalised input, i.e. what DeLo's first routers see. No adapter acts before them, so
-    old keys cannot drift as later sessions train, and they cost no extra forward pass.
-    Each session keeps a visual and a textual key; a sample missing a modality is routed
-    by the modality it has (on the synthetic benchmark a single key sent every text-only
-    sample to chance: a dummy image is the same in every session).
-  - "frozen_pooled": the backbone's pooled feature with every adapter off, one key per
-    session (one extra adapter-free forward per batch).
+sample to a session by its task identifier (`task_keys.source`, see
+delo_dist/models/task_id.py), or, for analysis only, by its true session (`oracle`).
+The identifier sits at `self.task_keys` (its buffers are checkpointed under that prefix).
 """
 from __future__ import annotations
 
@@ -20,7 +12,7 @@ from torch import nn
 from delo_dist.models.adapters import AdaptedLinear, RoutingContext
 from delo_dist.models.backbone import build_backbone
 from delo_dist.models.methods import method_spec
-from delo_dist.models.task_keys import TaskKeyMemory
+from delo_dist.models.task_id import build_task_identifier
 
 
 def subset(batch: dict, idx: torch.Tensor) -> dict:
@@ -39,7 +31,6 @@ class ContinualModel(nn.Module):
         self.spec = method_spec(recipe.method)
         self.multilabel = multilabel
         self.num_classes = num_classes
-        self.key_source = recipe.task_keys.source
         n = len(session_classes)
         self.adapted: list[AdaptedLinear] = []
         if self.spec.make_session is not None:
@@ -50,8 +41,7 @@ class ContinualModel(nn.Module):
                 self.adapted.append(wrapped)
         d = self.backbone.hidden_size
         self.heads = nn.ModuleList([nn.Linear(d, len(c)) for c in session_classes])
-        self.task_keys = TaskKeyMemory(n, d, recipe.task_keys.momentum,
-                                       modalities=2 if self.key_source == "first_layer" else 1)
+        self.task_keys = build_task_identifier(recipe.task_keys, session_classes, num_classes, d)
         self.session_classes = [list(c) for c in session_classes]
         # global class id -> index inside its session's head (-1: not in this session)
         local = torch.full((n, num_classes), -1, dtype=torch.long)
@@ -87,18 +77,15 @@ class ContinualModel(nn.Module):
         return self.heads[session](self.backbone(batch))
 
     @torch.no_grad()
-    def key_query(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Task-key queries (B, M, d) and which of them are real (B, M) bool."""
-        if self.key_source == "first_layer":
-            q_v, q_t = self.backbone.first_layer_queries(batch)
-            present = torch.stack([~batch["missing_image"], ~batch["missing_text"]], 1)
-            return torch.stack([q_v, q_t], 1), present.to(q_v.device)
-        self.ctx.enabled = False
-        try:
-            pooled = self.backbone(batch)
-        finally:
-            self.ctx.enabled = True
-        return pooled[:, None], torch.ones(len(pooled), 1, dtype=torch.bool, device=pooled.device)
+    def identification_features(self, batch: dict) -> dict:
+        """The adapter-free features the task identifier reads."""
+        self._set_batch(batch)
+        return self.backbone.identification_features(batch, pooled=self.task_keys.needs_pooled)
+
+    @torch.no_grad()
+    def route(self, batch: dict, seen: int) -> torch.Tensor:
+        """(B,) session of each sample among the first `seen`, without its session id."""
+        return self.task_keys.route(self.identification_features(batch), batch, seen)
 
     @torch.no_grad()
     def predict_with(self, batch: dict, sessions: torch.Tensor) -> torch.Tensor:
@@ -128,7 +115,7 @@ class ContinualModel(nn.Module):
     def predict(self, batch: dict, seen: int, oracle: bool = True) -> dict:
         """Task-agnostic prediction (headline), the routed sessions, and oracle predictions
         (true session id; recomputed only for samples the key memory routed elsewhere)."""
-        routed = self.task_keys.select(*self.key_query(batch), seen)
+        routed = self.route(batch, seen)
         pred = self.predict_with(batch, routed)
         out = {"routed": routed, "pred": pred}
         if oracle:

@@ -44,10 +44,9 @@ def objective(forward, model, batch: dict, k: int, method_cfg, epoch: int,
 
 
 def update_task_key(model, batch: dict, k: int) -> None:
-    """EMA of the global batch-mean queries per modality, outside autograd, equal on all
-    ranks (Eq. 7): sums and counts are all-reduced before the division."""
-    q, present = model.key_query(batch)                       # (B, M, d), (B, M)
-    w = present.unsqueeze(-1).to(q.dtype)
-    packed = torch.cat([(q * w).sum(0), w.sum(0)], dim=-1).float()   # (M, d + 1)
-    packed = dist.all_reduce_sum(packed)
-    model.task_keys.update(k, packed[:, :-1], packed[:, -1])
+    """The task identifier's per-step observation (Eq. 7 for the EMA keys), outside autograd,
+    equal on all ranks: the identifier all-reduces sums before dividing. Sources fitted from
+    whole-session statistics do nothing here (see `fit` in delo_dist/models/task_id.py)."""
+    if model.task_keys.fits_per_session:
+        return
+    model.task_keys.observe(model.identification_features(batch), batch, k)

@@ -31,6 +31,7 @@ from delo_dist.data.missing import MissingSpec, missing_table, table_summary
 from delo_dist.data.shards import check_sizes, has_file_records, manifest_sha256, read_manifest
 from delo_dist.data.stream import SessionStream, make_loader
 from delo_dist.models.continual import ContinualModel
+from delo_dist.models.task_id import AVAILABILITY, availability
 from delo_dist.plots import accuracy_heatmap
 from delo_dist.tracking import Tracker, TrackingUnreachable, probe, resolve_uri
 from delo_dist.training import checkpoint, dist, run_identity, stopping
@@ -103,7 +104,7 @@ class Trainer:
         self.tracker = Tracker(r, enabled=self.main and not evaluating,
                                manifest_sha256=self.manifest_sha)
         self.result = {"accuracy_matrix": [], "oracle_matrix": [], "routing_matrix": [],
-                       "sessions": []}
+                       "routing_by_availability": [], "sessions": []}
         self.resume = None if evaluating else self._resume()
 
     def _agree(self, step, *args) -> None:
@@ -182,7 +183,8 @@ class Trainer:
         s = self.recipe.data.synthetic
         make_synthetic(root, s.sessions, s.classes_per_session, s.train_per_class,
                        s.val_per_class, s.test_per_class, s.image_size,
-                       s.samples_per_shard, s.seed, progress=sys.stderr.isatty())
+                       s.samples_per_shard, s.seed, progress=sys.stderr.isatty(),
+                       variant=s.variant)
 
     def _missing_tables(self) -> dict:
         d = self.recipe.data
@@ -193,6 +195,8 @@ class Trainer:
                 keys = self.manifest["sessions"][k]["splits"][split]["keys"]
                 tables[(k, split)] = missing_table(keys, spec, k, split)
                 summary[f"s{k}_{split}"] = table_summary(tables[(k, split)])
+            val = self.manifest["sessions"][k]["splits"].get("val", {}).get("keys", [])
+            tables[(k, "val")] = missing_table(val, spec, k, "val")  # task identifier's lambda
         self.missing_summary = summary
         return tables
 
@@ -320,6 +324,7 @@ class Trainer:
                     engine.destroy()
                     return False
             step0 = 0
+        fit_info = self.fit_task_identifier(k)
         steps = max(self.session_losses["steps"], 1)
         self.session_info = {
             "session": k, "trainable_params": n_trainable,
@@ -327,6 +332,7 @@ class Trainer:
             "train_time_s": time.time() - t0, "engine": engine.name,
             "zero_stage": getattr(engine, "zero_stage", None),
             **{f"train_{n}": v / steps for n, v in self.session_losses.items() if n != "steps"},
+            **fit_info,
         }
         engine.destroy()
         del engine
@@ -336,9 +342,25 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()
         mine = {n: self.session_info.get(n) for n in
                 ("trainable_params", "optimizer_state_bytes", "rss_mb", "peak_gpu_mb")}
-        mine["task_keys_sha"] = _sha(self.model.task_keys.keys)   # equal on every rank
+        mine["task_keys_sha"] = self.model.task_keys.state_sha()   # equal on every rank
         self.session_info["per_rank"] = dist.all_gather_objects({"rank": self.rank, **mine})
         return True
+
+    @torch.no_grad()
+    def fit_task_identifier(self, k: int) -> dict:
+        """End of session k: sources fitted from whole-session statistics (class prototypes,
+        analytic) read one adapter-free pass of the train and val splits; the EMA keys were
+        updated at every step and skip this."""
+        if not self.model.task_keys.fits_per_session:
+            return {}
+        t0 = time.time()
+        self.model.eval()
+        def batches(split):
+            has = self.manifest["sessions"][k]["splits"].get(split, {}).get("count", 0) > 0
+            return (to_device(b, self.device) for b in self._stream(k, split, train=False)[1]) if has else ()
+        info = self.model.task_keys.fit(k, batches("train"), batches("val"),
+                                        self.model.identification_features)
+        return {"task_id_fit_s": time.time() - t0, **info}
 
     def train_step(self, engine, batch: dict, k: int, epoch: int) -> dict:
         self.model.train()
@@ -360,21 +382,22 @@ class Trainer:
         """Evaluate a checkpoint on every session it has seen; write eval.json (no training)."""
         checkpoint.load_model(path, self.model)
         seen = json.loads((path / "state.json").read_text())["session"]
-        row, oracle_row, routing_row = self.evaluate(seen)
+        row, oracle_row, routing_row, by_availability = self.evaluate(seen)
         if self.main:
             out = {"checkpoint": str(path), "seen": seen, "performance": row,
                    "oracle_performance": oracle_row, "routing_accuracy": routing_row,
-                   "world_size": self.world}
+                   "routing_by_availability": by_availability, "world_size": self.world}
             (self.out / "eval.json").write_text(json.dumps(out, indent=1))
             print(f"evaluated {path} on {seen} sessions: " +
                   " ".join(f"{100 * p:.2f}" for p in row), flush=True)
 
     @torch.no_grad()
-    def evaluate(self, seen: int) -> tuple[list, list, list]:
-        """Task-agnostic, oracle and routing accuracy on the test split of sessions < seen."""
+    def evaluate(self, seen: int) -> tuple[list, list, list, dict]:
+        """Task-agnostic, oracle and routing accuracy on the test split of sessions < seen,
+        and routing accuracy by availability (`routing_by_availability`)."""
         self.model.eval()
         oracle = self.recipe.eval.oracle
-        row, oracle_row, routing_row = [], [], []
+        row, oracle_row, routing_row, routed_rows = [], [], [], []
         for i in range(seen):
             _, loader = self._stream(i, "test", train=False)
             local = []
@@ -382,26 +405,28 @@ class Trainer:
                               disable=not (self.main and sys.stderr.isatty())):
                 batch = to_device(batch, self.device)
                 out = self.model.predict(batch, seen, oracle)
-                labels = batch["labels"]
+                labels, avail = batch["labels"], availability(batch)
                 local += [(key, _plain(labels, j), _plain(out["pred"], j),
-                           _plain(out.get("oracle_pred"), j), int(out["routed"][j]))
+                           _plain(out.get("oracle_pred"), j), int(out["routed"][j]), int(avail[j]))
                           for j, key in enumerate(batch["keys"])]
             gathered = sorted((x for part in dist.all_gather_objects(local) for x in part))
             perf, oracle_perf, routing = self._score(gathered, i)
             row.append(perf)
             oracle_row.append(oracle_perf)
             routing_row.append(routing)
-        return row, oracle_row, routing_row
+            routed_rows.append([(r[4], r[5]) for r in gathered])
+        return row, oracle_row, routing_row, routing_by_availability(routed_rows)
 
     def evaluate_session(self, k: int) -> None:
         """After session k: evaluate sessions 0..k, extend the matrices, log."""
-        row, oracle_row, routing_row = self.evaluate(k + 1)
+        row, oracle_row, routing_row, by_availability = self.evaluate(k + 1)
         res = self.result
         res["accuracy_matrix"].append(row)
         res["oracle_matrix"].append(oracle_row)
         res["routing_matrix"].append(routing_row)
+        res.setdefault("routing_by_availability", []).append(by_availability)
         info = {**self.session_info, "performance": row, "oracle_performance": oracle_row,
-                "routing_accuracy": routing_row,
+                "routing_accuracy": routing_row, "routing_by_availability": by_availability,
                 "ap": M.average_performance(res["accuracy_matrix"]),
                 "fg": M.forgetting(res["accuracy_matrix"]),
                 "oracle_ap": M.average_performance(res["oracle_matrix"]),
@@ -444,12 +469,13 @@ class Trainer:
         for i, (p, o, rt) in enumerate(zip(info["performance"], info["oracle_performance"],
                                            info["routing_accuracy"])):
             scalars.update({f"perf_s{i}": p, f"oracle_perf_s{i}": o, f"routing_acc_s{i}": rt})
+        scalars.update(_availability_scalars(info["routing_by_availability"]))
         self.tracker.log_metrics(scalars, step=k)
         if self.main:
             cells = " ".join(f"{100 * p:5.1f}" for p in info["performance"])
             print(f"session {k}: perf [{cells}]  AP {100 * info['ap']:.2f}  FG {100 * info['fg']:.2f}"
                   f"  oracle AP {100 * info['oracle_ap']:.2f}  routing {100 * info['mean_routing_accuracy']:.1f}%"
-                  f"  loss {info.get('train_loss', float('nan')):.3f}", flush=True)
+                  f" ({_availability_line(info['routing_by_availability'])})  loss {info.get('train_loss', float('nan')):.3f}", flush=True)
 
     # ================================================================ checkpoints and outputs
     def save(self, tag: str, session: int, epoch: int, step: int, engine, mid_session=False) -> None:
@@ -477,6 +503,8 @@ class Trainer:
             "oracle_ap": M.average_performance(res["oracle_matrix"]),
             "oracle_fg": M.forgetting(res["oracle_matrix"]),
             "routing_accuracy": float(np.mean(res["routing_matrix"][-1])),
+            "routing_by_availability": res["routing_by_availability"][-1],
+            "task_keys_source": r.task_keys.source,
             "chance": None if self.multilabel else 1.0 / seen_classes,
             "sessions": res["sessions"], "missing": self.missing_summary,
             "bad_samples": self._bad_samples(), "manifest_sha256": self.manifest_sha,
@@ -500,9 +528,33 @@ class Trainer:
               f"wrote {self.out / 'metrics.json'}", flush=True)
 
 
-def _sha(t: torch.Tensor) -> str:
-    import hashlib
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+def routing_by_availability(routed_rows: list[list[tuple[int, int]]]) -> dict:
+    """routed_rows[i]: (routed session, availability) of each test sample of session i ->
+    routing accuracy by availability (complete, text_only, image_only; None: no sample),
+    per session and over all samples, with the counts."""
+    per_session, hits, totals = [], np.zeros(3), np.zeros(3)
+    for i, rows in enumerate(routed_rows):
+        h, n = np.zeros(3), np.zeros(3)
+        for routed, a in rows:
+            n[a] += 1
+            h[a] += routed == i
+        per_session.append({name: (h[a] / n[a] if n[a] else None) for a, name in enumerate(AVAILABILITY)})
+        hits, totals = hits + h, totals + n
+    overall = {name: (hits[a] / totals[a] if totals[a] else None) for a, name in enumerate(AVAILABILITY)}
+    return {"overall": overall, "per_session": per_session,
+            "count": {name: int(totals[a]) for a, name in enumerate(AVAILABILITY)}}
+
+
+def _availability_scalars(b: dict) -> dict:
+    out = {f"routing_acc_{n}": v for n, v in b["overall"].items() if v is not None}
+    for i, row in enumerate(b["per_session"]):
+        out.update({f"routing_acc_s{i}_{n}": v for n, v in row.items() if v is not None})
+    return out
+
+
+def _availability_line(b: dict) -> str:
+    return ", ".join(f"{n.replace('_', '-')} {'-' if v is None else f'{100 * v:.1f}'}"
+                     for n, v in b["overall"].items())
 
 
 def _plain(t, j):
