@@ -59,6 +59,8 @@ class BackboneConfig:
         intermediate_size=128, patch_size=16, initializer_range=0.125))
     image_size: int = 64
     max_text_len: int = 40
+    # longer than the position table (pretrained ViLT: 40): how the table grows (models/vilt.py)
+    text_position_rule: Literal["resample", "extend"] = "resample"
     targets: list = field(default_factory=lambda: ["query", "key", "value"])
 
 
