@@ -102,6 +102,8 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 64
     oracle: bool = True                     # also report accuracy with the true session id
+    # multi-label macro-F1 over every class seen so far (the reference's) or the session's own
+    multilabel_classes: Literal["seen", "session"] = "seen"
     checkpoint: Optional[str] = None        # evaluate this checkpoint folder only (no training)
 
 

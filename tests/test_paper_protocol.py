@@ -73,3 +73,52 @@ def test_tiny_backbone_grows_its_table_too():
     vilt = bb.vilt
     extend_text_positions(vilt, 60)                              # shorter: left alone
     assert vilt.config.max_position_embeddings == 100
+
+
+# ----------------------------------------------------------------------------- multi-label metric
+def _scorer(mode: str):
+    from delo_dist.config import Recipe
+    from delo_dist.training.trainer import Trainer
+    t = Trainer.__new__(Trainer)            # scoring only: no setup, no model
+    t.recipe = Recipe()
+    t.recipe.eval.multilabel_classes = mode
+    t.multilabel = True
+    t.manifest = {"num_classes": 4, "sessions": [{"classes": [0, 1]}, {"classes": [2, 3]}]}
+    return t
+
+
+def test_macro_f1_over_seen_or_session_classes():
+    # session 0's test set after 2 sessions: (key, labels, pred, oracle pred, routed session)
+    rows = [("a", [0, 2], [0], [0], 0), ("b", [1], [1, 2], [1], 1), ("c", [0], [], [], 0)]
+    # class 0: tp 1 fn 1 -> 2/3; class 1: tp 1 -> 1; class 2: fp 1 fn 1 -> 0; class 3: empty -> 0
+    perf, oracle, routing = _scorer("session")._score(rows, 0, 2)
+    assert perf == pytest.approx((2 / 3 + 1) / 2) and oracle == pytest.approx((2 / 3 + 1) / 2)
+    assert routing == pytest.approx(2 / 3)
+    perf, oracle, _ = _scorer("seen")._score(rows, 0, 2)
+    assert perf == pytest.approx((2 / 3 + 1 + 0 + 0) / 4)
+    assert oracle == pytest.approx((2 / 3 + 1 + 0 + 0) / 4)  # oracle: class 2 missed (fn)
+    assert _scorer("seen")._score(rows, 0, 1)[0] == pytest.approx(5 / 6)  # only session 0 seen
+
+
+@pytest.mark.slow  # two tiny training runs (~15 s with the first import)
+def test_multilabel_classes_in_metrics_and_mlflow(tmp_path):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from delo_dist.data.prepare import prepare
+    from tests.test_prepare import make_cmml, train_one_session
+    root = make_cmml(tmp_path / "raw", label=lambda c: [int(j in (c, (c + 1) % 4)) for j in range(4)])
+    prepare("cmml-json", root, tmp_path / "shards", image_size=32, progress=False)
+    res = {}
+    for mode in ("seen", "session"):
+        res[mode] = train_one_session(tmp_path / "shards", tmp_path / mode, "cmml-json", **{
+            "data.sessions": 2, "eval.multilabel_classes": mode, "tracking.experiment": "ml"})
+        assert res[mode]["metric"] == "macro_f1" and res[mode]["multilabel_classes"] == mode
+    # after session 0 only its classes are seen: both modes score the same cell
+    assert res["seen"]["accuracy_matrix"][0] == res["session"]["accuracy_matrix"][0]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ml").experiment_id
+    assert sorted(r.data.tags["metric"] for r in client.search_runs([exp])) == [
+        "macro_f1/seen", "macro_f1/session"]
+    assert json.loads((tmp_path / "seen" / "metrics.json").read_text())["multilabel_classes"] == "seen"

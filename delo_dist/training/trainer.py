@@ -85,6 +85,7 @@ class Trainer:
                                     self.manifest["num_classes"], self.multilabel).to(self.device)
         evaluating = r.eval.checkpoint is not None  # evaluation only: no run, no resume
         self.tracker = Tracker(r, enabled=self.main and not evaluating)
+        self.tracker.set_tags({"metric": M.metric_name(self.multilabel, r.eval.multilabel_classes)})
         self.result = {"accuracy_matrix": [], "oracle_matrix": [], "routing_matrix": [],
                        "sessions": []}
         self.resume = None if evaluating else self._resume()
@@ -311,7 +312,7 @@ class Trainer:
                            _plain(out.get("oracle_pred"), j), int(out["routed"][j]))
                           for j, key in enumerate(batch["keys"])]
             gathered = sorted((x for part in dist.all_gather_objects(local) for x in part))
-            perf, oracle_perf, routing = self._score(gathered, i)
+            perf, oracle_perf, routing = self._score(gathered, i, seen)
             row.append(perf)
             oracle_row.append(oracle_perf)
             routing_row.append(routing)
@@ -334,10 +335,12 @@ class Trainer:
         res["sessions"].append(info)
         self._log_session(k, info)
 
-    def _score(self, rows: list, session: int) -> tuple[float, float, float]:
+    def _score(self, rows: list, session: int, seen: int) -> tuple[float, float, float]:
         """rows: (key, label, pred, oracle pred, routed) -> performance, oracle, routing."""
         if self.multilabel:
-            n, classes = self.manifest["num_classes"], self.manifest["sessions"][session]["classes"]
+            n = self.manifest["num_classes"]
+            classes = M.scored_classes([s["classes"] for s in self.manifest["sessions"]], session,
+                                       seen, self.recipe.eval.multilabel_classes)
             as_tensor = lambda col: M.multi_hot(col, n)                    # noqa: E731
             metric = lambda pred, y: M.macro_f1(pred, y, classes)         # noqa: E731
         else:
@@ -379,6 +382,7 @@ class Trainer:
         metric = "macro_f1" if self.multilabel else "accuracy"
         summary = {
             "dataset": r.data.dataset, "method": r.method.name, "metric": metric,
+            "multilabel_classes": r.eval.multilabel_classes if self.multilabel else None,
             "eta": r.data.eta, "missing_type": r.data.missing_type, "both_ratio": r.data.both_ratio,
             **{n: res[n] for n in ("accuracy_matrix", "oracle_matrix", "routing_matrix")},
             "ap": M.average_performance(res["accuracy_matrix"]),
