@@ -122,3 +122,134 @@ def test_multilabel_classes_in_metrics_and_mlflow(tmp_path):
     assert sorted(r.data.tags["metric"] for r in client.search_runs([exp])) == [
         "macro_f1/seen", "macro_f1/session"]
     assert json.loads((tmp_path / "seen" / "metrics.json").read_text())["multilabel_classes"] == "seen"
+
+
+# ----------------------------------------------------------------------------- global batch
+@pytest.mark.parametrize("global_batch, cap, world, plan", [
+    (None, 16, 3, (16, 1)), (4, 4, 1, (4, 1)), (4, 1, 1, (1, 4)), (4, 16, 2, (2, 1)),
+    (4, 4, 4, (1, 1)), (32, 4, 2, (4, 4)), (12, 4, 1, (4, 3)),
+])
+def test_batch_plan(global_batch, cap, world, plan):
+    from delo_dist.config import TrainConfig, batch_plan
+    assert batch_plan(TrainConfig(batch_size=cap, global_batch_size=global_batch), world) == plan
+
+
+@pytest.mark.parametrize("global_batch, cap, world, message", [
+    (4, 4, 8, r"global_batch_size=4 does not split over 8 devices"),
+    (6, 4, 1, r"global_batch_size=6 on 1 devices gives 6 samples per device, which micro-batches "
+              r"of train.batch_size=4 do not divide"),
+])
+def test_impossible_split_names_the_numbers(global_batch, cap, world, message):
+    from delo_dist.config import RecipeError, TrainConfig, batch_plan
+    with pytest.raises(RecipeError, match=message):
+        batch_plan(TrainConfig(batch_size=cap, global_batch_size=global_batch), world)
+
+
+def test_stream_one_device_accumulating_equals_four_devices(shards):
+    """Per optimizer step, 1 device x accum 4 reads the samples 4 devices x accum 1 read,
+    and every micro-batch knows the step's complete count."""
+    from delo_dist.data.shards import read_manifest
+    from delo_dist.data.stream import SessionStream, make_loader
+    m = read_manifest(shards)
+    keys = m["sessions"][0]["splits"]["train"]["keys"]
+    status = {k: i % 3 for i, k in enumerate(keys)}        # a third complete
+
+    def collate(samples):
+        return {"keys": [s["key"] for s in samples], "status": [s["status"] for s in samples]}
+
+    def run(world, rank, accum, workers=0):
+        s = SessionStream(shards, m, 0, "train", 2, collate, status, train=True, rank=rank,
+                          world=world, seed=3, accum=accum)
+        batches = list(make_loader(s, workers))
+        assert len(batches) == len(s)
+        return batches
+
+    one = run(1, 0, 4)
+    assert [b["keys"] for b in one] == [b["keys"] for b in run(1, 0, 4, workers=2)]  # order kept
+    four = [run(4, r, 1) for r in range(4)]
+    assert len(one) == 4 * len(four[0]) == 4 * (64 // 8)
+    for step in range(len(four[0])):
+        mine = [k for b in one[4 * step:4 * step + 4] for k in b["keys"]]
+        theirs = [k for r in range(4) for k in four[r][step]["keys"]]
+        assert mine == theirs
+        complete = sum(st == 0 for b in one[4 * step:4 * step + 4] for st in b["status"])
+        assert {float(b["complete_per_micro"][0]) for b in one[4 * step:4 * step + 4]} == {complete / 4}
+        assert float(four[0][step]["complete_per_micro"][0]) == complete
+
+
+@pytest.mark.slow  # two tiny training runs
+def test_accumulation_trains_like_the_doubled_batch(shards, tmp_path):
+    """TorchEngine, 1 process: micro-batch 4 x accumulation 2 and batch 8 take the same
+    optimizer steps (losses, task keys and scores within float tolerance)."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from delo_dist.config import load_recipe
+    from delo_dist.training.trainer import Trainer
+    from tests.conftest import REPO, tiny_overrides
+    runs = {}
+    for name, extra in {"accum": {"train.batch_size": 4, "train.global_batch_size": 8},
+                        "plain": {"train.batch_size": 8}}.items():
+        out = tmp_path / name
+        recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", tiny_overrides(shards, out, **{
+            "data.sessions": 2, "train.log_every": 1, "tracking.run_name": name,
+            "tracking.experiment": "accum",
+            "data.eta": 0.7, "train.grad_clip": 0.0, **extra}))
+        trainer = Trainer(recipe)
+        assert trainer.run() == 0
+        runs[name] = (json.loads((out / "metrics.json").read_text()), trainer)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    history = {}
+    for r in client.search_runs([client.get_experiment_by_name("accum").experiment_id]):
+        history[r.info.run_name] = [m.value for m in sorted(
+            client.get_metric_history(r.info.run_id, "step/loss"), key=lambda m: m.step)]
+    assert len(history["accum"]) == len(history["plain"]) == 2 * 64 // 8
+    assert history["accum"] == pytest.approx(history["plain"], rel=1e-4, abs=1e-6)
+    (a, ta), (p, tp) = runs["accum"], runs["plain"]
+    assert sum(a["accuracy_matrix"], []) == pytest.approx(sum(p["accuracy_matrix"], []),
+                                                          abs=1 / 32 + 1e-9)  # <= 1 sample moved
+    assert torch.allclose(ta.model.task_keys.keys, tp.model.task_keys.keys, atol=1e-5)
+    assert [s["train_loss"] for s in a["sessions"]] == pytest.approx(
+        [s["train_loss"] for s in p["sessions"]], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- Table 5
+VILT_B32 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,  # ViltConfig()
+                intermediate_size=3072, patch_size=32, initializer_range=0.02)
+TABLE5 = {(16, 2): (7.1, 182.8), (16, 4): (12.4, 235.9), (16, 8): (23.0, 342.1),
+          (32, 2): (14.2, 253.6), (32, 4): (24.8, 359.8), (32, 8): (46.0, 572.1)}
+
+
+def test_table5_trainable_and_total_parameters():
+    """DeLo on ViLT-B/32 (shapes only: the meta device allocates nothing), a session of
+    UPMC-Food101's 10 classes, factor_rank = r: the per-session trainable counts of Table 5
+    (adapters + head), and its totals as the frozen ViLT-B/32 (30522-word vocabulary, text
+    table grown to 512 rows as for Food101, pooler) + 10 sessions x trainable. (One session
+    is built: sessions are identical, and 10 would take 5 s a model even on meta.)"""
+    from delo_dist.config import load_recipe
+    from delo_dist.models.continual import ContinualModel
+    with torch.device("meta"):
+        vilt = ViltModel(ViltConfig())
+        extend_text_positions(vilt, 512)
+    backbone = sum(p.numel() for p in vilt.parameters())
+    assert backbone == 111_957_504
+    sessions = [list(range(10))]
+    for (E, r), (trainable, total) in TABLE5.items():
+        recipe = load_recipe(None, ["data.make_synthetic=true", "backbone.image_size=384",
+                                    f"method.experts={E}", f"method.rank={r}", f"method.factor_rank={r}"]
+                             + [f"backbone.tiny.{k}={v}" for k, v in VILT_B32.items()])
+        with torch.device("meta"):
+            model = ContinualModel(recipe, sessions, 10)
+        counts = model.parameter_counts()
+        per = counts["sessions"][0]
+        assert len(model.adapted) == 36 and per["head"] == 768 * 10 + 10
+        assert per["trainable"] == sum(p.numel() for p in model.session_parameters(0).values())
+        assert round(per["trainable"] / 1e6, 1) == trainable, (E, r, per)
+        assert round((backbone + 10 * per["trainable"]) / 1e6, 1) == total, (E, r)
+    # the equations' literal rank-one pairs (factor_rank 1) at E=16, r=4: 7.09M, not 12.4M
+    recipe = load_recipe(None, ["data.make_synthetic=true", "backbone.image_size=384"]
+                         + [f"backbone.tiny.{k}={v}" for k, v in VILT_B32.items()])
+    with torch.device("meta"):
+        literal = ContinualModel(recipe, sessions, 100).parameter_counts()["sessions"][0]
+    assert literal["trainable"] == 7_087_882
