@@ -40,6 +40,7 @@ class Plan:
     items: list[Item]
     metadata: list[Path]        # files read (checksummed into the manifest)
     rules: list[str]
+    fingerprint: dict = field(default_factory=dict)  # images inside a dataset: its hashes
     dropped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=lambda: defaultdict(list))
 
