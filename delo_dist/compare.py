@@ -6,9 +6,11 @@
 One row per missing setting (eta, % of samples with an image, % with a text), then AP and FG
 per method, in percent with two decimals. A cell averages the FINISHED runs of its setting
 and method (`(n=3)` when more than one); runs still running, failed or killed are named in
-the cell and never averaged in. Writes compare.md, compare.csv and compare.png (AP and FG
-against eta) under --out, prints the table, and logs the three files to a summary run
-(tagged kind=compare-summary, which later comparisons skip).
+the cell and never averaged in. The runs' performance metric (tag `metric`: accuracy,
+macro_f1/seen or macro_f1/session) ends the table; runs that mix metrics are refused.
+Writes compare.md, compare.csv and compare.png (AP and FG against eta) under --out, prints
+the table, and logs the three files to a summary run (tagged kind=compare-summary, which
+later comparisons skip).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class Run:
     status: str                  # MLflow status, lower case; "finished" only with final metrics
     ap: float | None = None      # final_ap, fraction
     fg: float | None = None
+    metric: str | None = None    # tag "metric": accuracy, macro_f1/seen or macro_f1/session
 
 
 @dataclass
@@ -121,7 +124,8 @@ def load_runs(client, exp_ids: list[str], dataset: str | None = None,
         if status == "finished" and "final_ap" not in m:
             status = "no final metrics"
         out.append(Run(r.info.run_id, t.get("method", "?"), t["missing_type"], float(t["eta"]),
-                       float(t.get("both_ratio", 0.5)), status, m.get("final_ap"), m.get("final_fg")))
+                       float(t.get("both_ratio", 0.5)), status, m.get("final_ap"), m.get("final_fg"),
+                       t.get("metric")))
     return out
 
 
@@ -231,10 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"no training runs match these filters in {uri}", file=sys.stderr)
         return 1
+    metrics = sorted({r.metric for r in runs if r.metric})
+    if len(metrics) > 1:  # macro-F1 over seen classes and over a session's are not comparable
+        print(f"these runs score performance differently ({', '.join(metrics)}): select one "
+              "with --tag metric=...", file=sys.stderr)
+        return 2
     methods, rows = build_table(runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = to_markdown(methods, rows)
+    md = to_markdown(methods, rows) + f"\nperformance: {metrics[0] if metrics else 'unrecorded'}\n"
     (out / "compare.md").write_text(md)
     write_csv(methods, rows, out / "compare.csv")
     plot(methods, rows, out / "compare.png")

@@ -66,6 +66,8 @@ class BackboneConfig:
         intermediate_size=128, patch_size=16, initializer_range=0.125))
     image_size: int = 64
     max_text_len: int = 40
+    # longer than the position table (pretrained ViLT: 40): how the table grows (models/vilt.py)
+    text_position_rule: Literal["resample", "extend"] = "resample"
     targets: list = field(default_factory=lambda: ["query", "key", "value"])
 
 
@@ -94,7 +96,8 @@ class TaskKeyConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 3
-    batch_size: int = 16                    # per device
+    batch_size: int = 16                    # per device (micro-batch; a cap if global_batch_size)
+    global_batch_size: Optional[int] = None # samples per optimizer step on all devices (batch_plan)
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.98])
@@ -103,12 +106,15 @@ class TrainConfig:
     grad_clip: float = 1.0
     log_every: int = 10
     checkpoint_every: int = 0               # steps between mid-session checkpoints (0: off)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
 
 @dataclass
 class EvalConfig:
     batch_size: int = 64
     oracle: bool = True                     # also report accuracy with the true session id
+    # multi-label macro-F1 over every class seen so far (the reference's) or the session's own
+    multilabel_classes: Literal["seen", "session"] = "seen"
     checkpoint: Optional[str] = None        # evaluate this checkpoint folder only (no training)
 
 
@@ -289,6 +295,8 @@ def validate(r: Recipe, src: str) -> None:
            r.task_keys.momentum)
     _check(t.epochs >= 1, src, "train.epochs", "an int >= 1", t.epochs)
     _check(t.batch_size >= 1, src, "train.batch_size", "an int >= 1", t.batch_size)
+    _check(t.global_batch_size is None or t.global_batch_size >= 1, src, "train.global_batch_size",
+           "null or an int >= 1", t.global_batch_size)
     _check(t.lr > 0, src, "train.lr", "a float > 0", t.lr)
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), src, "train.betas",
            "two floats in [0, 1)", t.betas)
@@ -308,6 +316,31 @@ def validate(r: Recipe, src: str) -> None:
                "an existing model folder (config.json inside) or a hub id", b.pretrained)
     _check(len(b.targets) >= 1, src, "backbone.targets", "a non-empty list of linear names",
            b.targets)
+
+
+def batch_plan(train: TrainConfig, world: int) -> tuple[int, int]:
+    """(per-device micro-batch, gradient accumulation steps) for `world` devices.
+
+    Without train.global_batch_size: micro-batch train.batch_size, no accumulation (the
+    global batch is batch_size x world). With it, every world size trains on the same global
+    batches: each device's share is global / world samples, cut into micro-batches of
+    min(batch_size, share), accumulated share / micro times. A split that is not exact is an
+    error naming the numbers: the run would otherwise train a different experiment.
+    """
+    g, cap = train.global_batch_size, train.batch_size
+    if g is None:
+        return cap, 1
+    if g % world:
+        raise RecipeError(f"train.global_batch_size={g} does not split over {world} devices "
+                          f"({g} / {world} is not an integer): choose a global batch that is a "
+                          f"multiple of the device count, or launch on a divisor of {g}")
+    share = g // world
+    micro = min(cap, share)
+    if share % micro:
+        raise RecipeError(f"train.global_batch_size={g} on {world} devices gives {share} samples "
+                          f"per device, which micro-batches of train.batch_size={cap} do not "
+                          f"divide: set train.batch_size to a divisor of {share}")
+    return micro, share // micro
 
 
 def to_dict(recipe: Recipe) -> dict:

@@ -6,7 +6,8 @@ row k has k + 1 entries). With T finished sessions (paper, "Evaluation Metrics")
     FG = 1/(T-1) * sum_{t < T-1} max_{z in [t, T-2]} (a[z][t] - a[T-1][t])      (Eq. 11)
 (the max form; the official code's diagonal form a[t][t] - a[T-1][t] is `forgetting_diag`).
 BWT = 1/(T-1) * sum_{t < T-1} (a[T-1][t] - a[t][t]).
-Performance is accuracy for single-label data and macro-F1 (sigmoid > 0.5) for multi-label.
+Performance is accuracy for single-label data and macro-F1 (sigmoid > 0.5) for multi-label,
+over the classes `scored_classes` names (`eval.multilabel_classes`).
 """
 from __future__ import annotations
 
@@ -50,6 +51,27 @@ def macro_f1(pred: torch.Tensor, target: torch.Tensor, classes: list[int]) -> fl
     cols = torch.tensor(classes)
     return float(multilabel_f1_score(pred[:, cols].long(), target[:, cols].long(),
                                      num_labels=len(classes), average="macro", threshold=0.5))
+
+
+def scored_classes(session_classes: list[list[int]], session: int, seen: int, mode: str) -> list[int]:
+    """The classes whose F1 is averaged on session `session`'s test set after `seen` sessions.
+
+    "seen" (the reference's): every class of sessions 0..seen-1, as the DeLo code slices
+    logits and labels to the classes seen so far; a seen class with no positive label and
+    no positive prediction in that test set scores F1 = 0, as in torchmetrics and
+    scikit-learn's default. "session": session `session`'s own classes only.
+    Predictions are the model's (the routed session's head; every other class predicted 0).
+    """
+    if mode == "seen":
+        return sorted(c for classes in session_classes[:seen] for c in classes)
+    if mode == "session":
+        return list(session_classes[session])
+    raise ValueError(f"eval.multilabel_classes: {mode!r}, expected 'seen' or 'session'")
+
+
+def metric_name(multilabel: bool, multilabel_classes: str) -> str:
+    """What a performance cell is: 'accuracy', 'macro_f1/seen' or 'macro_f1/session'."""
+    return f"macro_f1/{multilabel_classes}" if multilabel else "accuracy"
 
 
 def multi_hot(labels: list[list[int]], num_classes: int) -> torch.Tensor:

@@ -109,7 +109,8 @@ def test_compare_table_matches_the_runs(shards, tmp_path):
 
         lines = (out / "compare.md").read_text().splitlines()
         assert lines[0] == "| eta | image % | text % | delo AP | delo FG | lora AP | lora FG |"
-        rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+        assert lines[-2:] == ["", "performance: accuracy"]      # the runs' metric tag
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:-2]]
         assert rows == [
             ["30%", "100.00", "70.00", "-", "-", "running", "running"],
             ["70%", "65.00", "65.00", f"{ap['delo']} (failed)", f"{fg['delo']} (failed)",

@@ -209,7 +209,7 @@ MOVIES = {  # id: (split, genres, plot)
     "0000008": ("train", ["Drama", "Western"], ["a cowboy drama"]),
     "0000009": ("train", ["News"], ["the evening news"]),            # no kept genre
     "0000010": ("train", ["Drama", "Comedy"], ["a broken poster"]),  # truncated JPEG
-    "0000011": ("train", ["Horror"], ["", "the second plot"]),       # first non-empty plot
+    "0000011": ("train", ["Horror"], ["", "the second plot", "a third"]),  # plots joined
     "0000012": ("train", ["Comedy"], []),                            # no text
     "0000013": ("train", ["Drama", "Comedy"], ["another funny drama"]),
     "0000014": ("train", ["Drama"], ["more drama"]),
@@ -255,8 +255,9 @@ def test_mmimdb_genres_sessions_and_plots(imdb_shards):
                 _, genres, plot = MOVIES[mid]
                 assert s["label"] == sorted(GENRES.index(g) for g in genres if g in GENRES)
                 assert max(s["label"]) // 2 == k == s["session"]          # rarest kept genre
-                assert s["txt"] == next(p for p in plot if p)
+                assert s["txt"] == ". ".join(p for p in plot if p)
     assert "0000011" in m["sessions"][1]["splits"]["train"]["sources"]
+    assert any("joined with '. '" in r for r in m["source"]["rules"])
 
 
 @pytest.mark.slow  # the first trainer run in a process imports ~12 s of libraries
@@ -303,13 +304,16 @@ def test_cmml_json_keeps_the_files_split_and_sessions(cmml_shards):
     assert m["preparation"]["counts"] == [{"train": 7, "val": 1, "test": 4},
                                           {"train": 8, "val": 2, "test": 4}]
     assert m["preparation"]["dropped"] == {"empty or missing text": 1, "unreadable image": 1}
+    assert any("joined with '. '" in r for r in m["source"]["rules"])
     for k, sess in enumerate(m["sessions"]):
         for split in ("train", "val", "test"):
             entry = sess["splits"][split]
             for s, source in zip(tar_samples(cmml_shards, k, split), entry["sources"]):
                 row = rows[int(source)]
                 assert (row["split"], row["task_id"], row["label"]) == (split, k, s["label"])
-                assert s["txt"] == (row["text"] if isinstance(row["text"], str) else row["text"][1])
+                # the reference's rule: list texts joined with ". " (the empty entry skipped)
+                assert s["txt"] == (row["text"] if isinstance(row["text"], str)
+                                    else f"{row['text'][1]}. unused")
 
 
 @pytest.mark.slow  # the first trainer run in a process imports ~12 s of libraries

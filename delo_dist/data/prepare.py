@@ -3,6 +3,8 @@
     python -m delo_dist.data.prepare food101 --root raw/food101 --out data/food101
     python -m delo_dist.data.prepare mmimdb --root raw/mmimdb --out data/mmimdb
     python -m delo_dist.data.prepare cmml-json --root raw/food101 --name food101 --out data/f101
+    python -m delo_dist.data.prepare hf --dataset raw/my_arrow --splits train=train,test=test \
+        --image-column image --text-column text --label-column label --sessions 4 --out data/mine
 
 Layouts and the rules that pick classes, sessions and texts are in delo_dist.data.sources;
 the rules are written into the manifest. Images are decoded, resized to a square of
@@ -37,13 +39,18 @@ from tqdm import tqdm
 
 from delo_dist.data.shards import (SPLITS, encode_jpeg, read_manifest, sample_key,
                                    write_manifest, write_split)
-from delo_dist.data.sources import READERS, Plan, SourceError
+from delo_dist.data.hf_source import hf_dataset
+from delo_dist.data.sources import READERS as FOLDER_READERS
+from delo_dist.data.sources import Plan, SourceError
+
+READERS = {**FOLDER_READERS, "hf": hf_dataset}  # hf: --dataset is a folder, files or a hub id
 
 
 def load_image(path: Path, size: int, quality: int) -> tuple[bytes | None, str | None]:
     """(jpeg bytes, None) or (None, why): bad images are data, not exceptions."""
     try:
-        with Image.open(path) as img:
+        opened = Image.open(path) if isinstance(path, (str, Path)) else path.open()  # HFImage
+        with opened as img:
             img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale >= size
             img = img.convert("RGB")        # full decode: a truncated file raises here
         return encode_jpeg(img.resize((size, size), Image.BICUBIC), quality), None
@@ -76,12 +83,18 @@ def input_checksums(plan: Plan, root: Path) -> dict:
             files[rel] = _sha256_file(p)
     h = hashlib.sha256()
     for it in sorted(plan.items, key=lambda it: (it.split, it.id)):
+        if not isinstance(it.image, Path):  # inside a dataset: its fingerprint covers the image
+            h.update(f"{it.id}\t{it.image}\n".encode())
+            continue
         try:
             st = it.image.stat()
             h.update(f"{os.path.relpath(it.image, root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{os.path.relpath(it.image, root)}\tmissing\n".encode())
-    return {"files": files, "images": {"count": len(plan.items), "path_size_mtime_sha256": h.hexdigest()}}
+    out = {"files": files, "images": {"count": len(plan.items), "path_size_mtime_sha256": h.hexdigest()}}
+    if plan.fingerprint:
+        out["dataset_fingerprints"] = plan.fingerprint
+    return out
 
 
 def _up_to_date(out: Path, source: dict) -> bool:
@@ -112,14 +125,14 @@ def prepare(source: str, root: str | Path, out: str | Path, *, image_size: int =
     if source not in READERS:
         raise SourceError(f"unknown source {source!r}; expected one of {sorted(READERS)}")
     root, out = Path(root), Path(out)
-    if not root.is_dir():
+    if source != "hf" and not root.is_dir():  # hf: a hub id is not a folder
         raise SourceError(f"{root}: raw data folder not found")
     reader_args = {k: v for k, v in reader_args.items() if v is not None}
     plan = READERS[source](root, **reader_args)
     options = {"source": source, "image_size": image_size, "quality": quality,
                "samples_per_shard": samples_per_shard, "seed": seed,
                **{k: str(v) for k, v in reader_args.items()}}
-    src = {"kind": source, "root": str(root.resolve()), "options": options,
+    src = {"kind": source, "root": str(root.resolve() if root.exists() else root), "options": options,
            "inputs": input_checksums(plan, root), "rules": plan.rules}
     if not force and _up_to_date(out, src):
         return {"status": "up to date", "out": str(out), **read_manifest(out)["preparation"]}
@@ -218,7 +231,7 @@ def report(summary: dict, file=None) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("source", choices=sorted(READERS))
-    p.add_argument("--root", required=True, help="raw data folder")
+    p.add_argument("--root", help="raw data folder (food101, mmimdb, cmml-json)")
     p.add_argument("--out", required=True, help="shard folder (manifest.json + session_*/)")
     p.add_argument("--image-size", type=int, default=384)
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
@@ -228,19 +241,36 @@ def main(argv: list[str] | None = None) -> int:
                    help="image decoding processes (0: in this process)")
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--sessions", type=int, help="food101 (10), mmimdb (5)")
+    p.add_argument("--sessions", help="food101 (10), mmimdb (5); hf: N equal sessions of the "
+                   "class order, or class lists 'a,b|c,d' (names or ids)")
     p.add_argument("--classes-per-session", type=int,
                    help="food101 (10), mmimdb (4); cmml-json: inferred unless given")
     p.add_argument("--name", help="cmml-json: read <root>/<NAME>.json")
     p.add_argument("--class-names", type=Path, help="cmml-json: JSON list of class names")
+    hf = p.add_argument_group("hf (Hugging Face datasets; see delo_dist.data.hf_source)")
+    hf.add_argument("--dataset", help="save_to_disk folder, local script or data files, or hub id")
+    hf.add_argument("--config", help="the dataset's configuration name")
+    hf.add_argument("--image-column", default="image")
+    hf.add_argument("--text-column", default="text")
+    hf.add_argument("--label-column", default="label")
+    hf.add_argument("--splits", help="OURS=THEIRS pairs, e.g. train=train,val=validation,test=test")
+    hf.add_argument("--split-column", help="a column holding train / val (validation, dev) / test")
     a = p.parse_args(argv)
+    if (a.source == "hf") != (a.root is None) or (a.source == "hf") != (a.dataset is not None):
+        p.error("hf takes --dataset (not --root); the other sources take --root")
     extra = {"classes_per_session": a.classes_per_session}
     if a.source == "cmml-json":
         extra.update(name=a.name, class_names=a.class_names)
+    elif a.source == "hf":
+        extra.update(config=a.config, image_column=a.image_column, text_column=a.text_column,
+                     label_column=a.label_column, splits=a.splits, split_column=a.split_column,
+                     sessions=a.sessions or "1")
     else:
-        extra.update(sessions=a.sessions)
+        if a.sessions is not None and not a.sessions.isdigit():
+            p.error(f"--sessions for {a.source} is a number of sessions, got {a.sessions!r}")
+        extra.update(sessions=int(a.sessions) if a.sessions else None)
     try:
-        summary = prepare(a.source, a.root, a.out, image_size=a.image_size, quality=a.quality,
+        summary = prepare(a.source, a.dataset or a.root, a.out, image_size=a.image_size, quality=a.quality,
                           samples_per_shard=a.samples_per_shard, seed=a.seed, workers=a.workers,
                           force=a.force, progress=not a.quiet, **extra)
     except SourceError as e:

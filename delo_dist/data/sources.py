@@ -40,6 +40,7 @@ class Plan:
     items: list[Item]
     metadata: list[Path]        # files read (checksummed into the manifest)
     rules: list[str]
+    fingerprint: dict = field(default_factory=dict)  # images inside a dataset: its hashes
     dropped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=lambda: defaultdict(list))
 
@@ -58,12 +59,17 @@ def load_json(path: Path):
         raise SourceError(f"{path}: not valid JSON: {e}") from e
 
 
-def one_text(text) -> str:
-    """A text field may be a string or a list of strings: keep the first non-empty one."""
+TEXT_JOIN = ". "  # the reference loaders (RebQ, DeLo) join list-valued texts with it
+JOIN_RULE = (f"text: a list of strings is joined with {TEXT_JOIN!r} in order, as the reference "
+             "loaders do (empty entries skipped; a string is kept as it is)")
+
+
+def joined_text(text) -> str:
+    """A string, or a list of strings joined with TEXT_JOIN (see JOIN_RULE)."""
     if isinstance(text, str):
         return text.strip()
     if isinstance(text, list):
-        return next((t.strip() for t in text if isinstance(t, str) and t.strip()), "")
+        return TEXT_JOIN.join(t.strip() for t in text if isinstance(t, str) and t.strip())
     return ""
 
 
@@ -160,10 +166,10 @@ def cmml_json(root: Path, name: str | None = None, classes_per_session: int | No
         if not isinstance(names, list) or len(names) != n_classes:
             raise SourceError(f"{class_names}: expected a list of {n_classes} class names")
     plan = Plan(f"cmml-json:{name}", multilabel, names, sessions, [], metadata,
-                [rule, "text: a list keeps its first non-empty string"])
+                [rule, JOIN_RULE])
     for i, row, split, task, label in parsed:
         image = root / "images" / row["image"]
-        plan.items.append(Item(f"{i:08d}", image, one_text(row["text"]), label, split, task))
+        plan.items.append(Item(f"{i:08d}", image, joined_text(row["text"]), label, split, task))
     check_sessions(plan, str(path))
     return plan
 
@@ -221,7 +227,7 @@ def food101(root: Path, sessions: int = 10, classes_per_session: int = 10) -> Pl
             if not image.is_file():  # some copies keep val images elsewhere
                 image = root / "images" / ("train" if folder == "test" else "test") / cls / name
             label = kept[cls]
-            plan.items.append(Item(f"{split}/{name}", image, one_text(texts.get(name, "")),
+            plan.items.append(Item(f"{split}/{name}", image, joined_text(texts.get(name, "")),
                                    label, split, label // classes_per_session))
     check_sessions(plan, str(split_path))
     return plan
@@ -247,7 +253,7 @@ def mmimdb(root: Path, sessions: int = 5, classes_per_session: int = 4) -> Plan:
             except (OSError, ValueError, KeyError, TypeError):
                 plan.drop("label file missing or unreadable", mid)
                 continue
-            movies.append((ours[raw], mid, [str(g) for g in genres], one_text(meta.get("plot", ""))))
+            movies.append((ours[raw], mid, [str(g) for g in genres], joined_text(meta.get("plot", ""))))
     freq = Counter(g for split, _, genres, _ in movies if split == "train" for g in set(genres))
     order = sorted({g for _, _, genres, _ in movies for g in genres}, key=lambda g: (-freq[g], g))
     n_keep = sessions * classes_per_session
@@ -266,8 +272,8 @@ def mmimdb(root: Path, sessions: int = 5, classes_per_session: int = 4) -> Plan:
         "a movie goes to one session, that of its least frequent kept genre (its highest "
         "class id); its labels are all its kept genres (other sessions' are ignored by that "
         "session's head and score); movies with no kept genre are left out",
-        "one sample per movie: the text is its first non-empty plot (no per-plot "
-        "expansion, so missing rates stay exact)",
+        "one sample per movie (no per-plot expansion, so missing rates stay exact); its "
+        "plots are its text, " + JOIN_RULE.split(": ", 1)[1],
         "split.json dev -> val",
     ]
     for split, mid, genres, text in movies:

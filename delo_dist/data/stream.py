@@ -9,6 +9,12 @@ robin, so order is kept). Consequences, all by construction:
   - every rank runs exactly floor(N / global_batch) steps: no hang, whatever the number of
     shards (3 shards on 2 ranks x 2 workers is fine) and no shards >= ranks x workers rule;
   - readers skip other readers' samples before decoding: each sample is decoded once.
+With gradient accumulation (`accum` > 1) a global batch is batch_size x accum x world
+samples: rank r's slice is cut into accum micro-batches in stream order, and micro-batch j
+of the rank goes to worker j % W. So 1 device x accum 4 trains on exactly the samples of
+4 devices x accum 1 at every optimizer step. Each training micro-batch that is a dict also
+carries `complete_per_micro` (B,): the complete samples (status 0) of its whole global
+batch / accum, so that per-sample loss terms can be normalised over the optimizer step.
 The cost: every reader reads every tar byte of the session's split (sequential I/O, no
 decoding), which is cheap next to JPEG decoding for a session's worth of shards.
 
@@ -43,7 +49,7 @@ class SessionStream(IterableDataset):
                  batch_size: int, collate: Callable, status: dict[str, int], *,
                  train: bool, rank: int = 0, world: int = 1, seed: int = 0, epoch: int = 0,
                  shuffle_buffer: int = 256, skip_batches: int = 0, max_bad: int = 0,
-                 faults_path: Path | None = None):
+                 faults_path: Path | None = None, accum: int = 1):
         entry = manifest["sessions"][session]["splits"][split]
         self.root = Path(root)
         self.urls = [str(self.root / s) for s in entry["shards"]]
@@ -55,12 +61,14 @@ class SessionStream(IterableDataset):
         self.train, self.rank, self.world = train, rank, world
         self.seed, self.epoch, self.shuffle_buffer = seed, epoch, shuffle_buffer
         self.skip_batches = skip_batches   # resume mid-epoch: global batches already trained
+        self.accum = accum                 # micro-batches per rank and global batch
         self.stats = {"skipped": 0, "read_errors": []}
         self.bad: list[dict] = []   # undecodable samples: key, shard, why
 
     def __len__(self) -> int:
         if self.train:
-            return max(self.count // (self.batch_size * self.world) - self.skip_batches, 0)
+            steps = self.count // (self.batch_size * self.accum * self.world) - self.skip_batches
+            return max(steps, 0) * self.accum
         local = len(range(self.rank, self.count, self.world))
         return -(-local // self.batch_size)
 
@@ -145,17 +153,29 @@ class SessionStream(IterableDataset):
             raise DataIntegrityError(f"session {self.session} {self.split}: a batch of {names} "
                                      f"failed to decode: {e!r}") from e
 
+    def _micro(self, chunk: list, start: int):
+        """Micro-batch chunk[start:start + batch_size] of a global batch; it carries the global
+        batch's complete-sample count / accum (the auxiliary losses' normaliser)."""
+        batch = self._batch(chunk[start:start + self.batch_size])
+        if isinstance(batch, dict):
+            complete = sum(self.status.get(r["__key__"], 0) == 0 for r in chunk)
+            batch["complete_per_micro"] = torch.full((self.batch_size,), complete / self.accum)
+        return batch
+
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         chunk, index = [], 0
         if self.train:
-            size, lo = self.batch_size * self.world, self.batch_size * self.rank
+            b, accum = self.batch_size, self.accum
+            size, lo = b * accum * self.world, b * accum * self.rank
             for raw in self._raw():
                 chunk.append(raw)
-                if len(chunk) == size:  # one global batch
-                    if index >= self.skip_batches and (index - self.skip_batches) % nw == wid:
-                        yield self._batch(chunk[lo:lo + self.batch_size])
+                if len(chunk) == size:  # one global batch: accum micro-batches per rank
+                    if index >= self.skip_batches:
+                        for m in range(accum):
+                            if ((index - self.skip_batches) * accum + m) % nw == wid:
+                                yield self._micro(chunk, lo + m * b)
                     chunk, index = [], index + 1
             return  # the last partial global batch is dropped on every rank alike
         for i, raw in enumerate(self._raw()):

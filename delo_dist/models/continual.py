@@ -56,6 +56,19 @@ class ContinualModel(nn.Module):
         wanted |= {id(p) for p in self.heads[k].parameters()}
         return {n: p for n, p in self.named_parameters() if id(p) in wanted}
 
+    def parameter_counts(self) -> dict:
+        """Parameter counts: the frozen backbone (adapters excluded) and, per session, what it
+        trains (its adapters and its head). Shared adapters (seq_lora) count in every session."""
+        adapter_ids = {id(p) for a in self.adapted for p in a.sessions.parameters()}
+        backbone = sum(p.numel() for p in self.backbone.parameters() if id(p) not in adapter_ids)
+        sessions = []
+        for k, head in enumerate(self.heads):
+            adapters = sum(p.numel() for a in self.adapted for p in a.session_module(k).parameters())
+            n_head = sum(p.numel() for p in head.parameters())
+            sessions.append({"adapters": adapters, "head": n_head, "trainable": adapters + n_head})
+        return {"backbone_frozen": backbone, "sessions": sessions,
+                "total": sum(p.numel() for p in self.parameters())}
+
     def set_trainable(self, k: int) -> dict[str, nn.Parameter]:
         self.requires_grad_(False)
         params = self.session_parameters(k)

@@ -55,10 +55,11 @@ class ViltBackbone(Backbone):
                                  f"id reachable from here): {e}") from e
         else:
             self.tokenizer = offline_tokenizer()
-            config = ViltConfig(**cfg.tiny, image_size=cfg.image_size,
-                                max_position_embeddings=cfg.max_text_len,
+            tiny = {"max_position_embeddings": cfg.max_text_len, **cfg.tiny}
+            config = ViltConfig(**tiny, image_size=cfg.image_size,
                                 vocab_size=len(self.tokenizer), max_image_length=-1)
             self.vilt = ViltModel(config)
+        extend_text_positions(self.vilt, cfg.max_text_len, cfg.text_position_rule)
         self.vilt.requires_grad_(False)
         self.vilt.eval()  # frozen: no dropout, whatever mode the wrapper is in
         self.hidden_size = self.vilt.config.hidden_size
@@ -134,6 +135,36 @@ class ViltBackbone(Backbone):
             image_token_type_idx=1)  # the hook has marked text and image tokens in ctx
         h = self.vilt.encoder.layer[0].layernorm_before(emb)
         return masked_mean(h, self.ctx.image_tokens), masked_mean(h, self.ctx.text_tokens)
+
+
+def extend_text_positions(vilt: ViltModel, n: int, rule: str = "resample") -> None:
+    """Give ViLT's text position table (pretrained: 40 rows) n rows, if it has fewer.
+
+    rule "resample" (the reference's: MAP, RebQ and the DeLo code upsample their 40-row
+    table when max_text_len is larger): the whole table is resampled to n rows by linear
+    interpolation along the position axis (half-pixel centres, as torch's `interpolate`
+    with align_corners=False), so every row, the first 40 included, changes.
+    rule "extend" (ours): rows 0..old-1 are kept as they are, and row p >= old takes the
+    value the "resample" table has at p; short texts then embed exactly as pretrained.
+    The position_ids and token_type_ids buffers and config.max_position_embeddings grow
+    with the table. Tables already at least n rows long are left alone.
+    """
+    emb = vilt.embeddings.text_embeddings
+    old = emb.position_embeddings.weight
+    if n <= old.shape[0]:
+        return
+    with torch.no_grad():
+        resampled = torch.nn.functional.interpolate(
+            old.T[None].float(), size=n, mode="linear", align_corners=False)[0].T.to(old.dtype)
+        if rule == "extend":
+            resampled[:old.shape[0]] = old
+    table = torch.nn.Embedding(n, old.shape[1], device=old.device, dtype=old.dtype)
+    table.weight.data.copy_(resampled)
+    table.weight.requires_grad_(old.requires_grad)
+    emb.position_embeddings = table
+    emb.position_ids = torch.arange(n, device=old.device).expand(1, -1)
+    emb.token_type_ids = torch.zeros(1, n, dtype=torch.long, device=old.device)
+    vilt.config.max_position_embeddings = n
 
 
 def _labels(samples: list[dict]):

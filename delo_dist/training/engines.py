@@ -7,6 +7,9 @@ the engine is built (DeepSpeed does not follow requires_grad changes made afterw
     and AdamW state are partitioned across ranks; the frozen backbone and earlier sessions
     stay outside the optimiser. `destroy()` frees it before the next session's engine.
 Both expose forward / backward / step, the optimiser-state size and a state for checkpoints.
+With gradient accumulation (`accum` micro-batches per optimizer step) the trainer still
+calls backward and step once per micro-batch: backward scales the loss by 1 / accum and
+step only updates on the accum-th call (DeepSpeed does both itself from its config).
 """
 from __future__ import annotations
 
@@ -31,8 +34,9 @@ def _state_bytes(optimizer) -> int:
 class TorchEngine:
     name = "torch"
 
-    def __init__(self, model, params: dict, cfg, total_steps: int):
+    def __init__(self, model, params: dict, cfg, total_steps: int, accum: int = 1):
         self.model, self.cfg = model, cfg
+        self.accum, self.micro_steps = accum, 0
         self.params = list(params.values())
         self.optimizer = torch.optim.AdamW(self.params, **_adamw_kwargs(cfg))
         self.scheduler = _schedule(self.optimizer, cfg, total_steps)
@@ -41,9 +45,12 @@ class TorchEngine:
         return self.model(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (loss / self.accum if self.accum > 1 else loss).backward()
 
     def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.accum:
+            return  # gradients keep accumulating until the step's last micro-batch
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
@@ -71,13 +78,14 @@ class DeepSpeedEngine:
     name = "deepspeed"
 
     def __init__(self, model, params: dict, cfg, total_steps: int, world: int, zero_stage: int,
-                 bf16: bool = False):
+                 bf16: bool = False, micro: int | None = None, accum: int = 1):
         import deepspeed
         self.cfg, self.zero_stage = cfg, zero_stage
+        micro = micro or cfg.batch_size
         config = {
-            "train_micro_batch_size_per_gpu": cfg.batch_size,
-            "gradient_accumulation_steps": 1,
-            "train_batch_size": cfg.batch_size * world,
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": accum,
+            "train_batch_size": micro * accum * world,
             "gradient_clipping": cfg.grad_clip if cfg.grad_clip > 0 else 0.0,
             "zero_optimization": {"stage": zero_stage},
             "optimizer": {"type": "AdamW", "params": {**_adamw_kwargs(cfg), "torch_adam": True}},

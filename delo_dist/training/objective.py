@@ -24,8 +24,8 @@ def objective(forward, model, batch: dict, k: int, method_cfg, epoch: int,
     loss, parts = ce, {"ce": ce.item()}
     complete = ~(batch["missing_text"] | batch["missing_image"])
     # auxiliary terms: this rank's sum over complete samples / (global count / world)
-    n_global = dist.all_reduce_sum(complete.sum().float().cpu()).item()
-    scale = dist.world() / max(n_global, 1.0)
+    n_global = _complete_count(batch, complete)
+    scale = dist.world() / n_global if n_global > 0 else 0.0  # n may be < 1 with accumulation
     if use_align:
         align = alignment_sum(model.ctx.queries, complete) * scale
         loss = loss + m.lambda_align * align
@@ -41,6 +41,15 @@ def objective(forward, model, batch: dict, k: int, method_cfg, epoch: int,
         parts["con"] = con.item()
     parts["loss"] = loss.item()
     return loss, parts
+
+
+def _complete_count(batch: dict, complete: torch.Tensor) -> float:
+    """Complete samples per micro-step over all ranks. With gradient accumulation the stream
+    counted the optimizer step's whole global batch (/ accum), so that the micro-steps'
+    auxiliary terms, each divided by accum in backward, add up to the step's mean."""
+    if "complete_per_micro" in batch:
+        return float(batch["complete_per_micro"][0])
+    return dist.all_reduce_sum(complete.sum().float().cpu()).item()
 
 
 def update_task_key(model, batch: dict, k: int) -> None:

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from delo_dist import metrics as M
-from delo_dist.config import Recipe, to_dict
+from delo_dist.config import Recipe, RecipeError, batch_plan, to_dict
 from delo_dist.data.missing import MissingSpec, missing_table, table_summary
 from delo_dist.data.shards import check_sizes, has_file_records, manifest_sha256, read_manifest
 from delo_dist.data.stream import SessionStream, make_loader
@@ -72,6 +72,11 @@ class Trainer:
         self.main = self.rank == 0
         self.device = self.accelerator.device
         self.engine_kind = self._engine_kind()
+        try:  # per-device micro-batch and accumulation: the same global batch on any world size
+            self.micro, self.accum = batch_plan(r.train, self.world)
+        except RecipeError as e:
+            raise LaunchError(str(e)) from e
+        self.global_batch = self.micro * self.accum * self.world
         random.seed(r.seed)
         np.random.seed(r.seed)
         torch.manual_seed(r.seed)
@@ -103,6 +108,8 @@ class Trainer:
                                     self.manifest["num_classes"], self.multilabel).to(self.device)
         self.tracker = Tracker(r, enabled=self.main and not evaluating,
                                manifest_sha256=self.manifest_sha)
+        self.tracker.set_tags({"metric": M.metric_name(self.multilabel, r.eval.multilabel_classes)})
+        self._report_parameters()
         self.result = {"accuracy_matrix": [], "oracle_matrix": [], "routing_matrix": [],
                        "routing_by_availability": [], "sessions": []}
         self.resume = None if evaluating else self._resume()
@@ -141,6 +148,22 @@ class Trainer:
         if not has_file_records(self.manifest):
             print(f"{self.recipe.data.shards}/manifest.json records no tar sizes (written by an "
                   "older version): sizes could not be checked; re-prepare to get them", flush=True)
+    def _report_parameters(self) -> None:
+        """Print and log what each session trains (Table 5's count) and the model's total."""
+        r, counts = self.recipe, self.model.parameter_counts()
+        per = [s["trainable"] for s in counts["sessions"]]
+        self.tracker.log_params({"params.backbone_frozen": counts["backbone_frozen"],
+                                 "params.total": counts["total"],
+                                 **{f"params.trainable_s{k}": n for k, n in enumerate(per)}})
+        if self.main:
+            m, s0 = r.method, counts["sessions"][0]
+            print(f"parameters: {m.name} (E={m.experts}, r={m.rank}, factor_rank={m.factor_rank}) on "
+                  f"{r.backbone.pretrained or r.backbone.name + '-tiny'}: backbone {counts['backbone_frozen']:,} "
+                  f"frozen; per session {s0['trainable']:,} trainable (adapters {s0['adapters']:,} + "
+                  f"head {s0['head']:,}){' [sessions differ: ' + str(per) + ']' if len(set(per)) > 1 else ''}; "
+                  f"total {counts['total']:,} with {len(per)} sessions; batch {self.micro} x "
+                  f"{self.accum} accumulated x {self.world} devices = {self.global_batch} a step",
+                  flush=True)
 
     def _engine_kind(self) -> str:
         kind = self.recipe.distributed.engine
@@ -165,9 +188,9 @@ class Trainer:
                 raise LaunchError(f"session {k} has {count} test samples for {self.world} ranks: "
                                   "each rank needs at least one")
             train = self.manifest["sessions"][k]["splits"]["train"]["count"]
-            if train < self.recipe.train.batch_size * self.world:
+            if train < self.global_batch:
                 raise LaunchError(f"session {k} has {train} training samples, fewer than one global "
-                                  f"batch ({self.recipe.train.batch_size} x {self.world} ranks)")
+                                  f"batch ({self.micro} x {self.accum} accumulated x {self.world} ranks)")
 
     def _data(self) -> dict:
         d = self.recipe.data
@@ -264,28 +287,30 @@ class Trainer:
         max_bad = int(r.data.max_bad_train_fraction * count) if train else r.data.max_bad_samples
         stream = SessionStream(
             r.data.shards, self.manifest, k, split,
-            r.train.batch_size if train else r.eval.batch_size, self.model.backbone.collate,
+            self.micro if train else r.eval.batch_size, self.model.backbone.collate,
             self.tables.get((k, split), {}), train=train, rank=self.rank, world=self.world,
             seed=r.seed, epoch=epoch, shuffle_buffer=r.data.shuffle_buffer, skip_batches=skip,
-            max_bad=max_bad, faults_path=self.out / "data_faults" / f"s{k:02d}-{split}.json")
+            max_bad=max_bad, faults_path=self.out / "data_faults" / f"s{k:02d}-{split}.json",
+            accum=self.accum if train else 1)
         return stream, make_loader(stream, r.data.num_workers)
 
     def _build_engine(self, params: dict, total_steps: int):
         t = self.recipe.train
         if self.engine_kind == "torch":
-            return TorchEngine(self.model, params, t, total_steps)
+            return TorchEngine(self.model, params, t, total_steps, accum=self.accum)
         stage = self.recipe.distributed.zero_stage  # the recipe wins, else the launch config
         if stage is None:
             stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0))
         bf16 = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16"
-        return DeepSpeedEngine(self.model, params, t, total_steps, self.world, stage, bf16)
+        return DeepSpeedEngine(self.model, params, t, total_steps, self.world, stage, bf16,
+                               micro=self.micro, accum=self.accum)
 
     def train_session(self, k: int) -> bool:
         """Train session k; False if a stop signal interrupted it (checkpoint written)."""
         t = self.recipe.train
         params = self.model.set_trainable(k)  # before the engine: it only sees these
         n_train = self.manifest["sessions"][k]["splits"]["train"]["count"]
-        steps_per_epoch = n_train // (t.batch_size * self.world)
+        steps_per_epoch = n_train // self.global_batch  # optimizer steps
         engine = self._build_engine(params, steps_per_epoch * t.epochs)
         epoch0, step0 = 0, 0
         if self.resume and self.resume["session"] == k and self.resume.get("mid_session"):
@@ -301,8 +326,13 @@ class Trainer:
             _, loader = self._stream(k, "train", True, epoch, skip=step0 if epoch == epoch0 else 0)
             bar = tqdm(loader, desc=f"session {k} epoch {epoch + 1}/{t.epochs}",
                        disable=not (self.main and sys.stderr.isatty()), leave=False)
-            for i, batch in enumerate(bar, start=step0 if epoch == epoch0 else 0):
-                parts = self.train_step(engine, to_device(batch, self.device), k, epoch)
+            micro = []  # this optimizer step's micro-batches (accum of them)
+            for j, batch in enumerate(bar, start=(step0 if epoch == epoch0 else 0) * self.accum):
+                micro.append(to_device(batch, self.device))
+                parts = self.train_step(engine, micro, k, epoch)
+                if len(micro) < self.accum:
+                    continue
+                micro, i = [], j // self.accum
                 for name, v in parts.items():
                     self.session_losses[name] += v
                 self.session_losses["steps"] += 1
@@ -362,20 +392,26 @@ class Trainer:
                                         self.model.identification_features)
         return {"task_id_fit_s": time.time() - t0, **info}
 
-    def train_step(self, engine, batch: dict, k: int, epoch: int) -> dict:
+    def train_step(self, engine, micro: list[dict], k: int, epoch: int) -> dict:
+        """One micro-batch (the last of `micro`, this optimizer step's micro-batches so far).
+        Returns the loss parts averaged over the step's micro-batches so far and the ranks."""
         self.model.train()
-        loss, parts = objective(engine, self.model, batch, k, self.recipe.method, epoch,
+        loss, parts = objective(engine, self.model, micro[-1], k, self.recipe.method, epoch,
                                 self.multilabel)
         engine.backward(loss)
         engine.step()
-        update_task_key(self.model, batch, k)
+        if len(micro) == self.accum:  # the EMA sees the optimizer step's whole global batch
+            update_task_key(self.model, merge_batches(micro), k)
         # One reduction: global means of the loss parts (rank 0 alone would report its own
         # slice of the batch) and whether any rank was asked to stop.
         names = sorted(parts)
         packed = [parts[n] for n in names] + [1.0 if self.stop_requested else 0.0]
         sums = dist.all_reduce_sum(torch.tensor(packed, dtype=torch.float64)).tolist()
         self.stop_agreed = sums[-1] > 0
-        return {n: v / self.world for n, v in zip(names, sums)}
+        n = len(micro)
+        self._step_parts = {nm: v / self.world for nm, v in zip(names, sums)} if n == 1 else {
+            nm: (self._step_parts[nm] * (n - 1) + v / self.world) / n for nm, v in zip(names, sums)}
+        return self._step_parts
 
     # ================================================================ evaluation
     def evaluate_checkpoint(self, path: Path) -> None:
@@ -410,7 +446,7 @@ class Trainer:
                            _plain(out.get("oracle_pred"), j), int(out["routed"][j]), int(avail[j]))
                           for j, key in enumerate(batch["keys"])]
             gathered = sorted((x for part in dist.all_gather_objects(local) for x in part))
-            perf, oracle_perf, routing = self._score(gathered, i)
+            perf, oracle_perf, routing = self._score(gathered, i, seen)
             row.append(perf)
             oracle_row.append(oracle_perf)
             routing_row.append(routing)
@@ -448,10 +484,12 @@ class Trainer:
                       if session is None or b["session"] == session]
         return found
 
-    def _score(self, rows: list, session: int) -> tuple[float, float, float]:
+    def _score(self, rows: list, session: int, seen: int) -> tuple[float, float, float]:
         """rows: (key, label, pred, oracle pred, routed) -> performance, oracle, routing."""
         if self.multilabel:
-            n, classes = self.manifest["num_classes"], self.manifest["sessions"][session]["classes"]
+            n = self.manifest["num_classes"]
+            classes = M.scored_classes([s["classes"] for s in self.manifest["sessions"]], session,
+                                       seen, self.recipe.eval.multilabel_classes)
             as_tensor = lambda col: M.multi_hot(col, n)                    # noqa: E731
             metric = lambda pred, y: M.macro_f1(pred, y, classes)         # noqa: E731
         else:
@@ -494,6 +532,7 @@ class Trainer:
         metric = "macro_f1" if self.multilabel else "accuracy"
         summary = {
             "dataset": r.data.dataset, "method": r.method.name, "metric": metric,
+            "multilabel_classes": r.eval.multilabel_classes if self.multilabel else None,
             "eta": r.data.eta, "missing_type": r.data.missing_type, "both_ratio": r.data.both_ratio,
             **{n: res[n] for n in ("accuracy_matrix", "oracle_matrix", "routing_matrix")},
             "ap": M.average_performance(res["accuracy_matrix"]),
@@ -555,6 +594,15 @@ def _availability_scalars(b: dict) -> dict:
 def _availability_line(b: dict) -> str:
     return ", ".join(f"{n.replace('_', '-')} {'-' if v is None else f'{100 * v:.1f}'}"
                      for n, v in b["overall"].items())
+
+
+def merge_batches(batches: list[dict]) -> dict:
+    """Micro-batches of one optimizer step as one batch (tensors concatenated, lists joined)."""
+    if len(batches) == 1:
+        return batches[0]
+    return {k: torch.cat([b[k] for b in batches]) if torch.is_tensor(v) else
+            [x for b in batches for x in b[k]] for k, v in batches[0].items()}
+
 
 
 def _plain(t, j):
