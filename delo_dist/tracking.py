@@ -33,11 +33,11 @@ from delo_dist.config import Recipe, flatten, to_dict
 RUN_ID_FILE = "mlflow_run_id"
 TRACKING_FILE = "tracking.json"
 BUFFER_FILE = "tracking_buffer.jsonl"
-PROBE_TIMEOUT_S = 5
+PROBE_TIMEOUT_S = (5, 20)   # connect (a dead host), read (a live but busy server)
 # MLflow's own defaults (120 s timeout, 7 retries with backoff factor 2) stall a job for
 # minutes per call when the server is down. Read by mlflow at each request (mlflow 3.x
 # rest_utils), so setting them before the first call is enough; a user's values win.
-HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5"}
 OFFLINE_HINT = ("to run without the server, unset MLFLOW_TRACKING_URI and leave tracking.uri "
                 "unset (a local sqlite store beside the output dir) or set "
@@ -60,7 +60,7 @@ def redact(text: str) -> str:
     return text.replace(secret, "***") if secret else text
 
 
-def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+def probe(uri: str, timeout: tuple[float, float] = PROBE_TIMEOUT_S) -> None:
     """Fail fast, before any work, if an HTTP tracking server is down or refuses us."""
     if not uri.startswith(("http://", "https://")):
         return
@@ -74,8 +74,9 @@ def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
                             params={"max_results": 1}, timeout=timeout, headers=headers,
                             auth=(user, password or "") if user else None)
     except requests.RequestException as e:
-        raise TrackingUnreachable(f"MLflow tracking server {redact(uri)} did not answer within "
-                                  f"{timeout:.0f} s ({type(e).__name__}); {OFFLINE_HINT}") from None
+        raise TrackingUnreachable(f"MLflow tracking server {redact(uri)} did not answer "
+                                  f"(waited {timeout[0]} s to connect, {timeout[1]} s for a reply: "
+                                  f"{type(e).__name__}); {OFFLINE_HINT}") from None
     if resp.status_code in (401, 403):
         raise TrackingUnreachable(
             f"MLflow tracking server {redact(uri)} refused this job (HTTP {resp.status_code}): "

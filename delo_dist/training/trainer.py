@@ -239,6 +239,8 @@ class Trainer:
         return state
 
     def _on_signal(self, signum, frame) -> None:
+        if self.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt   # a second Ctrl-C: stop now, without the checkpoint
         self.stop_requested = True
 
     # ================================================================ run
