@@ -60,6 +60,8 @@ class BackboneConfig:
     image_size: int = 64
     max_text_len: int = 40
     targets: list = field(default_factory=lambda: ["query", "key", "value"])
+    attention: Literal["sdpa", "eager"] = "sdpa"   # ViLT self-attention: torch's fused SDPA or
+                                                   # transformers' matmul + softmax (same result)
 
 
 @dataclass
@@ -94,6 +96,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     log_every: int = 10
     checkpoint_every: int = 0               # steps between mid-session checkpoints (0: off)
+    # autocast of forward passes (training and evaluation); trainable tensors stay fp32.
+    # auto: the launch's ACCELERATE_MIXED_PRECISION (no if unset); fp16 needs a GPU.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
 
 @dataclass

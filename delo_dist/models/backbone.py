@@ -8,7 +8,8 @@ DeLo and the baselines never import ViLT. A backbone tells them:
   - how to build inputs, dummies for a missing modality included: `collate(samples)`;
   - the pooled feature the heads eat: `forward(batch) -> (B, hidden_size)`;
   - cheap per-modality queries for the task-key memory that no adapter influences:
-    `first_layer_queries(batch) -> (q_v, q_t)`.
+    `first_layer_queries(batch) -> (q_v, q_t)`, and optionally the module that computes
+    them in the forward pass (`first_layer_module()`), so that no second pass is needed.
 CLIP-like models with two encoders implement the same calls (their text layers see only
 text tokens: the other modality's query then comes from the cross-modal guide).
 """
@@ -38,6 +39,11 @@ class Backbone(nn.Module):
 
     def first_layer_queries(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def first_layer_module(self) -> nn.Module | None:
+        """The module whose output (B, N, d) `first_layer_queries` averages per modality, or
+        None. The model hooks it to identify the task inside the main forward pass."""
+        return None
 
 
 _REGISTRY: dict[str, Callable] = {}

@@ -18,6 +18,7 @@ from PIL import Image
 from transformers import AutoTokenizer, BertTokenizerFast, ViltConfig, ViltModel
 
 from delo_dist.models.backbone import Backbone, register_backbone, select_targets
+from delo_dist.models.vilt_sdpa import install_attention
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 IMAGE_MEAN = IMAGE_STD = 0.5  # ViLT's image processor normalisation
@@ -59,6 +60,7 @@ class ViltBackbone(Backbone):
                                 max_position_embeddings=cfg.max_text_len,
                                 vocab_size=len(self.tokenizer), max_image_length=-1)
             self.vilt = ViltModel(config)
+        install_attention(self.vilt, cfg.attention)  # transformers' ViLT has no SDPA of its own
         self.vilt.requires_grad_(False)
         self.vilt.eval()  # frozen: no dropout, whatever mode the wrapper is in
         self.hidden_size = self.vilt.config.hidden_size
@@ -121,6 +123,9 @@ class ViltBackbone(Backbone):
                         pixel_values=batch["pixel_values"],
                         pixel_mask=torch.ones_like(batch["pixel_values"][:, 0], dtype=torch.long))
         return out.pooler_output
+
+    def first_layer_module(self) -> torch.nn.Module:
+        return self.vilt.encoder.layer[0].layernorm_before
 
     @torch.no_grad()
     def first_layer_queries(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,158 @@
+"""Each optimised path against the plain one, numerically: SDPA vs eager ViLT attention,
+both modality pools in one gathered product vs pool by pool, L_con's proxy pass batched
+with the main pass vs a second forward, and task identification inside the main forward vs
+a separate key pass (with 10 sessions)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from delo_dist.data.shards import read_manifest
+from delo_dist.data.stream import SessionStream
+from delo_dist.models.continual import ContinualModel, subset
+from delo_dist.models.delo import DeloSession
+from delo_dist.models.vilt_sdpa import ViltSdpaSelfAttention, install_attention
+from delo_dist.training.losses import (alignment_sum, consistency_sum, proxy_choice,
+                                       supervised_loss)
+from delo_dist.training.objective import objective, update_task_key
+from tests.test_delo import batch_of, build
+
+
+def _randomise_adapters(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in model.adapted:
+            for p in a.sessions.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_sdpa_attention_equals_eager_with_adapters_and_padding(recipe_for, shards):
+    recipe, m, model = build(recipe_for)
+    attn = [mod for mod in model.modules() if "SelfAttention" in type(mod).__name__]
+    assert attn and all(isinstance(a, ViltSdpaSelfAttention) for a in attn)   # the default
+    _randomise_adapters(model)                       # adapters act inside q/k/v
+    batch = batch_of(model, m, shards, 1, n=8, eta=0.5)
+    assert (batch["attention_mask"] == 0).any()      # padded text positions are masked
+    model.eval()
+    sessions = torch.tensor([0, 1, 2, 1, 0, 1, 2, 1])
+    sdpa = model.predict_with(batch, sessions)
+    pooled_sdpa = model.backbone(batch)
+    assert install_attention(model, "eager") == len(attn)
+    assert type(attn[0]).__name__ == "ViltSelfAttention"
+    pooled_eager = model.backbone(batch)
+    assert torch.allclose(pooled_sdpa, pooled_eager, atol=1e-5, rtol=1e-4)
+    assert torch.equal(sdpa, model.predict_with(batch, sessions))
+    # attention probabilities requested: the SDPA class falls back to the eager forward
+    install_attention(model, "sdpa")
+    out = model.backbone.vilt(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              pixel_values=batch["pixel_values"], output_attentions=True)
+    assert len(out.attentions) == len(attn) and out.attentions[0].shape[-1] == out.attentions[0].shape[-2]
+
+
+def test_eager_recipe_key_builds_eager_attention(recipe_for):
+    _, _, model = build(recipe_for, **{"backbone.attention": "eager"})
+    attn = [mod for mod in model.modules() if "SelfAttention" in type(mod).__name__]
+    assert attn and not any(isinstance(a, ViltSdpaSelfAttention) for a in attn)
+
+
+@pytest.mark.parametrize("factor_rank", [1, 3])
+@pytest.mark.parametrize("modality_pools", [True, False])
+def test_gathered_pools_equal_pool_by_pool_with_gradients(factor_rank, modality_pools):
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(alpha=2.0, modality_pools=modality_pools, experts=6, rank=3,
+                          factor_rank=factor_rank, a_init_std=None)
+    torch.manual_seed(0)
+    s = DeloSession(20, 12, cfg).double()
+    with torch.no_grad():
+        for p in s.parameters():
+            p.normal_()
+    x = torch.randn(4, 7, 20, dtype=torch.float64)
+    q_v, q_t, q_all = (torch.randn(4, 20, dtype=torch.float64) for _ in range(3))
+    fused = s.delta(x, q_v, q_t, q_all)
+    if modality_pools:
+        plain = s.alpha * (s.visual.delta(x, q_v) + s.textual.delta(x, q_t))
+    else:
+        plain = s.alpha * s.unified.delta(x, q_all)
+    params = list(s.parameters())
+    g_fused = torch.autograd.grad(fused.square().sum(), params, allow_unused=True)
+    g_plain = torch.autograd.grad(plain.square().sum(), params, allow_unused=True)
+    assert fused.abs().max() > 0 and torch.allclose(fused, plain, atol=1e-10)
+    for a, b in zip(g_fused, g_plain):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-9))
+
+
+def _sequential_objective(model, batch, k, m, epoch):
+    """The objective as it was: L_con's proxy pass as a second forward after the main one."""
+    logits = model(batch, session=k, record=True)
+    ce = supervised_loss(logits, batch, model.local_index[k], False)
+    complete = ~(batch["missing_text"] | batch["missing_image"])
+    scale = 1.0 / max(complete.sum().item(), 1)
+    align = alignment_sum(model.ctx.queries, complete) * scale
+    idx = complete.nonzero().squeeze(1)
+    sub = subset(batch, idx)
+    con = consistency_sum(logits[idx], model(sub, session=k, proxy=proxy_choice(sub["keys"], epoch)),
+                          False) * scale
+    return ce + m.lambda_align * align + m.lambda_con * con, {"ce": ce.item(), "align": align.item(),
+                                                              "con": con.item()}
+
+
+def test_batched_consistency_pass_equals_a_second_forward(recipe_for, shards):
+    recipe, m, model = build(recipe_for)
+    params = model.set_trainable(1)
+    _randomise_adapters(model)
+    model.train()
+    batch = batch_of(model, m, shards, 1, n=8, eta=0.5)
+    complete = ~(batch["missing_text"] | batch["missing_image"])
+    assert 0 < complete.sum() < 8
+    loss, parts = objective(model, model, batch, 1, recipe.method, epoch=3)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    ref_loss, ref_parts = _sequential_objective(model, batch, 1, recipe.method, epoch=3)
+    ref_grads = torch.autograd.grad(ref_loss, list(params.values()))
+    assert parts["con"] > 0 and parts["align"] > 0
+    for name in ("ce", "align", "con"):
+        assert parts[name] == pytest.approx(ref_parts[name], rel=1e-4, abs=1e-6), name
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-3)
+
+
+def test_key_query_reuses_the_forward_and_equals_a_separate_pass(recipe_for, shards):
+    recipe, m, model = build(recipe_for)
+    model.train()
+    batch = batch_of(model, m, shards, 0, n=8, eta=0.5)
+    objective(model, model, batch, 0, recipe.method, epoch=0)     # the batched forward
+    cached, present = model.key_query(batch)
+    assert model._first_layer is not None and model._first_layer[0] is batch["input_ids"]
+    q_v, q_t = model.backbone.first_layer_queries(batch)           # the separate key pass
+    assert torch.allclose(cached, torch.stack([q_v, q_t], 1), atol=1e-5)
+    other = batch_of(model, m, shards, 1, n=8)                     # another batch: recomputed
+    q_v, q_t = model.backbone.first_layer_queries(other)
+    assert torch.allclose(model.key_query(other)[0], torch.stack([q_v, q_t], 1))
+
+
+def test_routing_inside_the_forward_equals_a_key_pass_with_ten_sessions(recipe_for, shards):
+    """10 sessions (the data's 3, each on 3 or 4 distinct batches), keys from each session's training batches: the
+    in-forward routing picks the same sessions and predictions as key_query + predict_with."""
+    recipe, m, _ = build(recipe_for)
+    classes = [s["classes"] for s in m["sessions"]]
+    torch.manual_seed(0)
+    model = ContinualModel(recipe, [classes[k % 3] for k in range(10)], m["num_classes"])
+    _randomise_adapters(model)
+    model.eval()
+    for k in range(10):  # session k: the (k // 3)-th batch of data session k % 3
+        stream = SessionStream(shards, m, k % 3, "train", 16, model.backbone.collate, {}, train=False)
+        update_task_key(model, list(stream)[k // 3], k)
+    batch = batch_of(model, m, shards, 2, "test", n=12, eta=0.6)
+    out = model.predict(batch, seen=10)
+    q_v, q_t = model.backbone.first_layer_queries(batch)
+    present = torch.stack([~batch["missing_image"], ~batch["missing_text"]], 1)
+    keys = model.task_keys.select(torch.stack([q_v, q_t], 1), present, 10)
+    assert torch.equal(out["routed"], keys)
+    assert torch.equal(out["pred"], model.predict_with(batch, keys))
+    ref = copy.deepcopy(model)
+    ref.backbone.first_layer_module = lambda: None                  # the plain path
+    plain = ref.predict(batch, seen=10)
+    for key in ("routed", "pred", "oracle_pred"):
+        assert torch.equal(out[key], plain[key]), key
