@@ -165,6 +165,8 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
                 continue
         raise RecipeError(f"{src}: key '{key}' expected {_describe(tp)}, got {value!r}")
     if origin is Literal:
+        if value is False and "no" in typing.get_args(tp):
+            return "no"  # YAML 1.1 reads an unquoted `no` as false
         if value not in typing.get_args(tp):
             raise RecipeError(f"{src}: key '{key}' expected {_describe(tp)}, got {value!r}")
         return value

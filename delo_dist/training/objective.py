@@ -28,17 +28,17 @@ def objective(forward, model, batch: dict, k: int, method_cfg, epoch: int,
     idx = complete.nonzero().squeeze(1) if use_con else complete.new_zeros(0, dtype=torch.long)
     if len(idx):
         proxy = proxy_choice([batch["keys"][i] for i in idx.tolist()], epoch).to(complete.device)
-        both = forward(batch, session=k, record=use_align, proxy_rows=(idx, proxy))
+        both = forward(batch, session=k, record=use_align, proxy_rows=(idx, proxy)).float()
         logits, logits_proxy = both[:n], both[n:]
-    else:
-        logits = forward(batch, session=k, record=use_align)
+    else:  # .float(): under autocast the losses are taken in fp32
+        logits = forward(batch, session=k, record=use_align).float()
     ce = supervised_loss(logits, batch, model.local_index[k], multilabel)
     loss, parts = ce, {"ce": ce.item()}
     # auxiliary terms: this rank's sum over complete samples / (global count / world)
     n_global = dist.all_reduce_sum(complete.sum().float().cpu()).item()
     scale = dist.world() / max(n_global, 1.0)
     if use_align:  # queries of the main rows only
-        queries = [(q_v[:n], q_t[:n]) for q_v, q_t in model.ctx.queries]
+        queries = [(q_v[:n].float(), q_t[:n].float()) for q_v, q_t in model.ctx.queries]
         align = alignment_sum(queries, complete) * scale
         loss = loss + m.lambda_align * align
         parts["align"] = align.item()

@@ -30,7 +30,7 @@ from delo_dist.models.continual import ContinualModel
 from delo_dist.plots import accuracy_heatmap
 from delo_dist.tracking import Tracker
 from delo_dist.training import checkpoint, dist
-from delo_dist.training.engines import DeepSpeedEngine, TorchEngine
+from delo_dist.training.engines import DeepSpeedEngine, TorchEngine, autocast, resolve_precision
 from delo_dist.training.objective import objective, update_task_key
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, relaunch to resume
@@ -64,6 +64,7 @@ class Trainer:
         self.main = self.rank == 0
         self.device = self.accelerator.device
         self.engine_kind = self._engine_kind()
+        self.precision = resolve_precision(r.train.mixed_precision, self.device, self.engine_kind)
         random.seed(r.seed)
         np.random.seed(r.seed)
         torch.manual_seed(r.seed)
@@ -197,12 +198,11 @@ class Trainer:
     def _build_engine(self, params: dict, total_steps: int):
         t = self.recipe.train
         if self.engine_kind == "torch":
-            return TorchEngine(self.model, params, t, total_steps)
+            return TorchEngine(self.model, params, t, total_steps, self.precision)
         stage = self.recipe.distributed.zero_stage  # the recipe wins, else the launch config
         if stage is None:
             stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0))
-        bf16 = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16"
-        return DeepSpeedEngine(self.model, params, t, total_steps, self.world, stage, bf16)
+        return DeepSpeedEngine(self.model, params, t, total_steps, self.world, stage)
 
     def train_session(self, k: int) -> bool:
         """Train session k; False if a stop signal interrupted it (checkpoint written)."""
@@ -267,8 +267,9 @@ class Trainer:
 
     def train_step(self, engine, batch: dict, k: int, epoch: int) -> dict:
         self.model.train()
-        loss, parts = objective(engine, self.model, batch, k, self.recipe.method, epoch,
-                                self.multilabel)
+        with autocast(self.precision, self.device):  # forward and loss; backward outside
+            loss, parts = objective(engine, self.model, batch, k, self.recipe.method, epoch,
+                                    self.multilabel)
         engine.backward(loss)
         engine.step()
         update_task_key(self.model, batch, k)
@@ -305,7 +306,8 @@ class Trainer:
             local = []
             for batch in tqdm(loader, desc=f"eval S{i} of {seen}", disable=not self.main, leave=False):
                 batch = to_device(batch, self.device)
-                out = self.model.predict(batch, seen, oracle)
+                with autocast(self.precision, self.device):
+                    out = self.model.predict(batch, seen, oracle)
                 labels = batch["labels"]
                 local += [(key, _plain(labels, j), _plain(out["pred"], j),
                            _plain(out.get("oracle_pred"), j), int(out["routed"][j]))
@@ -390,7 +392,7 @@ class Trainer:
             "routing_accuracy": float(np.mean(res["routing_matrix"][-1])),
             "chance": None if self.multilabel else 1.0 / seen_classes,
             "sessions": res["sessions"], "missing": self.missing_summary,
-            "wall_time_s": wall, "world_size": self.world,
+            "wall_time_s": wall, "world_size": self.world, "mixed_precision": self.precision,
         }
         (self.out / "metrics.json").write_text(json.dumps(summary, indent=1))
         (self.out / "recipe.resolved.yaml").write_text(_yaml(to_dict(r)))
