@@ -72,6 +72,17 @@ class ContinualModel(nn.Module):
         hooked = self.backbone.first_layer_module() if self.key_source == "first_layer" else None
         if hooked is not None:
             hooked.register_forward_hook(self._on_first_layer)
+        self.backbone.train(True)  # the backbone's own modes, once: it keeps its model frozen
+
+    def train(self, mode: bool = True):
+        """Mode flags on the model, its heads and keys only. The backbone keeps its frozen
+        model, and the adapters wrapped inside it, in eval mode whatever the mode (set once
+        at build): walking the thousands of per-session adapter modules at every step would
+        make the step cost grow with the number of sessions, for nothing."""
+        self.training = self.backbone.training = mode
+        self.heads.train(mode)
+        self.task_keys.train(mode)
+        return self
 
     # ------------------------------------------------------------ parameters
     def session_parameters(self, k: int) -> dict[str, nn.Parameter]:
