@@ -203,3 +203,25 @@ def test_mixed_precision_resolution(monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
     with pytest.raises(ValueError, match="ACCELERATE_MIXED_PRECISION='fp8'.*expected no, bf16 or fp16"):
         resolve_precision("auto", torch.device("cpu"), "torch")
+
+
+@pytest.mark.slow
+def test_deepspeed_two_ranks_train_under_bf16_autocast(shards, tmp_path):
+    """2 processes, ZeRO-2 over gloo, bf16 asked by the recipe: autocast with fp32 trainable
+    tensors (checkpointed as fp32), a loss within bf16 noise of one fp32 process."""
+    import json
+    from safetensors.torch import load_file
+    from tests.conftest import tiny_overrides
+    from tests.test_distributed import launch
+    common = {"data.sessions": 1, "train.epochs": 1}
+    launch(1, tiny_overrides(shards, tmp_path / "fp32", **common, **{"train.batch_size": 16,
+                                                                      "train.mixed_precision": "no"}))
+    launch(2, tiny_overrides(shards, tmp_path / "bf16", **common, **{"train.batch_size": 8,
+                                                                      "train.mixed_precision": "bf16"}))
+    fp32, bf16 = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("fp32", "bf16"))
+    assert bf16["mixed_precision"] == "bf16" and bf16["sessions"][0]["engine"] == "deepspeed"
+    assert fp32["mixed_precision"] == "no" and bf16["world_size"] == 2
+    assert bf16["sessions"][0]["train_loss"] == pytest.approx(fp32["sessions"][0]["train_loss"], abs=0.02)
+    saved = load_file(str(tmp_path / "bf16" / "checkpoints" / "session_00" / "model.safetensors"))
+    adapters = [t for n, t in saved.items() if ".sessions.0." in n]
+    assert adapters and all(t.dtype == torch.float32 for t in adapters)

@@ -112,9 +112,12 @@ class ViltBackbone(Backbone):
         img = img.convert("RGB")
         if img.size != (self.image_size, self.image_size):
             img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
-        t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-        t = t.view(self.image_size, self.image_size, 3).permute(2, 0, 1).float() / 255.0
-        return (t - IMAGE_MEAN) / IMAGE_STD
+        # One uint8 -> float copy into a contiguous (3, H, W) tensor (stacking the batch is
+        # then a plain memcpy), normalised in place: half the loader's CPU time was here.
+        hwc = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+        hwc = hwc.view(self.image_size, self.image_size, 3).permute(2, 0, 1)
+        t = torch.empty(hwc.shape, dtype=torch.float32).copy_(hwc)
+        return t.mul_(1.0 / (255.0 * IMAGE_STD)).sub_(IMAGE_MEAN / IMAGE_STD)
 
     # ---------------------------------------------------------------- forward
     def forward(self, batch: dict) -> torch.Tensor:
