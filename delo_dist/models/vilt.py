@@ -87,37 +87,39 @@ class ViltBackbone(Backbone):
     # ---------------------------------------------------------------- inputs
     def collate(self, samples: list[dict]) -> dict:
         """samples: dicts with key, jpg (bytes), txt (str), label, session, status."""
-        texts, pixels = [], []
-        for s in samples:
+        texts, size = [], self.image_size
+        pixels = torch.empty(len(samples), 3, size, size)  # filled in place: no stack copy
+        for i, s in enumerate(samples):
             text_missing, image_missing = s["status"] == 1, s["status"] == 2
             texts.append("" if text_missing else s["txt"])  # dummy text: the empty string
             if image_missing:  # dummy image: all ones after normalisation (MAP convention)
-                pixels.append(torch.ones(3, self.image_size, self.image_size))
+                pixels[i] = 1.0
             else:
-                pixels.append(self._image_tensor(s["jpg"]))
+                self._image_tensor(s["jpg"], out=pixels[i])
         tok = self.tokenizer(texts, padding="max_length", truncation=True,
                              max_length=self.max_text_len, return_tensors="pt")
         status = torch.tensor([s["status"] for s in samples])
         return {
             "input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"],
-            "pixel_values": torch.stack(pixels),
+            "pixel_values": pixels,
             "missing_text": status == 1, "missing_image": status == 2,
             "session": torch.tensor([s["session"] for s in samples]),
             "labels": _labels(samples), "keys": [s["key"] for s in samples],
         }
 
-    def _image_tensor(self, jpg: bytes) -> torch.Tensor:
+    def _image_tensor(self, jpg: bytes, out: torch.Tensor | None = None) -> torch.Tensor:
         img = Image.open(io.BytesIO(jpg))
         img.draft("RGB", (self.image_size, self.image_size))  # cheap JPEG downscale on decode
-        img = img.convert("RGB")
+        if img.mode != "RGB":
+            img = img.convert("RGB")
         if img.size != (self.image_size, self.image_size):
             img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
-        # One uint8 -> float copy into a contiguous (3, H, W) tensor (stacking the batch is
-        # then a plain memcpy), normalised in place: half the loader's CPU time was here.
+        # One uint8 -> float copy into a contiguous (3, H, W) tensor, normalised in place:
+        # half the loader's CPU time went to the strided float arithmetic this replaces.
         hwc = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
         hwc = hwc.view(self.image_size, self.image_size, 3).permute(2, 0, 1)
-        t = torch.empty(hwc.shape, dtype=torch.float32).copy_(hwc)
-        return t.mul_(1.0 / (255.0 * IMAGE_STD)).sub_(IMAGE_MEAN / IMAGE_STD)
+        out = torch.empty(hwc.shape) if out is None else out
+        return out.copy_(hwc).mul_(1.0 / (255.0 * IMAGE_STD)).sub_(IMAGE_MEAN / IMAGE_STD)
 
     # ---------------------------------------------------------------- forward
     def forward(self, batch: dict) -> torch.Tensor:
