@@ -69,6 +69,8 @@ class BackboneConfig:
     # longer than the position table (pretrained ViLT: 40): how the table grows (models/vilt.py)
     text_position_rule: Literal["resample", "extend"] = "resample"
     targets: list = field(default_factory=lambda: ["query", "key", "value"])
+    attention: Literal["sdpa", "eager"] = "sdpa"   # ViLT self-attention: torch's fused SDPA or
+                                                   # transformers' matmul + softmax (same result)
 
 
 @dataclass
@@ -106,6 +108,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     log_every: int = 10
     checkpoint_every: int = 0               # steps between mid-session checkpoints (0: off)
+    # autocast of forward passes (training and evaluation); trainable tensors stay fp32.
+    # auto: the launch's ACCELERATE_MIXED_PRECISION (no if unset); fp16 needs a GPU.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
 
@@ -175,6 +179,8 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
                 continue
         raise RecipeError(f"{src}: key '{key}' expected {_describe(tp)}, got {value!r}")
     if origin is Literal:
+        if value is False and "no" in typing.get_args(tp):
+            return "no"  # YAML 1.1 reads an unquoted `no` as false
         if value not in typing.get_args(tp):
             raise RecipeError(f"{src}: key '{key}' expected {_describe(tp)}, got {value!r}")
         return value

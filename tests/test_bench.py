@@ -15,7 +15,7 @@ from delo_dist.models.delo import DeloSession, FactorPool
 TINY_ARGS = ["--hidden", "32", "--layers", "2", "--heads", "2", "--batch", "4",
              "--text-len", "12", "--image-size", "32", "--patch", "16",
              "--experts", "4", "--rank", "2", "--sessions", "3",
-             "--repeats", "2", "--warmup", "1"]
+             "--repeats", "2", "--warmup", "1", "--loader-samples", "16"]
 
 
 def test_bench_command_writes_every_row_and_ratio(tmp_path, capsys):
@@ -27,21 +27,28 @@ def test_bench_command_writes_every_row_and_ratio(tmp_path, capsys):
                      "train/delo_full", "train/delo_naive", "train/delo_fr2"}
     expected_rows |= {f"infer/{m}/oracle" for m in
                       ("head_only", "lora", "peft_lora", "delo", "delo_naive", "delo_fr2")}
-    expected_rows |= {f"infer/{m}/agnostic" for m in ("head_only", "lora", "delo", "delo_fr2")}
+    expected_rows |= {f"infer/{m}/agnostic" for m in
+                      ("head_only", "lora", "delo", "delo_fr2", "delo_pooled", "delo_T1", "delo_T10")}
+    expected_rows |= {"train/delo_T1", "train/delo_T10", "infer/vilt/sdpa", "infer/vilt/eager"}
     assert set(rows) == expected_rows
     for name, row in rows.items():
         assert row["repeats"] == 2, name
         for key in ("median_ms", "min_ms"):
             assert math.isfinite(row[key]) and row[key] > 0, (name, key)
     assert set(ratios) == {"median", "min"}
-    assert set(ratios["median"]) == set(ratios["min"]) == {
-        "train: delo / lora (ours)", "train: delo / peft lora", "train: lora (ours) / peft lora",
+    assert set(ratios["median"]) == set(ratios["min"]) == set(bench.TARGETS) | {
+        "train: delo / lora (ours)", "train: lora (ours) / peft lora",
         "train: delo / delo naive", "infer oracle: delo / delo naive",
-        "infer delo: task-agnostic / oracle", "train: delo factor_rank 2 / 1",
-        "infer oracle: delo factor_rank 2 / 1", "train: delo full objective / delo",
+        "train: delo factor_rank 2 / 1", "infer oracle: delo factor_rank 2 / 1",
         "train: delo full objective / lora (ours)"}
     assert all(math.isfinite(v) and v > 0 for r in ratios.values() for v in r.values())
     meta = result["meta"]
+    assert meta["complete_fraction"] == 0.5 and meta["versions"]["torch"] == torch.__version__
+    assert result["targets"]["train_full_over_ce"] == ["<=", 1.5] or \
+        result["targets"]["train_full_over_ce"] == ("<=", 1.5)
+    assert result["loader"]["samples"] == 16
+    for name in ("infer/delo_T1/agnostic", "infer/delo_T10/agnostic"):   # one session routed
+        assert rows[name]["routed_sessions"] == 1 and rows[name]["routing_accuracy"] == 1.0
     assert meta["device"] == "cpu" and meta["dtype"] == "fp32" and meta["torch"] == torch.__version__
     assert meta["shapes"]["hidden"] == 32 and meta["tokens"] == 12 + 4 + 1
     assert "train/delo_naive" in capsys.readouterr().out  # the table follows the JSON

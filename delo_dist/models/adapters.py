@@ -38,6 +38,8 @@ class RoutingContext:
     naive: bool = False                           # benchmark only: materialise per-sample dW
     cached_input: Optional[torch.Tensor] = None   # query, key and value share one input:
     cached_queries: Optional[tuple] = None        # their modality means are computed once
+    cached_routes: Optional[tuple] = None         # (input, routing queries), also once per input
+    session_groups: Optional[list] = None         # [(k, sample indices)], once per forward
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -74,6 +76,26 @@ def routing_queries(ctx: RoutingContext, q_v: torch.Tensor, q_t: torch.Tensor):
     return route_v, route_t
 
 
+def layer_routes(ctx: RoutingContext, x: torch.Tensor):
+    """(route_v, route_t, q_all) for a layer input: computed by the first linear that reads
+    it, reused by the others (query, key and value share their input)."""
+    if ctx.cached_routes is not None and ctx.cached_routes[0] is x:
+        return ctx.cached_routes[1]
+    q_v, q_t, q_all = modality_queries(ctx, x)
+    routes = (*routing_queries(ctx, q_v, q_t), q_all)
+    ctx.cached_routes = (x, routes)
+    return routes
+
+
+def session_groups(ctx: RoutingContext) -> list:
+    """[(session, sample indices)] over the sessions present in the batch only: the cost of a
+    mixed batch grows with the sessions it routes to, not with the sessions trained."""
+    if ctx.session_groups is None:
+        ctx.session_groups = [(k, (ctx.session == k).nonzero().squeeze(1))
+                              for k in ctx.session.unique().tolist()]
+    return ctx.session_groups
+
+
 class AdaptedLinear(nn.Module):
     def __init__(self, base: nn.Linear, ctx: RoutingContext,
                  make_session: Callable[[int, int], nn.Module], session_names: list[str]):
@@ -96,9 +118,7 @@ class AdaptedLinear(nn.Module):
             return y
         if not getattr(self.sessions[self.session_names[0]], "uses_queries", True):
             return y + self._per_session(x, y, None, None, None)  # static LoRA: no routing
-        q_v, q_t, q_all = modality_queries(ctx, x)
-        route_v, route_t = routing_queries(ctx, q_v, q_t)
-        return y + self._per_session(x, y, route_v, route_t, q_all)
+        return y + self._per_session(x, y, *layer_routes(ctx, x))
 
     def _delta(self, k: int, *args):
         module = self.session_module(k)
@@ -111,8 +131,7 @@ class AdaptedLinear(nn.Module):
             return self._delta(ctx.uniform_session, x, route_v, route_t, q_all)
         pick = lambda t, idx: None if t is None else t[idx]  # noqa: E731
         delta = torch.zeros_like(y)
-        for k in ctx.session.unique().tolist():
-            idx = (ctx.session == k).nonzero().squeeze(1)
+        for k, idx in session_groups(ctx):
             d = self._delta(k, x[idx], pick(route_v, idx), pick(route_t, idx), pick(q_all, idx))
             delta = delta.index_add(0, idx, d)
         return delta

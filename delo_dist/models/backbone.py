@@ -12,7 +12,9 @@ DeLo and the baselines never import ViLT. A backbone tells them:
     in `ctx.text_tokens` / `ctx.image_tokens`;
   - `identification_features(batch)`, adapter-free features for task identification: the
     default here builds them from the two calls above and `self.ctx` (the RoutingContext
-    the builder received), so a new backbone needs nothing more.
+    the builder received), so a new backbone needs nothing more;
+  - optionally `first_layer_module()`, the module whose output `first_layer_queries`
+    averages: the model then identifies the task inside the main forward pass, no second pass.
 CLIP-like models with two encoders implement the same calls (their text layers see only
 text tokens: the other modality's query then comes from the cross-modal guide).
 """
@@ -59,6 +61,10 @@ class Backbone(nn.Module):
             finally:
                 self.ctx.enabled = enabled
         return feats
+    def first_layer_module(self) -> nn.Module | None:
+        """The module whose output (B, N, d) `first_layer_queries` averages per modality, or
+        None. The model hooks it to identify the task inside the main forward pass."""
+        return None
 
 
 _REGISTRY: dict[str, Callable] = {}

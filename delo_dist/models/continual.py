@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from delo_dist.models.adapters import AdaptedLinear, RoutingContext
+from delo_dist.models.adapters import PROXY_NONE, AdaptedLinear, RoutingContext, masked_mean
 from delo_dist.models.backbone import build_backbone
 from delo_dist.models.methods import method_spec
 from delo_dist.models.task_id import build_task_identifier
@@ -20,6 +20,12 @@ def subset(batch: dict, idx: torch.Tensor) -> dict:
     for k, v in batch.items():
         out[k] = v[idx] if torch.is_tensor(v) else [v[i] for i in idx.tolist()]
     return out
+
+
+def concat(a: dict, b: dict) -> dict:
+    """Two collated batches as one (tensors concatenated, lists joined)."""
+    return {k: torch.cat([v, b[k]]) if torch.is_tensor(v) else list(v) + list(b[k])
+            for k, v in a.items()}
 
 
 class ContinualModel(nn.Module):
@@ -48,6 +54,27 @@ class ContinualModel(nn.Module):
         for k, classes in enumerate(session_classes):
             local[k, torch.tensor(classes)] = torch.arange(len(classes))
         self.register_buffer("local_index", local, persistent=False)
+        # First-layer task keys are read inside the main forward (no second pass): a hook on
+        # the module whose output they average routes the batch before any adapter acts.
+        self._route_seen: int | None = None     # set by predict: route in the forward
+        self._first_layer = None                # (input_ids of the forward's main rows, q)
+        self._main_ids = None                   # set while a forward runs
+        # Sources that need the adapter-free pooled feature pay a separate pass instead.
+        hooked = None if self.task_keys.needs_pooled else self.backbone.first_layer_module()
+        self._hooked = hooked is not None
+        if hooked is not None:
+            hooked.register_forward_hook(self._on_first_layer)
+        self.backbone.train(True)  # the backbone's own modes, once: it keeps its model frozen
+
+    def train(self, mode: bool = True):
+        """Mode flags on the model, its heads and keys only. The backbone keeps its frozen
+        model, and the adapters wrapped inside it, in eval mode whatever the mode (set once
+        at build): walking the thousands of per-session adapter modules at every step would
+        make the step cost grow with the number of sessions, for nothing."""
+        self.training = self.backbone.training = mode
+        self.heads.train(mode)
+        self.task_keys.train(mode)
+        return self
 
     # ------------------------------------------------------------ parameters
     def session_parameters(self, k: int) -> dict[str, nn.Parameter]:
@@ -81,17 +108,60 @@ class ContinualModel(nn.Module):
         c = self.ctx
         c.missing_text, c.missing_image = batch["missing_text"], batch["missing_image"]
         c.proxy, c.record, c.queries = proxy, record, []
-        c.cached_input = c.cached_queries = None
+        c.cached_input = c.cached_queries = c.cached_routes = c.session_groups = None
+        self._first_layer = None
 
-    def forward(self, batch: dict, session: int, proxy=None, record: bool = False):
-        """Training forward on one session: logits over that session's classes."""
+    def forward(self, batch: dict, session: int, proxy=None, record: bool = False,
+                proxy_rows: tuple | None = None):
+        """Training forward on one session: logits over that session's classes.
+        proxy_rows (idx, proxy): rows idx again after the batch, with proxy[j] simulating a
+        missing modality (L_con's pass, batched with the main one): (B + len(idx)) logits."""
+        main = batch
+        if proxy_rows is not None and len(proxy_rows[0]):
+            idx, extra = proxy_rows
+            batch = concat(batch, subset(batch, idx))
+            proxy = torch.cat([torch.full((len(main["missing_text"]),), PROXY_NONE,
+                                          device=extra.device, dtype=extra.dtype), extra])
         self._set_batch(batch, record, proxy)
         self.ctx.uniform_session, self.ctx.session = session, None
-        return self.heads[session](self.backbone(batch))
+        return self.heads[session](self._backbone(batch, main))
+
+    def _backbone(self, batch: dict, main: dict) -> torch.Tensor:
+        self._main_ids = main["input_ids"]  # the first-layer hook acts during this call only
+        try:
+            return self.backbone(batch)
+        finally:
+            self._main_ids = None
+
+    @torch.no_grad()
+    def _on_first_layer(self, module, inputs, out: torch.Tensor) -> None:
+        """Keeps the forward's first-layer queries (identification_features reuses them)
+        and, when predict asks, routes every sample to a session before the adapters run."""
+        c = self.ctx
+        if not c.enabled or self._main_ids is None:
+            return  # an adapter-free pass, or a call outside forward (first_layer_queries)
+        q_v, q_t = masked_mean(out, c.image_tokens).float(), masked_mean(out, c.text_tokens).float()
+        n_v = c.image_tokens.sum(1, keepdim=True).float()
+        n_t = c.text_tokens.sum(1, keepdim=True).float()
+        feats = {"q_v": q_v, "q_t": q_t,   # as Backbone.identification_features computes them
+                 "q_all": (n_v * q_v + n_t * q_t) / (n_v + n_t).clamp(min=1)}
+        self._first_layer = (self._main_ids, feats)
+        if self._route_seen is not None:
+            flags = {"missing_image": c.missing_image, "missing_text": c.missing_text}
+            routed = self.task_keys.route(feats, flags, self._route_seen)
+            uniq = routed.unique()
+            c.session, c.session_groups = routed, None
+            c.uniform_session = int(uniq[0]) if len(uniq) == 1 else None
 
     @torch.no_grad()
     def identification_features(self, batch: dict) -> dict:
-        """The adapter-free features the task identifier reads."""
+        """The adapter-free features the task identifier reads. The first-layer ones come
+        from this batch's own forward pass when one just ran (the hook kept them)."""
+        cached = self._first_layer
+        if (not self.task_keys.needs_pooled and cached is not None
+                and cached[0] is batch["input_ids"]):
+            n = len(batch["input_ids"])
+            return {name: q[:n] for name, q in cached[1].items()}
         self._set_batch(batch)
         return self.backbone.identification_features(batch, pooled=self.task_keys.needs_pooled)
 
@@ -101,14 +171,19 @@ class ContinualModel(nn.Module):
         return self.task_keys.route(self.identification_features(batch), batch, seen)
 
     @torch.no_grad()
-    def predict_with(self, batch: dict, sessions: torch.Tensor) -> torch.Tensor:
+    def predict_with(self, batch: dict, sessions: torch.Tensor | None) -> torch.Tensor:
         """Predictions when sample b uses session sessions[b]'s adapters and head.
-        Single-label: (B,) global class ids. Multi-label: (B, num_classes) bool."""
+        Single-label: (B,) global class ids. Multi-label: (B, num_classes) bool.
+        sessions=None: the first-layer hook routes them (see predict); ctx.session then."""
         self._set_batch(batch)
+        if sessions is not None:
+            uniq = sessions.unique()
+            self.ctx.session = sessions
+            self.ctx.uniform_session = int(uniq[0]) if len(uniq) == 1 else None
+        pooled = self._backbone(batch, batch)
+        if sessions is None:
+            sessions = self.ctx.session
         uniq = sessions.unique()
-        self.ctx.session = sessions
-        self.ctx.uniform_session = int(uniq[0]) if len(uniq) == 1 else None
-        pooled = self.backbone(batch)
         n = pooled.shape[0]
         pred = (torch.zeros(n, self.num_classes, dtype=torch.bool, device=pooled.device)
                 if self.multilabel else torch.zeros(n, dtype=torch.long, device=pooled.device))
@@ -128,8 +203,16 @@ class ContinualModel(nn.Module):
     def predict(self, batch: dict, seen: int, oracle: bool = True) -> dict:
         """Task-agnostic prediction (headline), the routed sessions, and oracle predictions
         (true session id; recomputed only for samples the key memory routed elsewhere)."""
-        routed = self.route(batch, seen)
-        pred = self.predict_with(batch, routed)
+        if self._hooked:
+            self._route_seen = seen  # routed inside the forward: no identification pass
+            try:
+                pred = self.predict_with(batch, None)
+            finally:
+                self._route_seen = None
+            routed = self.ctx.session
+        else:
+            routed = self.route(batch, seen)
+            pred = self.predict_with(batch, routed)
         out = {"routed": routed, "pred": pred}
         if oracle:
             true = batch["session"].to(routed.device)

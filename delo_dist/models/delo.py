@@ -77,8 +77,22 @@ class DeloSession(nn.Module):
 
     def delta(self, x, q_v, q_t, q_all, naive: bool = False):
         if not self.modality_pools:  # ablation: one pool routed by the whole sequence's mean
-            pool_delta = self.unified.delta_naive if naive else self.unified.delta
-            return self.alpha * pool_delta(x, q_all)
+            if naive:
+                return self.alpha * self.unified.delta_naive(x, q_all)
+            return gathered_product(x, [self.unified.route(q_all)], self.alpha)
         if naive:
             return self.alpha * (self.visual.delta_naive(x, q_v) + self.textual.delta_naive(x, q_t))
-        return self.alpha * (self.visual.delta(x, q_v) + self.textual.delta(x, q_t))
+        return gathered_product(x, [self.visual.route(q_v), self.textual.route(q_t)], self.alpha)
+
+
+def gathered_product(x: torch.Tensor, routes: list, alpha: float) -> torch.Tensor:
+    """alpha * sum over pools of sum_i gate_i b_(i) (a_(i) . x), all pools in one low-rank
+    product: their selected factors are concatenated along the rank axis, (B, P*r*f, d_in)
+    and (B, P*r*f, d_out), and x goes through two batched matmuls, whatever P."""
+    a = torch.cat([r[0] for r in routes], 1)                      # (B, P*r, f, d_in)
+    b = torch.cat([r[1] for r in routes], 1)                      # (B, P*r, d_out, f)
+    gate = torch.cat([r[2] for r in routes], 1) * alpha           # (B, P*r)
+    n_b, k, f, d_in = a.shape
+    z = torch.bmm(x, a.reshape(n_b, k * f, d_in).transpose(1, 2))  # (B, N, P*r*f)
+    z = z * gate.repeat_interleave(f, 1).unsqueeze(1)
+    return torch.bmm(z, b.transpose(2, 3).reshape(n_b, k * f, -1))  # (B, N, d_out)

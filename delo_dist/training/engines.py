@@ -10,8 +10,19 @@ Both expose forward / backward / step, the optimiser-state size and a state for 
 With gradient accumulation (`accum` micro-batches per optimizer step) the trainer still
 calls backward and step once per micro-batch: backward scales the loss by 1 / accum and
 step only updates on the accum-th call (DeepSpeed does both itself from its config).
+
+Mixed precision (`train.mixed_precision`) is torch autocast around the forward pass and the
+loss (`autocast(precision, device)`), for both engines: the trainable tensors, their
+gradients and the optimiser state stay fp32 (they are the master weights). DeepSpeed's own
+bf16 mode is not used: it casts every parameter of the module (frozen backbone and trainable
+tensors) to bf16, keeps fp32 master copies inside its optimiser only, and leaves the fp32
+inputs (pixels) to meet bf16 weights; checkpoints would then hold bf16 adapters.
+fp16 runs with a GradScaler on a GPU with the torch engine only.
 """
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 from transformers import get_cosine_schedule_with_warmup
@@ -31,29 +42,63 @@ def _state_bytes(optimizer) -> int:
                for t in s.values() if torch.is_tensor(t))
 
 
+def resolve_precision(value: str, device: torch.device, engine: str) -> str:
+    """train.mixed_precision -> "no" | "bf16" | "fp16"; auto takes the launch's
+    ACCELERATE_MIXED_PRECISION (accelerate launch --mixed_precision, or its config file)."""
+    src = "train.mixed_precision"
+    if value == "auto":
+        value = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+        src = f"train.mixed_precision=auto (ACCELERATE_MIXED_PRECISION={value!r})"
+    if value not in ("no", "bf16", "fp16"):
+        raise ValueError(f"{src}: expected no, bf16 or fp16")
+    if value == "fp16" and torch.device(device).type != "cuda":
+        raise ValueError(f"{src}: fp16 needs a GPU (a GradScaler on CUDA); on CPU use bf16 or no")
+    if value == "fp16" and engine != "torch":
+        raise ValueError(f"{src}: fp16 is supported with the torch engine only; use bf16 with "
+                         "DeepSpeed")
+    return value
+
+
+def autocast(precision: str, device) -> contextlib.AbstractContextManager:
+    if precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 class TorchEngine:
     name = "torch"
 
-    def __init__(self, model, params: dict, cfg, total_steps: int, accum: int = 1):
+    def __init__(self, model, params: dict, cfg, total_steps: int, accum: int = 1,
+                 precision: str = "no"):
         self.model, self.cfg = model, cfg
         self.accum, self.micro_steps = accum, 0
         self.params = list(params.values())
         self.optimizer = torch.optim.AdamW(self.params, **_adamw_kwargs(cfg))
         self.scheduler = _schedule(self.optimizer, cfg, total_steps)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accum if self.accum > 1 else loss).backward()
+        loss = loss / self.accum if self.accum > 1 else loss
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self) -> None:
         self.micro_steps += 1
         if self.micro_steps % self.accum:
             return  # gradients keep accumulating until the step's last micro-batch
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -78,7 +123,7 @@ class DeepSpeedEngine:
     name = "deepspeed"
 
     def __init__(self, model, params: dict, cfg, total_steps: int, world: int, zero_stage: int,
-                 bf16: bool = False, micro: int | None = None, accum: int = 1):
+                 micro: int | None = None, accum: int = 1):
         import deepspeed
         self.cfg, self.zero_stage = cfg, zero_stage
         micro = micro or cfg.batch_size
@@ -89,7 +134,7 @@ class DeepSpeedEngine:
             "gradient_clipping": cfg.grad_clip if cfg.grad_clip > 0 else 0.0,
             "zero_optimization": {"stage": zero_stage},
             "optimizer": {"type": "AdamW", "params": {**_adamw_kwargs(cfg), "torch_adam": True}},
-            "bf16": {"enabled": bf16},
+            "bf16": {"enabled": False},  # mixed precision is torch autocast (module docstring)
             "steps_per_print": 10 ** 9,
             "wall_clock_breakdown": False,
         }

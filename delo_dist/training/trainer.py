@@ -35,7 +35,7 @@ from delo_dist.models.task_id import AVAILABILITY, availability
 from delo_dist.plots import accuracy_heatmap
 from delo_dist.tracking import Tracker, TrackingUnreachable, probe, resolve_uri
 from delo_dist.training import checkpoint, dist, run_identity, stopping
-from delo_dist.training.engines import DeepSpeedEngine, TorchEngine
+from delo_dist.training.engines import DeepSpeedEngine, TorchEngine, autocast, resolve_precision
 from delo_dist.training.objective import objective, update_task_key
 from delo_dist.training.run_identity import RunIdentityError
 from delo_dist.training.run_lock import RunLock, RunLockError
@@ -77,6 +77,7 @@ class Trainer:
         except RecipeError as e:
             raise LaunchError(str(e)) from e
         self.global_batch = self.micro * self.accum * self.world
+        self.precision = resolve_precision(r.train.mixed_precision, self.device, self.engine_kind)
         random.seed(r.seed)
         np.random.seed(r.seed)
         torch.manual_seed(r.seed)
@@ -299,12 +300,12 @@ class Trainer:
     def _build_engine(self, params: dict, total_steps: int):
         t = self.recipe.train
         if self.engine_kind == "torch":
-            return TorchEngine(self.model, params, t, total_steps, accum=self.accum)
+            return TorchEngine(self.model, params, t, total_steps, accum=self.accum,
+                               precision=self.precision)
         stage = self.recipe.distributed.zero_stage  # the recipe wins, else the launch config
         if stage is None:
             stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0))
-        bf16 = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16"
-        return DeepSpeedEngine(self.model, params, t, total_steps, self.world, stage, bf16,
+        return DeepSpeedEngine(self.model, params, t, total_steps, self.world, stage,
                                micro=self.micro, accum=self.accum)
 
     def train_session(self, k: int) -> bool:
@@ -398,8 +399,9 @@ class Trainer:
         """One micro-batch (the last of `micro`, this optimizer step's micro-batches so far).
         Returns the loss parts averaged over the step's micro-batches so far and the ranks."""
         self.model.train()
-        loss, parts = objective(engine, self.model, micro[-1], k, self.recipe.method, epoch,
-                                self.multilabel)
+        with autocast(self.precision, self.device):  # forward and loss; backward outside
+            loss, parts = objective(engine, self.model, micro[-1], k, self.recipe.method, epoch,
+                                    self.multilabel)
         engine.backward(loss)
         engine.step()
         if len(micro) == self.accum:  # the EMA sees the optimizer step's whole global batch
@@ -442,7 +444,8 @@ class Trainer:
             for batch in tqdm(loader, desc=f"eval S{i} of {seen}", leave=False,
                               disable=not (self.main and sys.stderr.isatty())):
                 batch = to_device(batch, self.device)
-                out = self.model.predict(batch, seen, oracle)
+                with autocast(self.precision, self.device):
+                    out = self.model.predict(batch, seen, oracle)
                 labels, avail = batch["labels"], availability(batch)
                 local += [(key, _plain(labels, j), _plain(out["pred"], j),
                            _plain(out.get("oracle_pred"), j), int(out["routed"][j]), int(avail[j]))
@@ -549,7 +552,7 @@ class Trainer:
             "chance": None if self.multilabel else 1.0 / seen_classes,
             "sessions": res["sessions"], "missing": self.missing_summary,
             "bad_samples": self._bad_samples(), "manifest_sha256": self.manifest_sha,
-            "wall_time_s": wall, "world_size": self.world,
+            "wall_time_s": wall, "world_size": self.world, "mixed_precision": self.precision,
         }
         (self.out / "metrics.json").write_text(json.dumps(summary, indent=1))
         accuracy_heatmap(res["accuracy_matrix"], self.out / "accuracy_matrix.png",
