@@ -68,7 +68,7 @@ def test_cli_rejects_a_bad_recipe_before_training(shards, tmp_path):
            *tiny_overrides(shards, tmp_path / "bad"), "method.rank=99"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "recipes/quickstart.yaml" in done.stderr and "'method.rank'" in done.stderr
+    assert "command line: override 'method.rank=99'" in done.stderr and "'method.rank'" in done.stderr
     assert not (tmp_path / "bad").exists()
 
 
