@@ -68,7 +68,6 @@ def test_cli_rejects_a_bad_recipe_before_training(shards, tmp_path):
            *tiny_overrides(shards, tmp_path / "bad"), "method.rank=99"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    # the value came from the command line, so the message names it (not the recipe file)
     assert "command line: override 'method.rank=99'" in done.stderr and "'method.rank'" in done.stderr
     assert not (tmp_path / "bad").exists()
 
