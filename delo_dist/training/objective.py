@@ -22,6 +22,11 @@ def objective(forward, model, batch: dict, k: int, method_cfg, epoch: int,
     logits = forward(batch, session=k, record=use_align)
     ce = supervised_loss(logits, batch, model.local_index[k], multilabel)
     loss, parts = ce, {"ce": ce.item()}
+    if getattr(m, "mail", None) is not None and m.mail.balance > 0:  # MAIL's optional balance loss
+        from delo_dist.models.mail import balance_loss
+        balance = balance_loss(model, k)
+        if balance is not None:
+            loss = loss + m.mail.balance * balance
     complete = ~(batch["missing_text"] | batch["missing_image"])
     # auxiliary terms: this rank's sum over complete samples / (global count / world)
     n_global = dist.all_reduce_sum(complete.sum().float().cpu()).item()
