@@ -99,10 +99,12 @@ def test_top_k_uses_exactly_k_experts_and_soft_merge_all(router_input):
     assert torch.allclose(s.delta(x, None, None, q, naive=True), by_hand, atol=1e-4)
 
 
-def test_routers_get_gradient_and_move(recipe_for, shards):
+@pytest.mark.parametrize("router_input", ["sample", "token"])
+def test_routers_get_gradient_and_move(recipe_for, shards, router_input):
     """B starts at zero, so step 1 gives the routers no gradient; from step 2 each router of
     each adapted linear learns (lr constant: no warmup)."""
-    recipe, m, model = build(recipe_for, **{"train.warmup_ratio": 0.0})
+    recipe, m, model = build(recipe_for, **{"train.warmup_ratio": 0.0,
+                                            "method.mail.router_input": router_input})
     params = model.set_trainable(0)
     engine = TorchEngine(model, params, recipe.train, total_steps=100)
     routers = {n: p for n, p in params.items() if n.endswith("router.weight")}
