@@ -19,7 +19,7 @@ def test_compare_all_grid_and_exclusion_rule():
     assert axes["data.eta"] == ["0.1", "0.5", "0.9"] and axes["seed"] == ["0", "1", "2"]
     assert set(axes["method.name"]) == {"delo", "lora", "mail", "mora", "seq_lora", "seq_mail",
                                         "seq_mora", "head_only"}
-    assert "train.epochs=2" in fixed and str(root) == "outputs/sweeps/compare_all"
+    assert "train.epochs=4" in fixed and str(root) == "outputs/sweeps/compare_all"
     assert not applies("mora", "vilt") and applies("mora", "clip") and applies("mail", "vilt")
     assert set(ONLY_ON_BACKBONES) == {"mora", "seq_mora"}
     # Slurm: one array per backbone, MoRA only in CLIP's; sizes add up to the grid
@@ -31,7 +31,7 @@ def test_compare_all_grid_and_exclusion_rule():
     _, _, fixed, axes, _ = parse_grid(str(SWEEP), ["backbone.name=vilt", "train.epochs=1",
                                                    "seed=0,1", "output_root=/tmp/x"])
     assert axes["backbone.name"] == ["vilt"] and axes["seed"] == ["0", "1"]
-    assert "train.epochs=1" in fixed and "train.epochs=2" not in fixed
+    assert "train.epochs=1" in fixed and "train.epochs=4" not in fixed
 
 
 def test_a_bad_grid_value_stops_before_any_training(shards, tmp_path, capsys):
