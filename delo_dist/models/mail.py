@@ -133,6 +133,24 @@ class MailSession(nn.Module):
         return self.scaling * (z @ self.B.t())
 
 
+def _spec(cfg, shared: bool):
+    """The method: MAIL's linears for cfg.mail.variant, each with its layer's expert count."""
+    from delo_dist.models.methods import MethodSpec
+    maker = lambda e: lambda i, o: MailSession(i, o, cfg.mail, e)  # noqa: E731
+    targets = lambda backbone: {n: maker(e) for n, e in mail_targets(backbone, cfg.mail).items()}  # noqa: E731
+    return MethodSpec(maker(cfg.mail.experts), shared_across_sessions=shared, targets=targets)
+
+
+def mail_spec(cfg):
+    """method.name: mail (one mixture per session)."""
+    return _spec(cfg, shared=False)
+
+
+def seq_mail_spec(cfg):
+    """method.name: seq_mail (one mixture fine-tuned across sessions)."""
+    return _spec(cfg, shared=True)
+
+
 def balance_loss(model, k: int) -> torch.Tensor | None:
     """Mean load-balancing loss of session k's mixtures in the last training forward (read
     once: the stored values are cleared)."""

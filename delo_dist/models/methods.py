@@ -57,21 +57,16 @@ def _seq_lora(cfg):
     return MethodSpec(lambda i, o: LoraSession(i, o, cfg), shared_across_sessions=True)
 
 
-def _mail_spec(cfg, shared: bool) -> MethodSpec:
-    from delo_dist.models.mail import MailSession, mail_targets
-    maker = lambda e: lambda i, o: MailSession(i, o, cfg.mail, e)  # noqa: E731
-    targets = lambda backbone: {n: maker(e) for n, e in mail_targets(backbone, cfg.mail).items()}  # noqa: E731
-    return MethodSpec(maker(cfg.mail.experts), shared_across_sessions=shared, targets=targets)
-
-
 @register_method("mail")  # MAIL: a mixture of LoRA experts per session, chosen by the task keys
 def _mail(cfg):
-    return _mail_spec(cfg, shared=False)
+    from delo_dist.models.mail import mail_spec
+    return mail_spec(cfg)
 
 
 @register_method("seq_mail")  # MAIL fine-tuned session after session (one mixture)
 def _seq_mail(cfg):
-    return _mail_spec(cfg, shared=True)
+    from delo_dist.models.mail import seq_mail_spec
+    return seq_mail_spec(cfg)
 
 
 @register_method("head_only")  # lower bound: frozen backbone, a new head per session
