@@ -1,29 +1,50 @@
-"""Compare training runs from MLflow as the paper's tables do (DeLo Tables 2 and 3).
+"""Compare training runs from MLflow as the paper's tables do (DeLo Tables 2 and 3), over seeds.
 
     python -m delo_dist.compare [--tracking-uri URI] [--experiment NAME]... [--dataset D]
         [--method M]... [--tag KEY=VALUE]... [--out DIR] [--no-log]
 
-One row per missing setting (eta, % of samples with an image, % with a text), then AP and FG
-per method, in percent with two decimals. A cell averages the FINISHED runs of its setting
-and method (`(n=3)` when more than one); runs still running, failed or killed are named in
-the cell and never averaged in. The runs' performance metric (tag `metric`: accuracy,
-macro_f1/seen or macro_f1/session) ends the table; runs that mix metrics are refused.
-Writes compare.md, compare.csv and compare.png (AP and FG against eta) under --out, prints
-the table, and logs the three files to a summary run (tagged kind=compare-summary, which
-later comparisons skip).
+Runs are grouped by their whole recipe: the flattened recipe each run logs as MLflow params,
+less the keys that cannot change results (`config.result_neutral`), the seed, and values
+the trainer derives from the recipe (`missing.*`, `params.*`), plus the data's identity
+(`data.manifest_sha256`, tag or param, when logged). Runs that differ in anything but the seed
+are never merged. Keys equal in every run are listed once above the table; the keys that
+differ lay it out:
+  - rows: the missing setting (eta, % of samples with an image, % with a text; both_ratio
+    only when it differs);
+  - column groups: method.name, then every other differing key (e.g. method x backbone), a
+    group per combination, its AP and FG side by side.
+A cell is `mean ± std (n=N)` over the seeds of the FINISHED runs (percent, sample standard
+deviation); runs still running, failed or killed are named in the cell, never averaged.
+The runs' performance metric (tag `metric`: accuracy, macro_f1/seen or macro_f1/session)
+ends the table; runs that mix metrics are refused.
+Writes compare.md, compare.csv (one line per cell: the differing keys, mean, std, n, seeds)
+and compare.png (AP and FG against eta, std error bars) under --out, prints the table, and
+logs the three files to a summary run (tag kind=compare-summary, which comparisons skip).
+Runs logged without recipe params (not by this trainer) are keyed by their tags alone and
+shown with `?` for the keys they lack.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import os
+import statistics
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from delo_dist.config import result_neutral
+
 TYPE_ORDER = {"text": 0, "image": 1, "both": 2}
 SUMMARY_TAG = ("kind", "compare-summary")
+ROW_KEYS = ("data.eta", "data.missing_type", "data.both_ratio")
+DERIVED_PREFIXES = ("missing.", "params.")        # logged by the trainer, computed from the recipe
+DATA_ID = "data.manifest_sha256"
+UNKNOWN = "?"
+# tag -> recipe key, for runs without recipe params
+TAG_KEYS = {"method": "method.name", "eta": "data.eta", "missing_type": "data.missing_type",
+            "both_ratio": "data.both_ratio", "dataset": "data.dataset"}
 
 
 def modality_pct(missing_type: str, eta: float, both_ratio: float) -> tuple[float, float]:
@@ -41,14 +62,15 @@ def modality_pct(missing_type: str, eta: float, both_ratio: float) -> tuple[floa
 @dataclass
 class Run:
     run_id: str
-    method: str
-    missing_type: str
-    eta: float
-    both_ratio: float
+    config: dict                 # result-shaping recipe keys -> value (strings, as logged)
+    seed: str
     status: str                  # MLflow status, lower case; "finished" only with final metrics
     ap: float | None = None      # final_ap, fraction
     fg: float | None = None
     metric: str | None = None    # tag "metric": accuracy, macro_f1/seen or macro_f1/session
+
+    def get(self, key: str) -> str:
+        return self.config.get(key, UNKNOWN)
 
 
 @dataclass
@@ -59,9 +81,12 @@ class Cell:
     def done(self) -> list[Run]:
         return [r for r in self.runs if r.status == "finished"]
 
-    def mean(self, metric: str) -> float | None:
-        vals = [getattr(r, metric) for r in self.done]
-        return 100 * sum(vals) / len(vals) if vals else None
+    def stats(self, metric: str) -> tuple[float | None, float | None, int]:
+        """(mean, sample std, n) in percent over the finished runs; std None when n < 2."""
+        vals = [100 * getattr(r, metric) for r in self.done]
+        if not vals:
+            return None, None, 0
+        return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None, len(vals)
 
     def others(self) -> str:
         counts = Counter(r.status for r in self.runs if r.status != "finished")
@@ -70,11 +95,14 @@ class Cell:
     def text(self, metric: str) -> str:
         if not self.runs:
             return "-"
-        m, n, rest = self.mean(metric), len(self.done), self.others()
-        if m is None:
+        mean, std, n = self.stats(metric)
+        rest = self.others()
+        if mean is None:
             return rest
-        notes = ([f"n={n}"] if n > 1 else []) + ([rest] if rest else [])
-        return f"{m:.2f}" + (f" ({'; '.join(notes)})" if notes else "")
+        seeds = [r.seed for r in self.done]
+        notes = [f"n={n}"] + (["repeated seed"] if len(set(seeds)) < len(seeds) else [])
+        notes += [rest] if rest else []
+        return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "") + f" ({'; '.join(notes)})"
 
 
 # ---------------------------------------------------------------- reading MLflow
@@ -101,6 +129,21 @@ def experiment_ids(client, names: list[str]) -> list[str]:
     return ids
 
 
+def run_config(params: dict, tags: dict) -> tuple[dict, str]:
+    """(the keys that shape results, the seed) of one run, from its params (else its tags)."""
+    if params:
+        config = {k: v for k, v in params.items()
+                  if k != "seed" and not result_neutral(k) and not k.startswith(DERIVED_PREFIXES)}
+        seed = params.get("seed", tags.get("seed", UNKNOWN))
+    else:
+        config = {key: tags[tag] for tag, key in TAG_KEYS.items() if tag in tags}
+        seed = tags.get("seed", UNKNOWN)
+    if DATA_ID in tags or DATA_ID in params:
+        config[DATA_ID] = params.get(DATA_ID, tags.get(DATA_ID))
+    config.setdefault("data.both_ratio", "0.5")
+    return config, seed
+
+
 def load_runs(client, exp_ids: list[str], dataset: str | None = None,
               methods: list[str] | None = None, tags: dict | None = None) -> list[Run]:
     """Training runs matching the filters (tags are matched by the server)."""
@@ -123,83 +166,140 @@ def load_runs(client, exp_ids: list[str], dataset: str | None = None,
         status = r.info.status.lower()
         if status == "finished" and "final_ap" not in m:
             status = "no final metrics"
-        out.append(Run(r.info.run_id, t.get("method", "?"), t["missing_type"], float(t["eta"]),
-                       float(t.get("both_ratio", 0.5)), status, m.get("final_ap"), m.get("final_fg"),
+        config, seed = run_config(r.data.params, t)
+        out.append(Run(r.info.run_id, config, seed, status, m.get("final_ap"), m.get("final_fg"),
                        t.get("metric")))
     return out
 
 
 # ---------------------------------------------------------------- the table
-def build_table(runs: list[Run]) -> tuple[list[str], list[dict]]:
-    """Methods (sorted) and rows sorted by eta then missing type; each row has a Cell per method.
-    both_ratio only matters for `both`, so it splits rows only there."""
-    methods = sorted({r.method for r in runs})
+@dataclass
+class Table:
+    constant: dict               # key -> value shared by every run
+    group_keys: list[str]        # differing keys that make column groups (method.name first)
+    groups: list[tuple]          # their value combinations, sorted
+    rows: list[dict]             # setting + {"cells": {group: Cell}}
+    show_both_ratio: bool
+
+
+def _num_or_str(v: str):
+    try:
+        return (0, float(v), "")
+    except ValueError:
+        return (1, 0.0, v)
+
+
+def build_table(runs: list[Run]) -> Table:
+    keys = sorted({k for r in runs for k in r.config})
+    values = {k: {r.get(k) for r in runs} for k in keys}
+    differing = [k for k in keys if len(values[k]) > 1]
+    constant = {k: next(iter(values[k])) for k in keys if len(values[k]) == 1}
+    group_keys = ["method.name"] + [k for k in differing if k not in ROW_KEYS and k != "method.name"]
+    groups = sorted({tuple(r.get(k) for k in group_keys) for r in runs},
+                    key=lambda g: [_num_or_str(v) for v in g])
     rows: dict[tuple, dict] = {}
     for r in runs:
-        br = r.both_ratio if r.missing_type == "both" else None
-        key = (r.eta, TYPE_ORDER.get(r.missing_type, 9), r.missing_type, br)
+        eta, mtype, br = (r.get(k) for k in ROW_KEYS)
+        key = (_num_or_str(eta), TYPE_ORDER.get(mtype, 9), mtype, _num_or_str(br))
         if key not in rows:
-            image, text = modality_pct(r.missing_type, r.eta, r.both_ratio)
-            rows[key] = {"eta": r.eta, "missing_type": r.missing_type, "both_ratio": br,
-                         "image": image, "text": text, "cells": defaultdict(Cell)}
-        rows[key]["cells"][r.method].runs.append(r)
-    return methods, [rows[k] for k in sorted(rows, key=lambda k: k[:3] + (k[3] or 0,))]
+            try:
+                image, text = modality_pct(mtype, float(eta), float(br))
+            except ValueError:
+                image = text = None
+            rows[key] = {"eta": eta, "missing_type": mtype, "both_ratio": br, "image": image,
+                         "text": text, "cells": defaultdict(Cell)}
+        rows[key]["cells"][tuple(r.get(k) for k in group_keys)].runs.append(r)
+    return Table(constant, group_keys, groups, [rows[k] for k in sorted(rows)],
+                 "data.both_ratio" in differing)
 
 
-def to_markdown(methods: list[str], rows: list[dict]) -> str:
-    head = ["eta", "image %", "text %"] + [f"{m} {x}" for m in methods for x in ("AP", "FG")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = [f"{100 * row['eta']:g}%", f"{row['image']:.2f}", f"{row['text']:.2f}"]
-        cells += [row["cells"][m].text(x) for m in methods for x in ("ap", "fg")]
+def group_label(table: Table, group: tuple) -> str:
+    return " / ".join(group)
+
+
+def _pct(v: float | None) -> str:
+    return "?" if v is None else f"{v:.2f}"
+
+
+def _eta(v: str) -> str:
+    try:
+        return f"{100 * float(v):g}%"
+    except ValueError:
+        return v
+
+
+def to_markdown(table: Table) -> str:
+    lines = []
+    if table.constant:
+        lines.append("Same in every run: " + ", ".join(f"`{k}={v}`" for k, v in sorted(table.constant.items()
+                                                                                     )) + "\n")
+    lines.append(f"Column groups: {' / '.join(table.group_keys)}. Cells: mean ± std over seeds "
+                 "(percent, sample std), n finished runs; unfinished runs named, never averaged.\n")
+    head = ["eta", "image %", "text %"] + (["both_ratio"] if table.show_both_ratio else [])
+    head += [f"{group_label(table, g)} {x}" for g in table.groups for x in ("AP", "FG")]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table.rows:
+        cells = [_eta(row["eta"]), _pct(row["image"]), _pct(row["text"])]
+        cells += [row["both_ratio"]] if table.show_both_ratio else []
+        cells += [row["cells"][g].text(x) for g in table.groups for x in ("ap", "fg")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_csv(methods: list[str], rows: list[dict], path: Path) -> None:
-    """Numbers only (percent, mean of finished runs); n and the unfinished runs beside them."""
-    head = ["eta", "missing_type", "both_ratio", "image_pct", "text_pct"]
-    head += [f"{m}_{x}" for m in methods for x in ("ap", "fg", "n", "unfinished")]
+def write_csv(table: Table, path: Path) -> None:
+    """One line per (setting, column group) with runs: the differing keys, then for AP and FG
+    the mean, std and n over seeds (percent), the seeds and the unfinished runs."""
+    head = ["eta", "missing_type", "both_ratio", "image_pct", "text_pct", *table.group_keys,
+            "ap_mean", "ap_std", "fg_mean", "fg_std", "n", "seeds", "unfinished"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(head)
-        for row in rows:
-            vals = [row["eta"], row["missing_type"], row["both_ratio"] if row["both_ratio"] is not None
-                    else "", f"{row['image']:.2f}", f"{row['text']:.2f}"]
-            for m in methods:
-                c = row["cells"][m]
-                vals += [_num(c.mean("ap")), _num(c.mean("fg")), len(c.done), c.others()]
-            w.writerow(vals)
+        for row in table.rows:
+            for g in table.groups:
+                c = row["cells"].get(g)
+                if c is None or not c.runs:
+                    continue
+                ap, ap_std, n = c.stats("ap")
+                fg, fg_std, _ = c.stats("fg")
+                w.writerow([row["eta"], row["missing_type"], row["both_ratio"], _num(row["image"]),
+                            _num(row["text"]), *g, _num(ap), _num(ap_std), _num(fg), _num(fg_std), n,
+                            " ".join(sorted(r.seed for r in c.done)), c.others()])
 
 
 def _num(v: float | None) -> str:
     return "" if v is None else f"{v:.6f}"
 
 
-def plot(methods: list[str], rows: list[dict], path: Path) -> None:
-    """AP and FG against eta: a colour per method, a line style per missing type."""
+def plot(table: Table, path: Path) -> None:
+    """AP and FG against eta: a colour per column group, a line style per missing type, std
+    error bars; plain axis labels (no offset notation)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     styles = {"text": "o-", "image": "s--", "both": "^:"}
-    for ci, m in enumerate(methods):
-        for mt in sorted({r["missing_type"] for r in rows}, key=lambda t: TYPE_ORDER.get(t, 9)):
-            pts = [(100 * r["eta"], r["cells"][m]) for r in rows if r["missing_type"] == mt]
-            pts = [(x, c) for x, c in pts if c.done]
+    types = sorted({r["missing_type"] for r in table.rows}, key=lambda t: TYPE_ORDER.get(t, 9))
+    for ci, g in enumerate(table.groups):
+        for mt in types:
+            pts = [(r["eta"], r["cells"].get(g)) for r in table.rows if r["missing_type"] == mt]
+            pts = [(100 * float(x), c) for x, c in pts if c is not None and c.done]
             if not pts:
                 continue
             for ax, metric in zip(axes, ("ap", "fg")):
-                ax.plot([x for x, _ in pts], [c.mean(metric) for _, c in pts], styles.get(mt, "x-"),
-                        color=f"C{ci}", label=f"{m} ({mt} missing)")
+                stats = [c.stats(metric) for _, c in pts]
+                ax.errorbar([x for x, _ in pts], [s[0] for s in stats],
+                            yerr=[s[1] or 0.0 for s in stats], fmt=styles.get(mt, "x-"),
+                            color=f"C{ci % 10}", capsize=3,
+                            label=f"{group_label(table, g)} ({mt} missing)")
     for ax, name in zip(axes, ("AP (%)", "FG (%)")):
         ax.set_xlabel("missing rate eta (%)")
         ax.set_ylabel(name)
+        ax.ticklabel_format(axis="both", style="plain", useOffset=False)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Finished runs; mean over seeds")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(f"Finished runs: mean ± std over seeds ({' / '.join(table.group_keys)})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -211,7 +311,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--dataset")
     p.add_argument("--method", action="append", default=[], help="repeatable; default: all")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
-                   help="repeatable, e.g. --tag slurm_array_job_id=42 --tag seed=0")
+                   help="repeatable, e.g. --tag slurm_array_job_id=42 --tag sweep=compare_all")
     p.add_argument("--out", default="outputs/compare", help="folder for compare.{md,csv,png}")
     p.add_argument("--summary-experiment", help="where the summary run goes (default: the one "
                    "--experiment given, else delo-dist-compare)")
@@ -240,13 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"these runs score performance differently ({', '.join(metrics)}): select one "
               "with --tag metric=...", file=sys.stderr)
         return 2
-    methods, rows = build_table(runs)
+    table = build_table(runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = to_markdown(methods, rows) + f"\nperformance: {metrics[0] if metrics else 'unrecorded'}\n"
+    md = to_markdown(table) + f"\nperformance: {metrics[0] if metrics else 'unrecorded'}\n"
     (out / "compare.md").write_text(md)
-    write_csv(methods, rows, out / "compare.csv")
-    plot(methods, rows, out / "compare.png")
+    write_csv(table, out / "compare.csv")
+    plot(table, out / "compare.png")
     print(md)
     print(f"{len(runs)} runs; wrote {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'compare.png'}")
     if not args.no_log:

@@ -74,8 +74,23 @@ class BackboneConfig:
 
 
 @dataclass
+class MailConfig:
+    """MAIL's mixture of LoRA experts (method.name mail / seq_mail); see models/mail.py."""
+    variant: Literal["linear", "attention", "both"] = "both"   # MAIL-l, MAIL-a, MAIL-b
+    experts: int = 5                        # mean experts per adapted linear
+    rank: int = 4
+    alpha: float = 8.0                      # update scaled by alpha / rank
+    dropout: float = 0.05                   # LoRA dropout on the expert input
+    routing: Literal["top_k", "soft_merge"] = "top_k"
+    top_k: int = 2
+    allocation: Literal["square", "increasing", "decreasing"] = "square"
+    router_input: Literal["sample", "token"] = "sample"   # the paper is silent: see mail.py
+    balance: float = 0.0                    # load-balancing loss weight (the paper has none)
+
+
+@dataclass
 class MethodConfig:
-    name: Literal["delo", "lora", "seq_lora", "head_only"] = "delo"
+    name: Literal["delo", "lora", "seq_lora", "head_only", "mail", "seq_mail"] = "delo"
     experts: int = 16                       # E: factor pairs per pool
     rank: int = 4                           # r: factors selected per sample (or LoRA rank)
     factor_rank: int = 1                    # 1: the paper's rank-one pairs; r: official block shape
@@ -85,6 +100,7 @@ class MethodConfig:
     cross_modal_guide: bool = True          # False: ablation "w/o cross-modal guide"
     lambda_align: float = 0.1
     lambda_con: float = 0.1
+    mail: MailConfig = field(default_factory=MailConfig)
 
 
 @dataclass
@@ -295,6 +311,13 @@ def validate(r: Recipe, src: str) -> None:
            f"an int in [1, method.experts={m.experts}] (r <= E)", m.rank)
     _check(m.rank >= 1, src, "method.rank", "an int >= 1", m.rank)
     _check(m.factor_rank >= 1, src, "method.factor_rank", "an int >= 1", m.factor_rank)
+    mail = m.mail
+    _check(mail.experts >= 1, src, "method.mail.experts", "an int >= 1", mail.experts)
+    _check(mail.rank >= 1, src, "method.mail.rank", "an int >= 1", mail.rank)
+    _check(1 <= mail.top_k <= mail.experts, src, "method.mail.top_k",
+           f"an int in [1, method.mail.experts={mail.experts}]", mail.top_k)
+    _check(0.0 <= mail.dropout < 1.0, src, "method.mail.dropout", "a float in [0, 1)", mail.dropout)
+    _check(mail.balance >= 0, src, "method.mail.balance", "a non-negative weight", mail.balance)
     _check(m.lambda_align >= 0 and m.lambda_con >= 0, src, "method.lambda_align/lambda_con",
            "non-negative weights", (m.lambda_align, m.lambda_con))
     _check(0.0 <= r.task_keys.momentum < 1.0, src, "task_keys.momentum", "a float in [0, 1)",

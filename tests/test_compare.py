@@ -1,5 +1,6 @@
-"""delo_dist.compare against a real MLflow tracking server on 127.0.0.1 (sqlite backend):
-two tiny training runs, plus a failed and a running run made through the MLflow client."""
+"""delo_dist.compare against real MLflow stores: a tracking server on 127.0.0.1 with two tiny
+training runs plus a failed and a running run made through the MLflow client, and a sqlite
+store into which runs are logged directly (recipe params, tags, metrics) to test grouping."""
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, tiny_overrides
 
-from delo_dist.compare import Cell, Run, modality_pct
+from delo_dist.compare import Cell, Run, main as compare_main, modality_pct
+from delo_dist.config import flatten, load_recipe, to_dict
 
 EXPERIMENT = "compare-test"
 
@@ -72,9 +74,11 @@ def test_modality_percentages_and_cells():
     assert modality_pct("image", 0.7, 0.5) == (pytest.approx(30.0), 100.0)
     assert modality_pct("both", 0.7, 0.5) == (pytest.approx(65.0), pytest.approx(65.0))
     assert modality_pct("both", 0.5, 0.2) == (pytest.approx(90.0), pytest.approx(60.0))
-    run = lambda ap, status="finished": Run("x", "delo", "both", 0.7, 0.5, status, ap, 0.1)  # noqa: E731
-    assert Cell([run(0.5), run(0.6), run(None, "failed")]).text("ap") == "55.00 (n=2; failed)"
-    assert Cell([run(0.5)]).text("fg") == "10.00"
+    run = lambda ap, status="finished", seed="0": Run("x", {}, seed, status, ap, 0.1)  # noqa: E731
+    assert Cell([run(0.5), run(0.6, seed="1"), run(None, "failed")]).text("ap") == \
+        "55.00 ± 7.07 (n=2; failed)"                 # sample std of 50 and 60: 7.07
+    assert Cell([run(0.5)]).text("fg") == "10.00 (n=1)"
+    assert Cell([run(0.5), run(0.5)]).text("ap") == "50.00 ± 0.00 (n=2; repeated seed)"
     assert Cell([run(None, "running"), run(None, "running")]).text("ap") == "2 running"
 
 
@@ -89,11 +93,21 @@ def test_compare_table_matches_the_runs(shards, tmp_path):
                                                  "data.missing_type": "both"})
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
-        tags = {"dataset": "synthetic", "eta": "0.7", "missing_type": "both", "both_ratio": "0.5"}
-        failed = client.create_run(exp, tags={**tags, "method": "delo", "seed": "1"})
-        client.log_metric(failed.info.run_id, "final_ap", 0.99)  # must not be averaged in
-        client.set_terminated(failed.info.run_id, "FAILED")
-        client.create_run(exp, tags={**tags, "method": "lora", "eta": "0.3", "missing_type": "text"})
+        finished = {r.data.tags["method"]: r for r in client.search_runs([exp])}
+        # a failed delo run of seed 1 and a lora run still running elsewhere, with the
+        # params and tags the trainer logs at its start
+        def fake(method, status, **changes):
+            src = finished[method].data
+            params = {**src.params, "seed": "1", **changes}
+            tags = {**src.tags, "seed": "1", **{k.split(".")[-1]: v for k, v in changes.items()}}
+            run = client.create_run(exp, tags=tags)
+            for k, v in params.items():
+                client.log_param(run.info.run_id, k, v)
+            if status == "FAILED":
+                client.log_metric(run.info.run_id, "final_ap", 0.99)  # must not be averaged in
+                client.set_terminated(run.info.run_id, status)
+        fake("delo", "FAILED")
+        fake("lora", "RUNNING", **{"data.eta": "0.3", "data.missing_type": "text"})
 
         out = tmp_path / "cmp"
         done = subprocess.run([sys.executable, "-m", "delo_dist.compare", "--tracking-uri", uri,
@@ -108,21 +122,138 @@ def test_compare_table_matches_the_runs(shards, tmp_path):
         fg = {m: f"{100 * r.data.metrics['final_fg']:.2f}" for m, r in runs.items()}
 
         lines = (out / "compare.md").read_text().splitlines()
-        assert lines[0] == "| eta | image % | text % | delo AP | delo FG | lora AP | lora FG |"
+        assert lines[0].startswith("Same in every run: ") and "`train.epochs=1`" in lines[0]
+        assert lines[2].startswith("Column groups: method.name.")
+        assert lines[4] == "| eta | image % | text % | delo AP | delo FG | lora AP | lora FG |"
         assert lines[-2:] == ["", "performance: accuracy"]      # the runs' metric tag
-        rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:-2]]
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[6:-2]]
         assert rows == [
             ["30%", "100.00", "70.00", "-", "-", "running", "running"],
-            ["70%", "65.00", "65.00", f"{ap['delo']} (failed)", f"{fg['delo']} (failed)",
-             ap["lora"], fg["lora"]],
+            ["70%", "65.00", "65.00", f"{ap['delo']} (n=1; failed)", f"{fg['delo']} (n=1; failed)",
+             f"{ap['lora']} (n=1)", f"{fg['lora']} (n=1)"],
         ]
         table = list(csv.DictReader(open(out / "compare.csv")))
-        assert float(table[1]["delo_ap"]) == pytest.approx(100 * runs["delo"].data.metrics["final_ap"], abs=1e-5)
-        assert table[1]["delo_n"] == "1" and table[1]["delo_unfinished"] == "failed"
-        assert table[0]["lora_ap"] == "" and table[0]["lora_unfinished"] == "running"
+        assert [(r["eta"], r["method.name"]) for r in table] == [("0.3", "lora"), ("0.7", "delo"),
+                                                                  ("0.7", "lora")]
+        assert float(table[1]["ap_mean"]) == pytest.approx(100 * runs["delo"].data.metrics["final_ap"], abs=1e-5)
+        assert table[1]["n"] == "1" and table[1]["unfinished"] == "failed" and table[1]["ap_std"] == ""
+        assert table[0]["ap_mean"] == "" and table[0]["unfinished"] == "running"
         assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
         summary = client.search_runs([exp], "tags.kind = 'compare-summary'")
         assert len(summary) == 1
         logged = {a.path for a in client.list_artifacts(summary[0].info.run_id)}
         assert logged == {"compare.md", "compare.csv", "compare.png"}
+
+
+# ---------------------------------------------------------------- grouping, on a sqlite store
+def log_run(uri: str, ap: float, fg: float = 0.05, status: str = "FINISHED", **overrides) -> None:
+    """One run as the trainer logs it: the flattened recipe as params, its tags, final metrics."""
+    import mlflow
+    recipe = load_recipe(None, ["data.make_synthetic=true"] + [f"{k}={v}" for k, v in overrides.items()])
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(EXPERIMENT)
+    d = recipe.data
+    tags = {"dataset": d.dataset, "method": recipe.method.name, "eta": str(d.eta),
+            "missing_type": d.missing_type, "both_ratio": str(d.both_ratio), "seed": str(recipe.seed)}
+    with mlflow.start_run(tags=tags) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(to_dict(recipe)).items()})
+        mlflow.log_params({"missing.s0_train.hash": f"h{recipe.seed}"})  # derived: ignored
+        if ap is not None:
+            mlflow.log_metrics({"final_ap": ap, "final_fg": fg})
+    if status != "FINISHED":
+        from mlflow.tracking import MlflowClient
+        MlflowClient(uri).set_terminated(run.info.run_id, status)
+
+
+def compare_table(uri: str, out: Path) -> tuple[list[str], list[dict]]:
+    assert compare_main(["--tracking-uri", uri, "--no-log", "--out", str(out)]) == 0
+    md = (out / "compare.md").read_text().splitlines()
+    return md, list(csv.DictReader(open(out / "compare.csv")))
+
+
+@pytest.fixture
+def store(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_runs_differing_in_a_recipe_key_are_never_merged(store, tmp_path):
+    log_run(store, 0.40, **{"train.lr": 0.001})
+    log_run(store, 0.60, **{"train.lr": 0.01})
+    log_run(store, 0.50, **{"train.lr": 0.01, "task_keys.source": "frozen_pooled"})
+    md, table = compare_table(store, tmp_path / "cmp")
+    assert "Column groups: method.name / task_keys.source / train.lr." in md[2]
+    assert md[4] == ("| eta | image % | text % | delo / first_layer / 0.001 AP | delo / first_layer / "
+                     "0.001 FG | delo / first_layer / 0.01 AP | delo / first_layer / 0.01 FG | "
+                     "delo / frozen_pooled / 0.01 AP | delo / frozen_pooled / 0.01 FG |")
+    assert [(r["train.lr"], r["task_keys.source"], r["ap_mean"], r["n"]) for r in table] == [
+        ("0.001", "first_layer", "40.000000", "1"), ("0.01", "first_layer", "60.000000", "1"),
+        ("0.01", "frozen_pooled", "50.000000", "1")]
+    assert "`train.epochs=3`" in md[0] and "train.lr" not in md[0]
+
+
+def test_seeds_are_averaged_with_their_sample_std(store, tmp_path):
+    for seed, ap, fg in [(0, 0.40, 0.10), (1, 0.50, 0.20), (2, 0.45, 0.30)]:
+        log_run(store, ap, fg, seed=seed)
+    log_run(store, 0.99, seed=3, status="FAILED")   # named, never averaged
+    log_run(store, 0.30, 0.0, seed=0, **{"method.name": "lora"})
+    md, table = compare_table(store, tmp_path / "cmp")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in md[6:]]
+    assert rows == [["70%", "65.00", "65.00", "45.00 ± 5.00 (n=3; failed)",
+                     "20.00 ± 10.00 (n=3; failed)", "30.00 (n=1)", "0.00 (n=1)"]]
+    delo = table[0]
+    assert (float(delo["ap_mean"]), float(delo["ap_std"]), float(delo["fg_std"])) == \
+        pytest.approx((45.0, 5.0, 10.0))
+    assert (delo["n"], delo["seeds"], delo["unfinished"]) == ("3", "0 1 2", "failed")
+
+
+def test_result_neutral_keys_do_not_split_groups(store, tmp_path):
+    log_run(store, 0.40, seed=0, **{"output_dir": "a", "eval.batch_size": 8, "name": "x",
+                                    "tracking.run_name": "r1", "train.log_every": 3})
+    log_run(store, 0.60, seed=1, **{"output_dir": "b", "eval.batch_size": 64, "data.num_workers": 2})
+    md, table = compare_table(store, tmp_path / "cmp")
+    assert len(table) == 1 and table[0]["n"] == "2" and table[0]["ap_mean"] == "50.000000"
+    assert "`output_dir=" not in md[0] and "`missing." not in md[0] and "`seed=" not in md[0]
+    assert md[4] == "| eta | image % | text % | delo AP | delo FG |"
+
+
+def test_plot_axes_have_no_offset_notation(tmp_path):
+    from matplotlib.axes import Axes
+    from delo_dist.compare import build_table, plot
+    run = lambda seed, ap: Run(seed, {"method.name": "delo", "data.eta": "0.5",  # noqa: E731
+                                      "data.missing_type": "both", "data.both_ratio": "0.5"},
+                               seed, "finished", ap, 0.1)
+    offsets = []
+    original = Axes.ticklabel_format
+    def spy(self, **kw):
+        offsets.append(kw.get("useOffset"))
+        return original(self, **kw)
+    Axes.ticklabel_format = spy
+    try:
+        plot(build_table([run("0", 0.123451), run("1", 0.123452)]), tmp_path / "c.png")
+    finally:
+        Axes.ticklabel_format = original
+    assert offsets == [False, False] and (tmp_path / "c.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_ablations_over_seeds_keep_each_seed_and_report_mean_and_std(shards, tmp_path):
+    import json
+    import statistics
+    from delo_dist.ablations import run
+    rows = run(str(REPO / "recipes" / "quickstart.yaml"),
+               tiny_overrides(shards, tmp_path / "abl", **{"data.sessions": 2, "seed": 5}),
+               only=["head_only"], seeds=2)
+    saved = json.loads((tmp_path / "abl" / "ablations" / "results.json").read_text())
+    assert saved == rows and rows[0]["n"] == 2
+    per_seed = rows[0]["per_seed"]
+    assert [p["seed"] for p in per_seed] == [5, 6]
+    for p in per_seed:   # each seed's own run folder and metrics
+        m = json.loads((tmp_path / "abl" / "ablations" / "head_only" / f"seed{p['seed']}" /
+                        "metrics.json").read_text())
+        assert p["ap"] == m["ap"]
+    aps = [p["ap"] for p in per_seed]
+    assert rows[0]["ap"] == pytest.approx(statistics.fmean(aps))
+    assert rows[0]["ap_std"] == pytest.approx(statistics.stdev(aps))
+    text = (tmp_path / "abl" / "ablations" / "table.md").read_text()
+    assert f"{100 * rows[0]['ap']:.2f} ± {100 * rows[0]['ap_std']:.2f} (n=2)" in text

@@ -41,8 +41,12 @@ class ContinualModel(nn.Module):
         self.adapted: list[AdaptedLinear] = []
         if self.spec.make_session is not None:
             names = ["shared"] * n if self.spec.shared_across_sessions else [str(k) for k in range(n)]
+            makers = self.spec.targets(self.backbone) if self.spec.targets else {}
+            if makers:  # the method chose its linears (recipe backbone.targets is not used)
+                self.backbone.targets = list(makers)
             for name, linear in self.backbone.adapted_linears().items():
-                wrapped = AdaptedLinear(linear, self.ctx, self.spec.make_session, names)
+                make = makers.get(name, self.spec.make_session)
+                wrapped = AdaptedLinear(linear, self.ctx, make, names)
                 self.backbone.replace_linear(name, wrapped)
                 self.adapted.append(wrapped)
         d = self.backbone.hidden_size

@@ -21,6 +21,9 @@ class MethodSpec:
     make_session: Optional[Callable[[int, int], nn.Module]]  # (d_in, d_out) -> session module
     shared_across_sessions: bool = False
     modality_routed: bool = False   # queries per modality feed routers: L_align / L_con apply
+    # Optional: the method picks its linears itself instead of recipe `backbone.targets`:
+    # backbone -> {qualified linear name: session maker for that linear} (MAIL's variants).
+    targets: Optional[Callable[[nn.Module], dict[str, Callable[[int, int], nn.Module]]]] = None
 
 
 _METHODS: dict[str, Callable] = {}
@@ -52,6 +55,18 @@ def _lora(cfg):
 @register_method("seq_lora")  # lower bound: one LoRA fine-tuned session after session
 def _seq_lora(cfg):
     return MethodSpec(lambda i, o: LoraSession(i, o, cfg), shared_across_sessions=True)
+
+
+@register_method("mail")  # MAIL: a mixture of LoRA experts per session, chosen by the task keys
+def _mail(cfg):
+    from delo_dist.models.mail import mail_spec
+    return mail_spec(cfg)
+
+
+@register_method("seq_mail")  # MAIL fine-tuned session after session (one mixture)
+def _seq_mail(cfg):
+    from delo_dist.models.mail import seq_mail_spec
+    return seq_mail_spec(cfg)
 
 
 @register_method("head_only")  # lower bound: frozen backbone, a new head per session

@@ -34,6 +34,11 @@ def objective(forward, model, batch: dict, k: int, method_cfg, epoch: int,
         logits = forward(batch, session=k, record=use_align).float()
     ce = supervised_loss(logits, batch, model.local_index[k], multilabel)
     loss, parts = ce, {"ce": ce.item()}
+    if getattr(m, "mail", None) is not None and m.mail.balance > 0:  # MAIL's optional balance loss
+        from delo_dist.models.mail import balance_loss
+        balance = balance_loss(model, k)
+        if balance is not None:
+            loss = loss + m.mail.balance * balance
     # auxiliary terms: this rank's sum over complete samples / (global count / world)
     n_global = _complete_count(batch, complete)
     scale = dist.world() / n_global if n_global > 0 else 0.0  # n may be < 1 with accumulation

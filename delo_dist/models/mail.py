@@ -1,0 +1,164 @@
+"""MAIL: a mixture of LoRA experts around frozen linears ("MAIL: Mixture of LoRA Experts for
+Adaptive Incomplete Multimodal Learning", Eq. 8-11).
+
+Per adapted linear, E_l experts (A_e in R^{r x d_in}, B_e in R^{d_out x r}) and a router
+W_r in R^{E_l x d_in}; per routed unit with router input u:
+    p = softmax(W_r u)
+    top_k:      g = p on the k largest entries, renormalised to sum 1, 0 elsewhere
+    soft_merge: g = p (every expert, weighted: Zadouri et al.'s soft merging)
+    delta h = (alpha / r) * sum_e g_e B_e A_e dropout(h)
+The experts act on activations: (B, N, d_in) -> (B, N, E r) -> (B, N, d_out), with the gates
+spread over each expert's r columns; no d_out x d_in matrix is formed. Every expert's columns
+are computed (unselected ones gated to 0): one dense matmul with static shapes whatever the
+routing, E r = 20 columns per token at the paper's E = 5, r = 4.
+
+Where the paper is silent (recipe keys under `method.mail`):
+  - router_input "sample" (default): one routing per instance from the mean of its real
+    tokens at that linear's input (`q_all`, dummy tokens of a missing modality included, so
+    the routing sees the missingness), matching the paper's "fixed combination of experts"
+    per instance; "token": every token routed by itself (the classic MoE layer of Eq. 5-6).
+  - balance: weight of the Switch Transformer load-balancing loss E * sum_e f_e P_e (f_e: share
+    of top-k slots, P_e: mean router probability), averaged over the adapted linears; 0 (the
+    default, as the paper mentions none) turns it off.
+  - LoRA dropout is active when gradients are (the training forward): the frozen backbone
+    keeps every submodule in eval mode, adapters included, so `self.training` cannot tell.
+
+Targets per variant (linear names are matched on the backbone, any depth prefix):
+  linear    (MAIL-l): the MLP linears of each layer: ViLT `intermediate.dense`, `output.dense`
+                      (not the attention's output.dense); CLIP `mlp.fc1`, `mlp.fc2`;
+  attention (MAIL-a): query, key, value (Eq. 9-11): ViLT `attention.attention.{query,key,value}`,
+                      CLIP `self_attn.{q,k,v}_proj`;
+  both      (MAIL-b): the union.
+Expert counts per layer (`allocation`, mean E = `experts` over the L layers of a stack):
+  square: E everywhere. increasing: a linear ramp from k to 2E - k (k = min(top_k, E), so
+  top-k always has k experts), rounded and mirrored about the middle so the total is exactly
+  L * E; decreasing: the same reversed. ViLT-B/32 (L = 12), E = 5, k = 2, increasing:
+  2 3 3 4 4 5 5 6 6 7 7 8.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_LAYER = r"(?P<stack>.*?)(?P<layer>layers?)\.(?P<index>\d+)\."
+TARGET_PATTERNS = {
+    "linear": re.compile(_LAYER + r"(intermediate\.dense|output\.dense|mlp\.fc1|mlp\.fc2)$"),
+    "attention": re.compile(_LAYER + r"(attention\.attention\.(query|key|value)"
+                                     r"|self_attn\.(q|k|v)_proj)$"),
+}
+
+
+def expert_counts(allocation: str, layers: int, experts: int, top_k: int) -> list[int]:
+    """Experts per layer, input side first; the mean is exactly `experts`."""
+    if allocation == "square" or layers == 1:
+        return [experts] * layers
+    lo = min(top_k, experts)
+    hi = 2 * experts - lo
+    ramp = [lo + (hi - lo) * i / (layers - 1) for i in range(layers)]
+    low_half = [math.floor(v + 0.5) for v in ramp[:layers // 2]]
+    counts = low_half + [experts] * (layers % 2) + [2 * experts - c for c in reversed(low_half)]
+    return counts if allocation == "increasing" else counts[::-1]
+
+
+def mail_targets(backbone: nn.Module, cfg) -> dict[str, int]:
+    """{qualified linear name: experts} for the variant's linears of the backbone."""
+    kinds = ["linear", "attention"] if cfg.variant == "both" else [cfg.variant]
+    found: dict[str, tuple[str, int]] = {}
+    for name, module in backbone.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        for kind in kinds:
+            m = TARGET_PATTERNS[kind].search(name)
+            if m:
+                found[name] = (m["stack"], int(m["index"]))
+    if not found:
+        raise ValueError(f"method.mail.variant={cfg.variant!r}: no linear of the backbone matches "
+                         f"{[TARGET_PATTERNS[k].pattern for k in kinds]}")
+    depth: dict[str, int] = defaultdict(int)  # layers per stack (CLIP has two encoders)
+    for stack, index in found.values():
+        depth[stack] = max(depth[stack], index + 1)
+    counts = {s: expert_counts(cfg.allocation, L, cfg.experts, cfg.top_k) for s, L in depth.items()}
+    return {name: counts[stack][index] for name, (stack, index) in found.items()}
+
+
+class MailSession(nn.Module):
+    """One mixture of LoRA experts around one linear (one session's, or the shared one)."""
+
+    def __init__(self, d_in: int, d_out: int, cfg, experts: int):
+        super().__init__()
+        self.experts, self.rank = experts, cfg.rank
+        self.scaling = cfg.alpha / cfg.rank
+        self.dropout = cfg.dropout
+        self.top_k = min(cfg.top_k, experts) if cfg.routing == "top_k" else None
+        self.per_token = cfg.router_input == "token"
+        self.uses_queries = not self.per_token  # per token: the wrapper skips q_all
+        # peft's LoRA init: A Kaiming-uniform (a = sqrt 5), B zero: each expert starts at 0
+        self.A = nn.Parameter(torch.empty(experts * cfg.rank, d_in))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(d_out, experts * cfg.rank))
+        self.router = nn.Linear(d_in, experts, bias=False)   # W_r of Eq. 6
+        self.track_balance = cfg.balance > 0
+        self.balance_loss: torch.Tensor | None = None          # set by each training forward
+
+    def gates(self, x: torch.Tensor, q_all: torch.Tensor | None) -> torch.Tensor:
+        """(B, E) per sample, or (B, N, E) per token; rows sum to 1."""
+        p = self.router(x if self.per_token else q_all).softmax(-1)
+        if self.top_k is None:
+            g = p
+        else:
+            top = p.topk(self.top_k, dim=-1)
+            g = torch.zeros_like(p).scatter(-1, top.indices, top.values)
+            g = g / g.sum(-1, keepdim=True)
+        if self.track_balance and torch.is_grad_enabled():
+            chosen = (g > 0).to(p.dtype).reshape(-1, self.experts)
+            f = chosen.mean(0) / chosen.sum(-1).mean()               # share of the routing slots
+            self.balance_loss = self.experts * (f * p.reshape(-1, self.experts).mean(0)).sum()
+        return g
+
+    def delta(self, x, q_v=None, q_t=None, q_all=None, naive: bool = False):
+        g = self.gates(x, q_all)
+        if not self.per_token:
+            g = g[:, None, :]                                        # (B, 1, E)
+        h = F.dropout(x, self.dropout, training=torch.is_grad_enabled())
+        if naive:  # benchmark only: the d_out x d_in update per routed unit, materialised
+            dw = torch.einsum("oer,bne,erd->bnod", self.B.view(-1, self.experts, self.rank), g,
+                              self.A.view(self.experts, self.rank, -1))
+            return self.scaling * torch.einsum("bnd,bnod->bno", h, dw)
+        z = h @ self.A.t()                                           # (B, N, E r)
+        z = z * g.repeat_interleave(self.rank, dim=-1)               # expert e's r columns * g_e
+        return self.scaling * (z @ self.B.t())
+
+
+def _spec(cfg, shared: bool):
+    """The method: MAIL's linears for cfg.mail.variant, each with its layer's expert count."""
+    from delo_dist.models.methods import MethodSpec
+    maker = lambda e: lambda i, o: MailSession(i, o, cfg.mail, e)  # noqa: E731
+    targets = lambda backbone: {n: maker(e) for n, e in mail_targets(backbone, cfg.mail).items()}  # noqa: E731
+    return MethodSpec(maker(cfg.mail.experts), shared_across_sessions=shared, targets=targets)
+
+
+def mail_spec(cfg):
+    """method.name: mail (one mixture per session)."""
+    return _spec(cfg, shared=False)
+
+
+def seq_mail_spec(cfg):
+    """method.name: seq_mail (one mixture fine-tuned across sessions)."""
+    return _spec(cfg, shared=True)
+
+
+def balance_loss(model, k: int) -> torch.Tensor | None:
+    """Mean load-balancing loss of session k's mixtures in the last training forward (read
+    once: the stored values are cleared)."""
+    losses = []
+    for adapted in model.adapted:
+        s = adapted.session_module(k)
+        if isinstance(s, MailSession) and s.balance_loss is not None:
+            losses.append(s.balance_loss)
+            s.balance_loss = None
+    return torch.stack(losses).mean() if losses else None
