@@ -155,7 +155,7 @@ def test_task_key_ema_is_equation_7_per_modality():
 def test_mixed_session_batch_is_routed_and_predicted_per_sample(recipe_for, shards):
     """Keys from each session's training queries; a test batch mixing three sessions routes
     every sample by itself (no batch-level vote), and predicts as it would alone."""
-    _, m, model = build(recipe_for)
+    _, m, model = build(recipe_for, **{"task_keys.source": "first_layer"})   # every source: test_task_id.py
     model.eval()
     for k in range(3):
         for b in SessionStream(shards, m, k, "train", 16, model.backbone.collate, {}, train=False):
@@ -198,7 +198,7 @@ def test_training_session_1_leaves_session_0_bit_identical(recipe_for):
     session 1, from the real checkpoints: they must be equal to the bit."""
     from safetensors.torch import load_file
     from delo_dist.training.trainer import Trainer
-    recipe = recipe_for(**{"data.sessions": 2})
+    recipe = recipe_for(**{"data.sessions": 2, "task_keys.source": "first_layer"})  # EMA keys
     assert Trainer(recipe).run() == 0
     ckpt = recipe.output_dir + "/checkpoints"
     after0 = load_file(f"{ckpt}/session_00/model.safetensors")
