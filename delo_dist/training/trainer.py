@@ -158,13 +158,14 @@ class Trainer:
                                  **{f"params.trainable_s{k}": n for k, n in enumerate(per)}})
         if self.main:
             m, s0 = r.method, counts["sessions"][0]
-            print(f"parameters: {m.name} (E={m.experts}, r={m.rank}, factor_rank={m.factor_rank}) on "
-                  f"{r.backbone.pretrained or r.backbone.name + '-tiny'}: backbone {counts['backbone_frozen']:,} "
-                  f"frozen; per session {s0['trainable']:,} trainable (adapters {s0['adapters']:,} + "
-                  f"head {s0['head']:,}){' [sessions differ: ' + str(per) + ']' if len(set(per)) > 1 else ''}; "
-                  f"total {counts['total']:,} with {len(per)} sessions; batch {self.micro} x "
-                  f"{self.accum} accumulated x {self.world} devices = {self.global_batch} a step",
-                  flush=True)
+            differ = f" (by session: {per})" if len(set(per)) > 1 else ""
+            print(f"parameters: {m.name} E={m.experts} r={m.rank} factor_rank={m.factor_rank} on "
+                  f"{r.backbone.pretrained or r.backbone.name + '-tiny'}: backbone "
+                  f"{counts['backbone_frozen']:,} frozen; per session {s0['trainable']:,} trainable "
+                  f"(adapters {s0['adapters']:,} + head {s0['head']:,}){differ}; total "
+                  f"{counts['total']:,} with {len(per)} sessions", flush=True)
+            print(f"batch: {self.micro} x {self.accum} accumulated x {self.world} devices = "
+                  f"{self.global_batch} a step", flush=True)
 
     def _engine_kind(self) -> str:
         kind = self.recipe.distributed.engine
