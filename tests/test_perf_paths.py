@@ -129,7 +129,8 @@ def test_key_query_reuses_the_forward_and_equals_a_separate_pass(recipe_for, sha
     assert torch.allclose(cached, torch.stack([q_v, q_t], 1), atol=1e-5)
     other = batch_of(model, m, shards, 1, n=8)                     # another batch: recomputed
     q_v, q_t = model.backbone.first_layer_queries(other)
-    assert torch.allclose(model.key_query(other)[0], torch.stack([q_v, q_t], 1))
+    # (two runs of the same pass differ by ~2e-7 here: oneDNN's kernels vary with alignment)
+    assert torch.allclose(model.key_query(other)[0], torch.stack([q_v, q_t], 1), atol=1e-5)
 
 
 def test_routing_inside_the_forward_equals_a_key_pass_with_ten_sessions(recipe_for, shards):
