@@ -133,7 +133,8 @@ def test_identification_features_reuse_the_forward_and_equal_a_separate_pass(rec
     assert torch.allclose(cached["q_all"], fresh["q_all"], atol=1e-5)
     other = batch_of(model, m, shards, 1, n=8)                     # another batch: recomputed
     q_v, q_t = model.backbone.first_layer_queries(other)
-    assert torch.allclose(model.identification_features(other)["q_v"], q_v)
+    # (two runs of the same pass differ by ~2e-7 here: oneDNN's kernels vary with alignment)
+    assert torch.allclose(model.identification_features(other)["q_v"], q_v, atol=1e-5)
 
 
 def test_routing_inside_the_forward_equals_a_key_pass_with_ten_sessions(recipe_for, shards):

@@ -180,14 +180,16 @@ class ContinualModel(nn.Module):
         Single-label: (B,) global class ids. Multi-label: (B, num_classes) bool.
         sessions=None: the first-layer hook routes them (see predict); ctx.session then."""
         self._set_batch(batch)
-        if sessions is not None:
-            uniq = sessions.unique()
-            self.ctx.session = sessions
-            self.ctx.uniform_session = int(uniq[0]) if len(uniq) == 1 else None
+        self.ctx.session = sessions
+        uniq = None if sessions is None else sessions.unique()
+        self.ctx.uniform_session = int(uniq[0]) if uniq is not None and len(uniq) == 1 else None
         pooled = self._backbone(batch, batch)
         if sessions is None:
             sessions = self.ctx.session
-        uniq = sessions.unique()
+            if sessions is None:
+                raise RuntimeError("task identification in the forward pass: the first-layer "
+                                   "hook did not run (backbone.first_layer_module())")
+            uniq = sessions.unique()
         n = pooled.shape[0]
         pred = (torch.zeros(n, self.num_classes, dtype=torch.bool, device=pooled.device)
                 if self.multilabel else torch.zeros(n, dtype=torch.long, device=pooled.device))
