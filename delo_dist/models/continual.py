@@ -30,6 +30,24 @@ def subset(batch: dict, idx: torch.Tensor) -> dict:
     return out
 
 
+def parameter_summary(model: "ContinualModel") -> dict:
+    """Parameter counts for the start-of-run line and MLflow: backbone (frozen), per session
+    trainable (adapters + head, what `set_trainable(k)` hands the optimizer), task keys."""
+    backbone_ids = {id(p) for a in model.adapted for p in a.sessions.parameters()}
+    frozen = sum(p.numel() for p in model.backbone.parameters() if id(p) not in backbone_ids)
+    per_session = [sum(p.numel() for p in model.session_parameters(k).values())
+                   for k in range(len(model.heads))]
+    heads = [sum(p.numel() for p in h.parameters()) for h in model.heads]
+    return {
+        "backbone": model.names[0], "method": model.names[1], "backbone_params": frozen,
+        "adapted_linears": len(model.adapted),
+        "trainable_per_session": per_session[0] if per_session else 0,
+        "adapter_params_per_session": per_session[0] - heads[0] if per_session else 0,
+        "trainable_all_sessions": sum(p.numel() for p in model.parameters()) - frozen,
+        "trainable_percent": 100.0 * per_session[0] / max(frozen, 1) if per_session else 0.0,
+    }
+
+
 class ContinualModel(nn.Module):
     def __init__(self, recipe, session_classes: list[list[int]], num_classes: int,
                  multilabel: bool = False):
@@ -40,24 +58,48 @@ class ContinualModel(nn.Module):
         self.multilabel = multilabel
         self.num_classes = num_classes
         self.key_source = recipe.task_keys.source
+        self.names = (recipe.backbone.name, recipe.method.name)
         n = len(session_classes)
         self.adapted: list[AdaptedLinear] = []
         if self.spec.make_session is not None:
             names = ["shared"] * n if self.spec.shared_across_sessions else [str(k) for k in range(n)]
-            for name, linear in self.backbone.adapted_linears().items():
-                wrapped = AdaptedLinear(linear, self.ctx, self.spec.make_session, names)
+            for name, linear in self._linears(recipe).items():
+                wrapped = AdaptedLinear(linear, self.ctx, self._maker(name, linear, names), names)
                 self.backbone.replace_linear(name, wrapped)
                 self.adapted.append(wrapped)
+        self.merged_inference = self.spec.mergeable  # MoRA: inference with merged weights
         d = self.backbone.hidden_size
         self.heads = nn.ModuleList([nn.Linear(d, len(c)) for c in session_classes])
-        self.task_keys = TaskKeyMemory(n, d, recipe.task_keys.momentum,
-                                       modalities=2 if self.key_source == "first_layer" else 1)
+        first = self.key_source == "first_layer"
+        self.task_keys = TaskKeyMemory(n, self.backbone.query_dim if first else d,
+                                       recipe.task_keys.momentum, modalities=2 if first else 1)
         self.session_classes = [list(c) for c in session_classes]
         # global class id -> index inside its session's head (-1: not in this session)
         local = torch.full((n, num_classes), -1, dtype=torch.long)
         for k, classes in enumerate(session_classes):
             local[k, torch.tensor(classes)] = torch.arange(len(classes))
         self.register_buffer("local_index", local, persistent=False)
+
+    def _linears(self, recipe) -> dict:
+        """The recipe's targets, else the method's, else the backbone's; then the method's
+        choice of sites (MoRA: upper layers)."""
+        spec = self.spec
+        linears = self.backbone.adapted_linears(recipe.backbone.targets or spec.targets)
+        if spec.keep is not None:
+            linears = {n: m for n, m in linears.items() if spec.keep(self.backbone.linear_site(n))}
+            if not linears:
+                raise ValueError(f"method.name={recipe.method.name}: no linear left to adapt "
+                                 "after the method's choice of layers")
+        return linears
+
+    def _maker(self, name: str, linear: nn.Linear, session_names: list[str]):
+        """make_session(d_in, d_out) for AdaptedLinear; site-aware methods (MoRA couples a text
+        and an image linear) also get the site, the base linear and the session name, in the
+        order AdaptedLinear builds its modules (one per distinct session name)."""
+        if not self.spec.site_aware:
+            return self.spec.make_session
+        site, order = self.backbone.linear_site(name), iter(dict.fromkeys(session_names))
+        return lambda i, o: self.spec.make_session(i, o, site=site, base=linear, session=next(order))
 
     # ------------------------------------------------------------ parameters
     def session_parameters(self, k: int) -> dict[str, nn.Parameter]:
@@ -104,11 +146,18 @@ class ContinualModel(nn.Module):
     def predict_with(self, batch: dict, sessions: torch.Tensor) -> torch.Tensor:
         """Predictions when sample b uses session sessions[b]'s adapters and head.
         Single-label: (B,) global class ids. Multi-label: (B, num_classes) bool."""
-        self._set_batch(batch)
         uniq = sessions.unique()
-        self.ctx.session = sessions
-        self.ctx.uniform_session = int(uniq[0]) if len(uniq) == 1 else None
-        pooled = self.backbone(batch)
+        # Mergeable methods run merged when the batch routes to one session. A mixed batch
+        # takes the activation path in one pass (each adapted linear applies each session's
+        # update to its samples): one backbone pass per session's sub-batch, merged, was
+        # slower (bench --clip).
+        if self.merged_inference and len(uniq) == 1:
+            pooled = self._merged_pooled(batch, int(uniq[0]))
+        else:
+            self._set_batch(batch)
+            self.ctx.session = sessions
+            self.ctx.uniform_session = int(uniq[0]) if len(uniq) == 1 else None
+            pooled = self.backbone(batch)
         n = pooled.shape[0]
         pred = (torch.zeros(n, self.num_classes, dtype=torch.bool, device=pooled.device)
                 if self.multilabel else torch.zeros(n, dtype=torch.long, device=pooled.device))
@@ -123,6 +172,15 @@ class ContinualModel(nn.Module):
             else:
                 pred[idx] = classes[logits.argmax(-1)]
         return pred
+
+    def _merged_pooled(self, batch: dict, k: int) -> torch.Tensor:
+        """Pooled features with session k's update merged into the weights (MoRA)."""
+        self._set_batch(batch)
+        self.ctx.merged, self.ctx.uniform_session = k, k
+        try:
+            return self.backbone(batch)
+        finally:
+            self.ctx.merged = None
 
     @torch.no_grad()
     def predict(self, batch: dict, seen: int, oracle: bool = True) -> dict:

@@ -23,6 +23,8 @@ import math
 import torch
 from torch import nn
 
+from delo_dist.models.methods import MethodSpec
+
 
 class FactorPool(nn.Module):
     def __init__(self, d_in: int, d_out: int, experts: int, rank: int, factor_rank: int = 1,
@@ -82,3 +84,7 @@ class DeloSession(nn.Module):
         if naive:
             return self.alpha * (self.visual.delta_naive(x, q_v) + self.textual.delta_naive(x, q_t))
         return self.alpha * (self.visual.delta(x, q_v) + self.textual.delta(x, q_t))
+
+
+def method(cfg):
+    return MethodSpec(lambda i, o: DeloSession(i, o, cfg), modality_routed=cfg.modality_pools)

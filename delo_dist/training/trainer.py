@@ -26,7 +26,7 @@ from delo_dist.config import Recipe, to_dict
 from delo_dist.data.missing import MissingSpec, missing_table, table_summary
 from delo_dist.data.shards import read_manifest
 from delo_dist.data.stream import SessionStream, make_loader
-from delo_dist.models.continual import ContinualModel
+from delo_dist.models.continual import ContinualModel, parameter_summary
 from delo_dist.plots import accuracy_heatmap
 from delo_dist.tracking import Tracker
 from delo_dist.training import checkpoint, dist
@@ -85,6 +85,11 @@ class Trainer:
                                     self.manifest["num_classes"], self.multilabel).to(self.device)
         evaluating = r.eval.checkpoint is not None  # evaluation only: no run, no resume
         self.tracker = Tracker(r, enabled=self.main and not evaluating)
+        counts = parameter_summary(self.model)
+        if self.main:
+            print("parameters: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in counts.items()), flush=True)
+        self.tracker.log_params({f"params.{k}": v for k, v in counts.items()})
         self.result = {"accuracy_matrix": [], "oracle_matrix": [], "routing_matrix": [],
                        "sessions": []}
         self.resume = None if evaluating else self._resume()
