@@ -42,6 +42,10 @@ from delo_dist.training.trainer import rss_mb
 
 CLASSES_PER_SESSION = 4
 FULL_VILT = dict(hidden=768, layers=12, heads=12, intermediate=3072, image_size=384, patch=32)
+FULL_CLIP = dict(hidden=768, layers=12, heads=12, intermediate=3072, image_size=224, patch=16,
+                 text_len=77)  # + the text encoder's own shape (CLIP_TEXT) in clip_run
+CLIP_TEXT = {"backbone.tiny.text_hidden_size": 512, "backbone.tiny.text_num_attention_heads": 8,
+             "backbone.tiny.text_intermediate_size": 2048, "backbone.tiny.projection_dim": 512}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,9 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--seed", type=int, default=0)
     a("--json", default=None, help="write the JSON here (default: stdout)")
     a("--clip", action="store_true", help="CLIP rows instead: DeLo vs MoRA, merged vs unmerged")
+    a("--full-clip", action="store_true", help="with --clip: CLIP ViT-B/16 shapes (random weights)")
     args = p.parse_args(argv)
     if args.full_vilt:
         for k, v in FULL_VILT.items():
+            setattr(args, k, v)
+    if args.full_clip:
+        for k, v in FULL_CLIP.items():
             setattr(args, k, v)
     args.intermediate = args.intermediate or 4 * args.hidden
     args.warmup = max(args.warmup, 1)  # the warm-up call also measures memory
@@ -325,7 +333,7 @@ def clip_run(args) -> dict:
     mixes sessions, MoRA merged (one F.linear per adapted linear, sub-batch per session) and
     unmerged (activation path). Rows run round-robin as in `run`."""
     S, k, timer = args.sessions, 0, Timer(args)
-    clip = {"backbone.name": "clip"}
+    clip = {"backbone.name": "clip", **(CLIP_TEXT if args.full_clip else {})}
     fns, rows = {}, {}
     batch = one = None
     for name in ("head_only", "delo", "mora"):

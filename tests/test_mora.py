@@ -15,6 +15,7 @@ from delo_dist.models.continual import ContinualModel
 from delo_dist.models.mora import MoraSession
 from delo_dist.training.engines import TorchEngine
 from delo_dist.training.losses import supervised_loss
+from tests.conftest import REPO
 
 CLIP = {"backbone.name": "clip", "backbone.tiny.text_hidden_size": 24}
 
@@ -177,3 +178,27 @@ def test_isolation_for_mora_and_drift_for_seq_mora(recipe_for, shards, method):
         assert torch.equal(after[1], before[1]) and torch.equal(after[0], before[0])
     else:  # one shared set: training session 1 moves session 0's features
         assert not torch.allclose(after[1], before[1], atol=1e-6)
+
+
+def test_food101_clip_recipe_has_the_papers_trainable_share(shards):
+    """CLIP ViT-B/16 shapes on the meta device (random, no hub) with recipes/food101_clip.yaml:
+    q/v projections of layers 10-11 of both encoders at rank 4 give 61,440 adapter
+    parameters; with a 101-class head that is the MoRA paper's 0.11 % of the backbone."""
+    from delo_dist.config import load_recipe
+    from delo_dist.models.continual import parameter_summary
+    vit_b16 = {"backbone.pretrained": "null", "backbone.image_size": 224,
+               "backbone.tiny.hidden_size": 768, "backbone.tiny.num_hidden_layers": 12,
+               "backbone.tiny.num_attention_heads": 12, "backbone.tiny.intermediate_size": 3072,
+               "backbone.tiny.patch_size": 16, "backbone.tiny.text_hidden_size": 512,
+               "backbone.tiny.text_num_attention_heads": 8, "backbone.tiny.text_intermediate_size": 2048,
+               "backbone.tiny.text_vocab_size": 49408, "backbone.tiny.projection_dim": 512}
+    recipe = load_recipe(REPO / "recipes" / "food101_clip.yaml",
+                         [f"data.shards={shards}"] + [f"{k}={v}" for k, v in vit_b16.items()])
+    with torch.device("meta"):
+        model = ContinualModel(recipe, [list(range(10 * k, 10 * k + 10)) for k in range(10)], 100)
+    counts = parameter_summary(model)
+    assert counts["backbone_params"] == 149_620_737           # CLIP ViT-B/16
+    per_layer = (512 + 768) * 4 + 2 * (512 * 8 + 2 * 512) + 2 * (768 * 8 + 2 * 768)
+    assert counts["adapter_params_per_session"] == 2 * per_layer == 61_440
+    head_101 = 1024 * 101 + 101
+    assert round(100 * (61_440 + head_101) / counts["backbone_params"], 2) == 0.11

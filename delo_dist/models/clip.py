@@ -99,16 +99,19 @@ class ClipBackbone(Backbone):
 
     @staticmethod
     def tiny_config(cfg, tokenizer) -> CLIPConfig:
+        """Both encoders from the shared shape keys of backbone.tiny; a key prefixed text_ or
+        vision_ (text_hidden_size, text_num_attention_heads, ...) sets one encoder only."""
         t = cfg.tiny
-        shape = {k: t[k] for k in ("num_hidden_layers", "num_attention_heads", "intermediate_size")}
-        text = dict(shape, hidden_size=t.get("text_hidden_size", t["hidden_size"]),
-                    vocab_size=len(tokenizer), max_position_embeddings=cfg.max_text_len,
+        shape = {k: t[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                   "intermediate_size")}
+        own = lambda prefix: {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}  # noqa: E731
+        text = dict(shape, vocab_size=len(tokenizer), max_position_embeddings=cfg.max_text_len,
                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
                     eos_token_id=tokenizer.sep_token_id)   # pooling finds the end of text
+        text.update(own("text_"))
         if text["eos_token_id"] == 2:  # 2 switches CLIP to a legacy argmax pooling
             raise RuntimeError("offline tokenizer: [SEP] must not have id 2 for CLIP's pooling")
-        vision = dict(shape, hidden_size=t["hidden_size"], image_size=cfg.image_size,
-                      patch_size=t["patch_size"])
+        vision = dict(shape, image_size=cfg.image_size, patch_size=t["patch_size"], **own("vision_"))
         return CLIPConfig(text_config=text, vision_config=vision,
                           projection_dim=t.get("projection_dim", t["hidden_size"]))
 

@@ -31,15 +31,16 @@ def subset(batch: dict, idx: torch.Tensor) -> dict:
 
 
 def parameter_summary(model: "ContinualModel") -> dict:
-    """Parameter counts for the start-of-run line and MLflow: backbone (frozen), per session
-    trainable (adapters + head, what `set_trainable(k)` hands the optimizer), task keys."""
-    backbone_ids = {id(p) for a in model.adapted for p in a.sessions.parameters()}
-    frozen = sum(p.numel() for p in model.backbone.parameters() if id(p) not in backbone_ids)
+    """Parameter counts for the start-of-run line and MLflow: the frozen backbone, one
+    session's trainable tensors (adapters + head: what `set_trainable(k)` hands the
+    optimizer; session 0, all sessions are built alike), and all sessions together."""
+    adapter_ids = {id(p) for a in model.adapted for p in a.sessions.parameters()}
+    frozen = sum(p.numel() for p in model.backbone.parameters() if id(p) not in adapter_ids)
     per_session = [sum(p.numel() for p in model.session_parameters(k).values())
                    for k in range(len(model.heads))]
     heads = [sum(p.numel() for p in h.parameters()) for h in model.heads]
     return {
-        "backbone": model.names[0], "method": model.names[1], "backbone_params": frozen,
+        "backbone": model.plugins[0], "method": model.plugins[1], "backbone_params": frozen,
         "adapted_linears": len(model.adapted),
         "trainable_per_session": per_session[0] if per_session else 0,
         "adapter_params_per_session": per_session[0] - heads[0] if per_session else 0,
@@ -58,7 +59,7 @@ class ContinualModel(nn.Module):
         self.multilabel = multilabel
         self.num_classes = num_classes
         self.key_source = recipe.task_keys.source
-        self.names = (recipe.backbone.name, recipe.method.name)
+        self.plugins = (recipe.backbone.name, recipe.method.name)
         n = len(session_classes)
         self.adapted: list[AdaptedLinear] = []
         if self.spec.make_session is not None:
