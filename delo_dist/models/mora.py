@@ -18,7 +18,10 @@ Training applies W' to activations, never forming a d x d matrix: with c = m / n
 products (`column_norms`). Dropout (0.1) acts on the low-rank paths' input only (the MoRA
 code drops the frozen path's input too). Inference merges: `merged_forward` runs F.linear
 with W' formed once per parameter version and cached (a copy: W0 stays as it is, since
-every session merges into the same frozen weight).
+every session merges into the same frozen weight). Per-sample session routing: a batch
+routed to one session runs merged; a batch mixing sessions runs the activation path in one
+pass, each adapted linear applying each session's update to its own samples (one merged
+pass per session's sub-batch was slower in `python -m delo_dist.bench --clip`).
 
 Defaults (MoRA code's model config): key and value projections of both encoders from layer
 10 of 12 on (`method.mora.layers_from`; null: the top ceil(L/6) layers, i.e. 10-11 of 12 and
