@@ -59,9 +59,9 @@ class BackboneConfig:
         intermediate_size=128, patch_size=16, initializer_range=0.125))
     image_size: int = 64
     max_text_len: int = 40
-    # clip: where an encoder takes the other modality's query (delo_dist/models/clip.py):
-    # layer 0's input (cheap) or the same layer's input in an adapter-free pass
-    guide_query: Literal["first_layer", "layer_matched"] = "first_layer"
+    # clip: where an encoder takes the other modality's query (delo_dist/models/clip.py): the
+    # same layer's input in an adapter-free pass (one more frozen forward), or layer 0's (cheap)
+    guide_query: Literal["layer_matched", "first_layer"] = "layer_matched"
     # linears to adapt, by name suffix; null: the method's, else the backbone's default
     # (vilt: query, key, value; clip: q_proj, k_proj, v_proj of both encoders)
     targets: Optional[list] = None

@@ -140,10 +140,11 @@ def test_cross_modal_guide_routes_a_missing_modality_by_the_other(recipe_for, sh
         assert not torch.allclose(txt_in_text[0][no_txt], image_in_text[no_txt], atol=1e-3)
 
 
-def test_layer_matched_guide_takes_the_same_layers_query(recipe_for, shards):
-    """backbone.guide_query=layer_matched: layer l of one encoder is given the other
-    encoder's layer-l query from an adapter-free pass (layer 0: the first-layer query)."""
-    _, m, model = build(recipe_for, **{"backbone.guide_query": "layer_matched"})
+@pytest.mark.parametrize("guide_query", ["layer_matched", "first_layer"])
+def test_guide_query_per_layer(recipe_for, shards, guide_query):
+    """layer_matched (default): layer l of one encoder is given the other encoder's layer-l
+    query from an adapter-free pass; first_layer: every layer gets the layer-0 query."""
+    _, m, model = build(recipe_for, **{"backbone.guide_query": guide_query})
     for a in model.adapted:  # adapters that act, so the adapter-free pass really differs
         torch.nn.init.normal_(a.session_module(0).textual.B, std=0.5)
         torch.nn.init.normal_(a.session_module(0).visual.B, std=0.5)
@@ -156,7 +157,7 @@ def test_layer_matched_guide_takes_the_same_layers_query(recipe_for, shards):
         model(batch, session=0)
     ok = ~batch["missing_text"]
     for layer in (0, 1):
-        expected = q_t[layer] @ bb.text_to_image.t()
+        expected = q_t[layer if guide_query == "layer_matched" else 0] @ bb.text_to_image.t()
         assert torch.allclose(seen[layer][0][ok], expected[ok], atol=1e-5)
     assert not torch.allclose(q_t[1], q_t[0], atol=1e-3)
 
