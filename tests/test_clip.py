@@ -80,6 +80,7 @@ def test_delo_trains_only_the_active_session_in_both_encoders(recipe_for):
     assert len(model.adapted) == 2 * 2 * 3  # 2 encoders x 2 layers x q/k/v
     widths = {a.base.in_features for a in model.adapted}
     assert widths == {24, 32}  # pools sized to each encoder's own width
+    assert model.backbone._routed()
     for a in model.adapted:
         pool = a.session_module(1).visual
         assert pool.A.shape[-1] == a.in_features and pool.router_a.in_features == a.in_features

@@ -58,6 +58,7 @@ def test_adapts_key_and_value_of_the_upper_layers_of_both_encoders(recipe_for):
     assert len(names) == 4 and all(".layers.1.self_attn." in n for n in names)  # top of 2 layers
     assert {n.rsplit(".", 1)[1] for n in names} == {"k_proj", "v_proj"}
     assert sum("text_model" in n for n in names) == 2
+    assert not model.backbone._routed()  # MoRA routes nothing: no guide pass is run
     _, _, every = build(recipe_for, **{"method.mora.layers_from": 0})
     assert len(every.adapted) == 8
     with pytest.raises(ValueError, match="'backbone.name' expected clip for method.name=mora"):

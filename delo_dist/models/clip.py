@@ -95,7 +95,7 @@ class ClipBackbone(Backbone):
         w_t = self.clip.text_projection.weight.float()     # (p, d_t)
         self.register_buffer("text_to_image", torch.linalg.pinv(w_v) @ w_t, persistent=False)
         self.register_buffer("image_to_text", torch.linalg.pinv(w_t) @ w_v, persistent=False)
-        self.guide_query, self._guide = cfg.guide_query, None
+        self.guide_query, self._guide, self._needs_guide = cfg.guide_query, None, None
         for encoder, model in (("text", self.clip.text_model), ("image", self.clip.vision_model)):
             for i, layer in enumerate(model.encoder.layers):
                 layer.register_forward_pre_hook(
@@ -201,6 +201,15 @@ class ClipBackbone(Backbone):
         return {"image": [q @ self.image_to_text.t() for q in q_v],
                 "text": [q @ self.text_to_image.t() for q in q_t]}
 
+    def _routed(self) -> bool:
+        """Whether any adapter routes by modality queries (DeLo; not MoRA, LoRA, head_only):
+        only then is the guide query computed. Decided at the first forward, after the
+        model has wrapped its linears."""
+        if self._needs_guide is None:
+            self._needs_guide = any(getattr(m.session_module(0), "uses_queries", True)
+                                    for m in self.clip.modules() if isinstance(m, AdaptedLinear))
+        return self._needs_guide
+
     def _set_guide(self, module, args, encoder: str, layer: int) -> None:
         """Forward pre-hook of every encoder layer: the other modality's query for this layer."""
         if self._guide is not None:
@@ -214,7 +223,7 @@ class ClipBackbone(Backbone):
     def forward(self, batch: dict) -> torch.Tensor:
         ctx = self.ctx
         with torch.no_grad():
-            self._guide = self._guide_queries(batch) if ctx.enabled else None
+            self._guide = self._guide_queries(batch) if ctx.enabled and self._routed() else None
         pixels, mask = batch["pixel_values"], batch["attention_mask"]
         B = pixels.shape[0]
         try:  # each encoder sees one modality; the other's query is given from outside
