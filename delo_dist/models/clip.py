@@ -3,8 +3,9 @@
 Real recipes load `from_pretrained(path_or_id)` (model, tokenizer, image processor's mean and
 std). Without one, a tiny random `CLIPConfig` is built from `backbone.tiny` (hidden_size,
 num_hidden_layers, num_attention_heads, intermediate_size, patch_size for both encoders;
-keys prefixed text_ or vision_ for one encoder, e.g. text_hidden_size; projection_dim) with the offline WordPiece tokenizer, whose [SEP] id is
-the config's end-of-text id: CLIP pools the text at the first end-of-text token.
+keys prefixed text_ or vision_ for one encoder, e.g. text_hidden_size; projection_dim) with
+the offline WordPiece tokenizer, whose [SEP] id is the config's end-of-text id: CLIP pools
+the text at the first end-of-text token.
 
 Inputs. Missing text is the empty string (tokenized to start + end-of-text, padded). Missing
 image is a white image through CLIP's normalisation, as the MoRA code feeds it:
@@ -30,8 +31,8 @@ image -> text pinv(W_t) W_v (W_v, W_t: CLIP's visual and text projections). A ro
 linear in its query, so a fixed full-rank map only re-parameterises it; going through the
 joint space keeps CLIP's own alignment. The cross-modal guide then works as on ViLT: a
 sample missing its image routes the visual pools (in both encoders) with the text query, one
-missing its text routes the textual pools with the image query. Task keys: both first-layer queries projected into the
-joint space (query_dim = projection_dim).
+missing its text routes the textual pools with the image query. Task keys: both first-layer
+queries projected into the joint space (query_dim = projection_dim).
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ couple the two encoders through Gram matrices (dimension-free, r x r):
 (one shared pair per layer for its key and value projections, as in the MoRA code). Each
 adapted linear also has its own LoRA P = A_m B_m (rank r) and two magnitude vectors, DoRA
 style, one per update, over the input columns (norms over dim 0, as the MoRA code):
-    W' = m_s * (W0 + alpha S^T) / ||W0 + alpha S^T||_col + m_p * (W0 + alpha P^T) / ||W0 + alpha P^T||_col
+    W' = m_s * (W0 + alpha S^T) / ||W0 + alpha S^T||_col
+       + m_p * (W0 + alpha P^T) / ||W0 + alpha P^T||_col
 Initialisation as the MoRA code: A, B, A_m ~ N(0, 1/r), B_m = 0, m_s = m_p = ||W0||_col (so
 the adapted weight starts near W0 + ||W0|| dir(W0 + alpha S), not at W0).
 
