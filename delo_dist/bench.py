@@ -55,6 +55,10 @@ from delo_dist.training.trainer import rss_mb
 
 CLASSES_PER_SESSION = 4
 FULL_VILT = dict(hidden=768, layers=12, heads=12, intermediate=3072, image_size=384, patch=32)
+FULL_CLIP = dict(hidden=768, layers=12, heads=12, intermediate=3072, image_size=224, patch=16,
+                 text_len=77)  # + the text encoder's own shape (CLIP_TEXT) in clip_run
+CLIP_TEXT = {"backbone.tiny.text_hidden_size": 512, "backbone.tiny.text_num_attention_heads": 8,
+             "backbone.tiny.text_intermediate_size": 2048, "backbone.tiny.projection_dim": 512}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,9 +91,14 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="process: this process's CPU time (steadier on a shared CPU machine; CPU only)")
     a("--seed", type=int, default=0)
     a("--json", default=None, help="write the JSON here (default: stdout)")
+    a("--clip", action="store_true", help="CLIP rows instead: DeLo vs MoRA, merged vs unmerged")
+    a("--full-clip", action="store_true", help="with --clip: CLIP ViT-B/16 shapes (random weights)")
     args = p.parse_args(argv)
     if args.full_vilt:
         for k, v in FULL_VILT.items():
+            setattr(args, k, v)
+    if args.full_clip:
+        for k, v in FULL_CLIP.items():
             setattr(args, k, v)
     args.intermediate = args.intermediate or 4 * args.hidden
     args.warmup = max(args.warmup, 1)  # the warm-up call also measures memory
@@ -99,7 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(args, method: str, factor_rank: int = 1, sessions: int | None = None,
-          key_source: str | None = None, attention: str = "sdpa") -> ContinualModel:
+          key_source: str | None = None, attention: str = "sdpa",
+          extra: dict | None = None) -> ContinualModel:
     recipe = load_recipe(None, [f"{k}={v}" for k, v in {"backbone.attention": attention,
         "data.make_synthetic": "true",
         "backbone.tiny.hidden_size": args.hidden, "backbone.tiny.num_hidden_layers": args.layers,
@@ -109,7 +119,7 @@ def build(args, method: str, factor_rank: int = 1, sessions: int | None = None,
         "method.name": method, "method.experts": args.experts, "method.rank": args.rank,
         "method.factor_rank": factor_rank,
         # an EMA-key source: set_task_keys writes its keys
-        "task_keys.source": key_source or "first_layer"}.items()])
+        "task_keys.source": key_source or "first_layer", **(extra or {})}.items()])
     torch.manual_seed(args.seed)  # same frozen ViLT for every method
     S = sessions or args.sessions
     classes = [list(range(k * CLASSES_PER_SESSION, (k + 1) * CLASSES_PER_SESSION)) for k in range(S)]
@@ -507,8 +517,94 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- CLIP rows
+
+def clip_run(args) -> dict:
+    """CLIP (both encoders at the --hidden/--layers shape) with DeLo, MoRA and the frozen
+    reference: one training step each; inference on one session's batch and on a batch that
+    mixes sessions, MoRA merged (one F.linear per adapted linear, sub-batch per session) and
+    unmerged (activation path). Rows run round-robin as in `run`."""
+    S, k, timer = args.sessions, 0, Timer(args)
+    clip = {"backbone.name": "clip", **(CLIP_TEXT if args.full_clip else {})}
+    fns, rows = {}, {}
+    batch = one = None
+    for name in ("head_only", "delo", "mora"):
+        model = build(args, name, extra=clip)
+        if batch is None:
+            batch = make_batch(args, model.backbone.clip.config.text_config.vocab_size)
+            one = train_batch(batch, k)
+        mine = {f"train/clip_{name}": train_step(model, one, k)}
+        if name == "mora":
+            for merged in (True, False):
+                tag = "merged" if merged else "unmerged"
+
+                def call(b, merged=merged, model=model):
+                    model.eval()
+                    model.merged_inference = merged
+                    return model.predict_with(b, b["session"])
+                mine[f"infer/clip_mora/{tag}/one_session"] = lambda c=call: c(one)
+            mine["infer/clip_mora/mixed"] = lambda c=call: c(batch)  # activation path either way
+        else:
+            mine[f"infer/clip_{name}/one_session"] = infer(model, one, False)
+            mine[f"infer/clip_{name}/mixed"] = infer(model, batch, False)
+        for r, fn in mine.items():
+            for _ in range(args.warmup):
+                timer(fn)
+            rows[r] = {"times_ms": [], "trainable_params": sum(
+                p.numel() for p in model.session_parameters(k).values())}
+        fns.update(mine)
+    for _ in range(args.repeats):
+        for r, fn in fns.items():
+            rows[r]["times_ms"].append(timer(fn)[0])
+    for r in rows.values():
+        r.update(median_ms=statistics.median(r["times_ms"]), min_ms=min(r["times_ms"]),
+                 repeats=len(r["times_ms"]))
+
+    def ratios(key):
+        t = {r: v[key] for r, v in rows.items()}
+        return {
+            "infer one session: mora merged / unmerged":
+                t["infer/clip_mora/merged/one_session"] / t["infer/clip_mora/unmerged/one_session"],
+            "infer one session: mora merged / frozen CLIP":
+                t["infer/clip_mora/merged/one_session"] / t["infer/clip_head_only/one_session"],
+            "infer mixed / one session: mora":
+                t["infer/clip_mora/mixed"] / t["infer/clip_mora/merged/one_session"],
+            "infer one session: delo / mora merged":
+                t["infer/clip_delo/one_session"] / t["infer/clip_mora/merged/one_session"],
+            "train: mora / delo": t["train/clip_mora"] / t["train/clip_delo"],
+        }
+    return {"meta": {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                     "torch": torch.__version__, "device": str(args.device), "dtype": args.dtype,
+                     "note": "CLIP rows; both encoders at the given shape; round-robin timing",
+                     "shapes": {k_: getattr(args, k_) for k_ in (
+                         "hidden", "layers", "heads", "batch", "text_len", "image_size", "patch",
+                         "experts", "rank", "sessions")},
+                     "tokens": args.text_len + (args.image_size // args.patch) ** 2 + 1},
+            "rows": rows, "ratios": {"median": ratios("median_ms"), "min": ratios("min_ms")}}
+
+
+def clip_table(result: dict) -> str:
+    m = result["meta"]
+    lines = [f"# CLIP, {m['device']}, {m['dtype']}, torch {m['torch']}, {m['date']}",
+             "# " + ", ".join(f"{k}={v}" for k, v in m["shapes"].items()),
+             f"{'row':<40}{'median ms':>12}{'min ms':>12}{'trainable':>12}"]
+    lines += [f"{n:<40}{r['median_ms']:>12.1f}{r['min_ms']:>12.1f}{r['trainable_params']:>12}"
+              for n, r in result["rows"].items()]
+    lines += ["", f"{'ratio':<48}{'median':>8}{'min':>8}"]
+    rm, rn = result["ratios"]["median"], result["ratios"]["min"]
+    lines += [f"{n:<48}{rm[n]:>8.2f}{rn[n]:>8.2f}" for n in rm]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.clip:
+        result = clip_run(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(json.dumps(result, indent=2) + "\n")
+        print(clip_table(result))
+        return result
     result = run(args)
     text = json.dumps(result, indent=2)
     if args.json:

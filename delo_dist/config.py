@@ -56,7 +56,7 @@ class DataConfig:
 
 @dataclass
 class BackboneConfig:
-    name: Literal["vilt"] = "vilt"
+    name: str = "vilt"                      # a key of BACKBONES (delo_dist/models/backbone.py)
     pretrained: Optional[str] = None        # local path or hub id; None: tiny random config
     # ViltConfig keys of the random tiny backbone. initializer_range: BERT's 0.02 is sized for
     # width 768 (per-layer gain 0.02 * sqrt(768) ~ 0.55); at width 64 it would leave a random
@@ -68,7 +68,12 @@ class BackboneConfig:
     max_text_len: int = 40
     # longer than the position table (pretrained ViLT: 40): how the table grows (models/vilt.py)
     text_position_rule: Literal["resample", "extend"] = "resample"
-    targets: list = field(default_factory=lambda: ["query", "key", "value"])
+    # clip: where an encoder takes the other modality's query (delo_dist/models/clip.py): the
+    # same layer's input in an adapter-free pass (one more frozen forward), or layer 0's (cheap)
+    guide_query: Literal["layer_matched", "first_layer"] = "layer_matched"
+    # linears to adapt, by name suffix; null: the method's, else the backbone's default
+    # (vilt: query, key, value; clip: q_proj, k_proj, v_proj of both encoders)
+    targets: Optional[list] = None
     attention: Literal["sdpa", "eager"] = "sdpa"   # ViLT self-attention: torch's fused SDPA or
                                                    # transformers' matmul + softmax (same result)
 
@@ -89,8 +94,16 @@ class MailConfig:
 
 
 @dataclass
+class MoraConfig:                           # method.name=mora / seq_mora (the MoRA code's defaults)
+    rank: int = 8                           # shared and modality-specific factors
+    alpha: float = 0.1
+    dropout: float = 0.1
+    layers_from: Optional[int] = None       # first adapted layer; null: the top ceil(L/6) layers
+
+
+@dataclass
 class MethodConfig:
-    name: Literal["delo", "lora", "seq_lora", "head_only", "mail", "seq_mail"] = "delo"
+    name: str = "delo"                      # a key of METHODS (delo_dist/models/methods.py)
     experts: int = 16                       # E: factor pairs per pool
     rank: int = 4                           # r: factors selected per sample (or LoRA rank)
     factor_rank: int = 1                    # 1: the paper's rank-one pairs; r: official block shape
@@ -101,6 +114,7 @@ class MethodConfig:
     lambda_align: float = 0.1
     lambda_con: float = 0.1
     mail: MailConfig = field(default_factory=MailConfig)
+    mora: MoraConfig = field(default_factory=MoraConfig)
 
 
 @dataclass
@@ -295,6 +309,11 @@ def _check(cond: bool, src: str, key: str, expected: str, got: Any) -> None:
 def validate(r: Recipe, src: str) -> None:
     """Value checks that types cannot express; paths are checked here too."""
     d, m, t = r.data, r.method, r.train
+    from delo_dist.models.backbone import BACKBONES
+    from delo_dist.models.methods import METHODS
+    _check(r.backbone.name in BACKBONES, src, "backbone.name", f"one of {sorted(BACKBONES)}",
+           r.backbone.name)
+    _check(m.name in METHODS, src, "method.name", f"one of {sorted(METHODS)}", m.name)
     _check(0.0 <= d.eta <= 1.0, src, "data.eta", "a fraction in [0, 1]", d.eta)
     _check(0.0 <= d.both_ratio <= 1.0, src, "data.both_ratio", "a fraction in [0, 1]", d.both_ratio)
     _check(d.shuffle_buffer >= 1, src, "data.shuffle_buffer", "an int >= 1", d.shuffle_buffer)
@@ -310,6 +329,13 @@ def validate(r: Recipe, src: str) -> None:
     _check(1 <= m.rank <= m.experts or m.name != "delo", src, "method.rank",
            f"an int in [1, method.experts={m.experts}] (r <= E)", m.rank)
     _check(m.rank >= 1, src, "method.rank", "an int >= 1", m.rank)
+    _check(not m.name.endswith("mora") or r.backbone.name == "clip", src, "backbone.name",
+           f"clip for method.name={m.name} (MoRA couples a two-encoder backbone's text and image "
+           "encoders)", r.backbone.name)
+    _check(m.mora.rank >= 1, src, "method.mora.rank", "an int >= 1", m.mora.rank)
+    _check(0.0 <= m.mora.dropout < 1.0, src, "method.mora.dropout", "a float in [0, 1)", m.mora.dropout)
+    _check(m.mora.layers_from is None or m.mora.layers_from >= 0, src, "method.mora.layers_from",
+           "null or an int >= 0", m.mora.layers_from)
     _check(m.factor_rank >= 1, src, "method.factor_rank", "an int >= 1", m.factor_rank)
     mail = m.mail
     _check(mail.experts >= 1, src, "method.mail.experts", "an int >= 1", mail.experts)
@@ -343,8 +369,8 @@ def validate(r: Recipe, src: str) -> None:
     if b.pretrained and (b.pretrained.startswith((".", "/", "~")) or Path(b.pretrained).exists()):
         _check(Path(b.pretrained).expanduser().is_dir(), src, "backbone.pretrained",
                "an existing model folder (config.json inside) or a hub id", b.pretrained)
-    _check(len(b.targets) >= 1, src, "backbone.targets", "a non-empty list of linear names",
-           b.targets)
+    _check(b.targets is None or len(b.targets) >= 1, src, "backbone.targets",
+           "null or a non-empty list of linear names", b.targets)
 
 
 def batch_plan(train: TrainConfig, world: int) -> tuple[int, int]:

@@ -36,14 +36,11 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from delo_dist.data.shards import encode_jpeg, sample_key, write_manifest, write_split
+from delo_dist.models.offline_vocab import WORD_LISTS
 
-TOPICS = ["soup", "salad", "pasta", "cake", "curry", "bread", "sushi", "pizza",
-          "tacos", "ramen", "pie", "stew"]
-FLAVOURS = ["spicy", "sweet", "smoky", "fresh", "sour", "salty", "bitter", "creamy",
-            "crispy", "tangy", "rich", "mild", "zesty", "nutty", "savory", "fruity",
-            "herbal", "buttery", "garlic", "lemon", "peppery", "minty", "earthy", "hearty"]
-FILLERS = ["a", "the", "with", "and", "served", "plate", "of", "home", "made", "bowl",
-           "dish", "tasty", "dinner", "lunch", "recipe", "my", "our", "today", "warm", "big"]
+TOPICS = WORD_LISTS["topics"]      # the word lists live with the offline tokenizer's
+FLAVOURS = WORD_LISTS["flavours"]  # vocabulary: one place for both
+FILLERS = WORD_LISTS["fillers"]
 CUES = {  # image cue of each session kind: (name of code 0, name of code 1)
     "brightness": ("dark-disc", "bright-square"),
     "position": ("top", "bottom"),

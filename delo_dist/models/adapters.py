@@ -10,6 +10,11 @@ ModuleDict (the PEFT pattern, keyed by session). Per forward it:
   3. adds the delta of the session each sample is routed to (per sample: one batch may mix
      sessions at inference).
 Session modules implement `delta(x, q_v, q_t, q_all) -> (B, N, d_out)`.
+
+Two-encoder backbones (CLIP): an encoder's sequence holds one modality. The backbone marks
+that modality's tokens and leaves the other mask None, giving the other modality's query
+from outside instead (`ctx.text_query` / `ctx.image_query`, already in this width).
+Methods that merge their update into the weights (MoRA) run merged through `ctx.merged`.
 """
 from __future__ import annotations
 
@@ -40,6 +45,9 @@ class RoutingContext:
     cached_queries: Optional[tuple] = None        # their modality means are computed once
     cached_routes: Optional[tuple] = None         # (input, routing queries), also once per input
     session_groups: Optional[list] = None         # [(k, sample indices)], once per forward
+    text_query: Optional[torch.Tensor] = None     # (B, d_in): given when the sequence has no
+    image_query: Optional[torch.Tensor] = None    # tokens of that modality (two encoders)
+    merged: Optional[int] = None                  # all samples on this session, run merged
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -52,6 +60,12 @@ def modality_queries(ctx: RoutingContext, x: torch.Tensor):
     (query, key, value) reuse the result, and only its first computation is recorded."""
     if ctx.cached_input is x:
         return ctx.cached_queries
+    if ctx.text_tokens is None or ctx.image_tokens is None:
+        queries = encoder_queries(ctx, x)
+        ctx.cached_input, ctx.cached_queries = x, queries
+        if ctx.record:
+            ctx.queries.append(queries[:2])
+        return queries
     m_v, m_t = ctx.image_tokens.to(x.dtype), ctx.text_tokens.to(x.dtype)   # (B, N)
     s_v, s_t = torch.einsum("bn,bnd->bd", m_v, x), torch.einsum("bn,bnd->bd", m_t, x)
     n_v, n_t = m_v.sum(1, keepdim=True), m_t.sum(1, keepdim=True)
@@ -61,6 +75,16 @@ def modality_queries(ctx: RoutingContext, x: torch.Tensor):
     if ctx.record:
         ctx.queries.append(queries[:2])
     return queries
+
+
+def encoder_queries(ctx: RoutingContext, x: torch.Tensor):
+    """(q_v, q_t, q_all) inside one encoder of a two-encoder backbone: its own modality's
+    token mean, the other modality's query as given; q_all is this sequence's own mean."""
+    if ctx.image_tokens is not None:
+        q_v = masked_mean(x, ctx.image_tokens)
+        return q_v, ctx.text_query.to(x.dtype), q_v
+    q_t = masked_mean(x, ctx.text_tokens)
+    return ctx.image_query.to(x.dtype), q_t, q_t
 
 
 def routing_queries(ctx: RoutingContext, q_v: torch.Tensor, q_t: torch.Tensor):
@@ -112,8 +136,10 @@ class AdaptedLinear(nn.Module):
         return self.sessions[self.session_names[k]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         ctx = self.ctx
+        if ctx.merged is not None and ctx.enabled:  # one session, its update in the weight
+            return self.session_module(ctx.merged).merged_forward(self.base, x)
+        y = self.base(x)
         if not ctx.enabled:
             return y
         if not getattr(self.sessions[self.session_names[0]], "uses_queries", True):

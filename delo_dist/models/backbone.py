@@ -14,22 +14,39 @@ DeLo and the baselines never import ViLT. A backbone tells them:
     default here builds them from the two calls above and `self.ctx` (the RoutingContext
     the builder received), so a new backbone needs nothing more;
   - optionally `first_layer_module()`, the module whose output `first_layer_queries`
-    averages: the model then identifies the task inside the main forward pass, no second pass.
-CLIP-like models with two encoders implement the same calls (their text layers see only
-text tokens: the other modality's query then comes from the cross-modal guide).
+    averages: the model then identifies the task inside the main forward pass, no second pass;
+  - `linear_site(name)`: where an adapted linear sits (modality of its encoder, layer, role),
+    for methods that couple linears across encoders (MoRA);
+  - `query_dim`: the width of the task-key queries.
+Two-encoder models (CLIP) implement the same calls; their encoders never see each other's
+tokens, so each gives its adapters the other modality's query from outside (clip.py).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
+from delo_dist.models.registry import resolve
+
+
+class LinearSite(NamedTuple):
+    modality: str      # "text", "image", or "joint" (a single-stream encoder such as ViLT)
+    layer: int         # encoder layer index
+    num_layers: int    # layers in that encoder
+    role: str          # path inside the layer, e.g. "self_attn.k_proj"
+
 
 class Backbone(nn.Module):
-    hidden_size: int
+    hidden_size: int   # width of the pooled feature the heads eat
+    query_dim: int     # width of first_layer_queries' outputs (task keys)
 
-    def adapted_linears(self) -> dict[str, nn.Linear]:
+    def adapted_linears(self, targets: Optional[list[str]] = None) -> dict[str, nn.Linear]:
+        """The linears to wrap: by suffix among `targets` (None: the backbone's default)."""
+        raise NotImplementedError
+
+    def linear_site(self, name: str) -> LinearSite:
         raise NotImplementedError
 
     def replace_linear(self, name: str, module: nn.Module) -> None:
@@ -67,21 +84,15 @@ class Backbone(nn.Module):
         return None
 
 
-_REGISTRY: dict[str, Callable] = {}
-
-
-def register_backbone(name: str):
-    def wrap(builder):
-        _REGISTRY[name] = builder
-        return builder
-    return wrap
+# name -> "module:class"; the class is built as cls(backbone config, routing context).
+BACKBONES: dict[str, str] = {
+    "vilt": "delo_dist.models.vilt:ViltBackbone",
+    "clip": "delo_dist.models.clip:ClipBackbone",
+}
 
 
 def build_backbone(cfg, ctx) -> Backbone:
-    from delo_dist.models import vilt  # noqa: F401  (registers itself)
-    if cfg.name not in _REGISTRY:
-        raise ValueError(f"backbone.name: unknown backbone {cfg.name!r}; known: {sorted(_REGISTRY)}")
-    return _REGISTRY[cfg.name](cfg, ctx)
+    return resolve(BACKBONES, cfg.name, "backbone.name")(cfg, ctx)
 
 
 def select_targets(linears: dict[str, nn.Linear], targets: list[str]) -> dict[str, nn.Linear]:

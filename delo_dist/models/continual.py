@@ -26,6 +26,23 @@ def concat(a: dict, b: dict) -> dict:
     """Two collated batches as one (tensors concatenated, lists joined)."""
     return {k: torch.cat([v, b[k]]) if torch.is_tensor(v) else list(v) + list(b[k])
             for k, v in a.items()}
+def parameter_summary(model: "ContinualModel") -> dict:
+    """Parameter counts for the start-of-run line and MLflow: the frozen backbone, one
+    session's trainable tensors (adapters + head: what `set_trainable(k)` hands the
+    optimizer; session 0, all sessions are built alike), and all sessions together."""
+    adapter_ids = {id(p) for a in model.adapted for p in a.sessions.parameters()}
+    frozen = sum(p.numel() for p in model.backbone.parameters() if id(p) not in adapter_ids)
+    per_session = [sum(p.numel() for p in model.session_parameters(k).values())
+                   for k in range(len(model.heads))]
+    heads = [sum(p.numel() for p in h.parameters()) for h in model.heads]
+    return {
+        "backbone": model.plugins[0], "method": model.plugins[1], "backbone_params": frozen,
+        "adapted_linears": len(model.adapted),
+        "trainable_per_session": per_session[0] if per_session else 0,
+        "adapter_params_per_session": per_session[0] - heads[0] if per_session else 0,
+        "trainable_all_sessions": sum(p.numel() for p in model.parameters()) - frozen,
+        "trainable_percent": 100.0 * per_session[0] / max(frozen, 1) if per_session else 0.0,
+    }
 
 
 class ContinualModel(nn.Module):
@@ -37,21 +54,24 @@ class ContinualModel(nn.Module):
         self.spec = method_spec(recipe.method)
         self.multilabel = multilabel
         self.num_classes = num_classes
+        self.plugins = (recipe.backbone.name, recipe.method.name)
         n = len(session_classes)
         self.adapted: list[AdaptedLinear] = []
         if self.spec.make_session is not None:
             names = ["shared"] * n if self.spec.shared_across_sessions else [str(k) for k in range(n)]
-            makers = self.spec.targets(self.backbone) if self.spec.targets else {}
-            if makers:  # the method chose its linears (recipe backbone.targets is not used)
-                self.backbone.targets = list(makers)
-            for name, linear in self.backbone.adapted_linears().items():
-                make = makers.get(name, self.spec.make_session)
+            makers = self.spec.select_linears(self.backbone) if self.spec.select_linears else {}
+            linears = ({n: self.backbone.adapted_linears()[n] for n in makers} if makers
+                       else self._linears(recipe))   # the method chose its linears (MAIL)
+            for name, linear in linears.items():
+                make = makers.get(name) or self._maker(name, linear, names)
                 wrapped = AdaptedLinear(linear, self.ctx, make, names)
                 self.backbone.replace_linear(name, wrapped)
                 self.adapted.append(wrapped)
+        self.merged_inference = self.spec.mergeable  # MoRA: inference with merged weights
         d = self.backbone.hidden_size
         self.heads = nn.ModuleList([nn.Linear(d, len(c)) for c in session_classes])
-        self.task_keys = build_task_identifier(recipe.task_keys, session_classes, num_classes, d)
+        self.task_keys = build_task_identifier(recipe.task_keys, session_classes, num_classes,
+                                               self.backbone.query_dim, d)
         self.session_classes = [list(c) for c in session_classes]
         # global class id -> index inside its session's head (-1: not in this session)
         local = torch.full((n, num_classes), -1, dtype=torch.long)
@@ -79,6 +99,27 @@ class ContinualModel(nn.Module):
         self.heads.train(mode)
         self.task_keys.train(mode)
         return self
+
+    def _linears(self, recipe) -> dict:
+        """The recipe's targets, else the method's, else the backbone's; then the method's
+        choice of sites (MoRA: upper layers)."""
+        spec = self.spec
+        linears = self.backbone.adapted_linears(recipe.backbone.targets or spec.targets)
+        if spec.keep is not None:
+            linears = {n: m for n, m in linears.items() if spec.keep(self.backbone.linear_site(n))}
+            if not linears:
+                raise ValueError(f"method.name={recipe.method.name}: no linear left to adapt "
+                                 "after the method's choice of layers")
+        return linears
+
+    def _maker(self, name: str, linear: nn.Linear, session_names: list[str]):
+        """make_session(d_in, d_out) for AdaptedLinear; site-aware methods (MoRA couples a text
+        and an image linear) also get the site, the base linear and the session name, in the
+        order AdaptedLinear builds its modules (one per distinct session name)."""
+        if not self.spec.site_aware:
+            return self.spec.make_session
+        site, order = self.backbone.linear_site(name), iter(dict.fromkeys(session_names))
+        return lambda i, o: self.spec.make_session(i, o, site=site, base=linear, session=next(order))
 
     # ------------------------------------------------------------ parameters
     def session_parameters(self, k: int) -> dict[str, nn.Parameter]:
@@ -179,11 +220,18 @@ class ContinualModel(nn.Module):
         """Predictions when sample b uses session sessions[b]'s adapters and head.
         Single-label: (B,) global class ids. Multi-label: (B, num_classes) bool.
         sessions=None: the first-layer hook routes them (see predict); ctx.session then."""
-        self._set_batch(batch)
-        self.ctx.session = sessions
         uniq = None if sessions is None else sessions.unique()
-        self.ctx.uniform_session = int(uniq[0]) if uniq is not None and len(uniq) == 1 else None
-        pooled = self._backbone(batch, batch)
+        # Mergeable methods (MoRA) run merged when the batch routes to one session. A mixed
+        # batch takes the activation path in one pass (each adapted linear applies each
+        # session's update to its samples): one backbone pass per session's sub-batch,
+        # merged, was slower (bench --clip).
+        if self.merged_inference and uniq is not None and len(uniq) == 1:
+            pooled = self._merged_pooled(batch, int(uniq[0]))
+        else:
+            self._set_batch(batch)
+            self.ctx.session = sessions
+            self.ctx.uniform_session = int(uniq[0]) if uniq is not None and len(uniq) == 1 else None
+            pooled = self._backbone(batch, batch)
         if sessions is None:
             sessions = self.ctx.session
             if sessions is None:
@@ -204,6 +252,15 @@ class ContinualModel(nn.Module):
             else:
                 pred[idx] = classes[logits.argmax(-1)]
         return pred
+
+    def _merged_pooled(self, batch: dict, k: int) -> torch.Tensor:
+        """Pooled features with session k's update merged into the weights (MoRA)."""
+        self._set_batch(batch)
+        self.ctx.merged, self.ctx.uniform_session = k, k
+        try:
+            return self.backbone(batch)
+        finally:
+            self.ctx.merged = None
 
     @torch.no_grad()
     def predict(self, batch: dict, seen: int, oracle: bool = True) -> dict:

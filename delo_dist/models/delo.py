@@ -23,6 +23,8 @@ import math
 import torch
 from torch import nn
 
+from delo_dist.models.methods import MethodSpec
+
 
 class FactorPool(nn.Module):
     def __init__(self, d_in: int, d_out: int, experts: int, rank: int, factor_rank: int = 1,
@@ -96,3 +98,7 @@ def gathered_product(x: torch.Tensor, routes: list, alpha: float) -> torch.Tenso
     z = torch.bmm(x, a.reshape(n_b, k * f, d_in).transpose(1, 2))  # (B, N, P*r*f)
     z = z * gate.repeat_interleave(f, 1).unsqueeze(1)
     return torch.bmm(z, b.transpose(2, 3).reshape(n_b, k * f, -1))  # (B, N, d_out)
+
+
+def method(cfg):
+    return MethodSpec(lambda i, o: DeloSession(i, o, cfg), modality_routed=cfg.modality_pools)

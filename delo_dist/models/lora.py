@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from delo_dist.models.methods import MethodSpec
+
 
 class LoraSession(nn.Module):
     def __init__(self, d_in: int, d_out: int, cfg):
@@ -27,3 +29,13 @@ class LoraSession(nn.Module):
         if naive:  # benchmark only: the d_out x d_in update, materialised
             return self.alpha * x @ (self.B @ self.A).t()
         return self.alpha * (x @ self.A.t()) @ self.B.t()
+
+
+def method(cfg):
+    """DeLo-LoRA: a static rank-r LoRA per session, still task-partitioned and key-routed."""
+    return MethodSpec(lambda i, o: LoraSession(i, o, cfg))
+
+
+def sequential_method(cfg):
+    """Lower bound: one LoRA fine-tuned session after session."""
+    return MethodSpec(lambda i, o: LoraSession(i, o, cfg), shared_across_sessions=True)

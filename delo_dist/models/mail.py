@@ -139,7 +139,8 @@ def _spec(cfg, shared: bool):
     from delo_dist.models.methods import MethodSpec
     maker = lambda e: lambda i, o: MailSession(i, o, cfg.mail, e)  # noqa: E731
     targets = lambda backbone: {n: maker(e) for n, e in mail_targets(backbone, cfg.mail).items()}  # noqa: E731
-    return MethodSpec(maker(cfg.mail.experts), shared_across_sessions=shared, targets=targets)
+    return MethodSpec(maker(cfg.mail.experts), shared_across_sessions=shared,
+                      select_linears=targets)
 
 
 def mail_spec(cfg):

@@ -1,9 +1,10 @@
 """Methods as small plug-ins chosen by `method.name` in the recipe.
 
-A method says how to build one session's adapter for one linear (None: no adapters),
-whether all sessions share one adapter (sequential fine-tuning), and whether it routes by
-modality queries (then the alignment and consistency losses apply). New methods (MAIL,
-MoRA) register a builder here; the trainer and the model do not change.
+A method module exposes a function `cfg -> MethodSpec` and gets one line in `METHODS`. The
+spec says how to build one session's adapter for one linear (None: no adapters), whether
+all sessions share one adapter (sequential fine-tuning), and whether it routes by modality
+queries (then the alignment and consistency losses apply). The trainer and the model do
+not change when a method is added.
 """
 from __future__ import annotations
 
@@ -12,63 +13,40 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from delo_dist.models.delo import DeloSession
-from delo_dist.models.lora import LoraSession
+from delo_dist.models.registry import resolve
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    make_session: Optional[Callable[[int, int], nn.Module]]  # (d_in, d_out) -> session module
+    make_session: Optional[Callable[..., nn.Module]]  # (d_in, d_out) -> session module
     shared_across_sessions: bool = False
     modality_routed: bool = False   # queries per modality feed routers: L_align / L_con apply
+    targets: Optional[tuple] = None  # linears to adapt when the recipe names none
+    keep: Optional[Callable] = None  # LinearSite -> bool: which of those (e.g. upper layers)
+    site_aware: bool = False         # make_session(d_in, d_out, site=, base=, session=)
+    mergeable: bool = False          # sessions have merged_forward: inference runs merged
     # Optional: the method picks its linears itself instead of recipe `backbone.targets`:
     # backbone -> {qualified linear name: session maker for that linear} (MAIL's variants).
-    targets: Optional[Callable[[nn.Module], dict[str, Callable[[int, int], nn.Module]]]] = None
+    select_linears: Optional[Callable[[nn.Module], dict[str, Callable[[int, int], nn.Module]]]] = None
 
 
-_METHODS: dict[str, Callable] = {}
-
-
-def register_method(name: str):
-    def wrap(builder):
-        _METHODS[name] = builder
-        return builder
-    return wrap
+# name -> "module:function"; the function maps the recipe's method config to a MethodSpec.
+METHODS: dict[str, str] = {
+    "delo": "delo_dist.models.delo:method",
+    "lora": "delo_dist.models.lora:method",                # DeLo-LoRA: a static LoRA per session
+    "seq_lora": "delo_dist.models.lora:sequential_method",  # one LoRA fine-tuned across sessions
+    "head_only": "delo_dist.models.methods:head_only",     # frozen backbone, a head per session
+    "mora": "delo_dist.models.mora:method",                # MoRA set per session (two encoders)
+    "seq_mora": "delo_dist.models.mora:sequential_method",  # one MoRA set across sessions
+    "mail": "delo_dist.models.mail:mail_spec",              # MAIL mixture per session
+    "seq_mail": "delo_dist.models.mail:seq_mail_spec",      # one MAIL mixture across sessions
+}
 
 
 def method_spec(cfg) -> MethodSpec:
-    if cfg.name not in _METHODS:
-        raise ValueError(f"method.name: unknown method {cfg.name!r}; known: {sorted(_METHODS)}")
-    return _METHODS[cfg.name](cfg)
+    return resolve(METHODS, cfg.name, "method.name")(cfg)
 
 
-@register_method("delo")
-def _delo(cfg):
-    return MethodSpec(lambda i, o: DeloSession(i, o, cfg), modality_routed=cfg.modality_pools)
-
-
-@register_method("lora")  # DeLo-LoRA: a static rank-r LoRA per session, still task-partitioned
-def _lora(cfg):
-    return MethodSpec(lambda i, o: LoraSession(i, o, cfg))
-
-
-@register_method("seq_lora")  # lower bound: one LoRA fine-tuned session after session
-def _seq_lora(cfg):
-    return MethodSpec(lambda i, o: LoraSession(i, o, cfg), shared_across_sessions=True)
-
-
-@register_method("mail")  # MAIL: a mixture of LoRA experts per session, chosen by the task keys
-def _mail(cfg):
-    from delo_dist.models.mail import mail_spec
-    return mail_spec(cfg)
-
-
-@register_method("seq_mail")  # MAIL fine-tuned session after session (one mixture)
-def _seq_mail(cfg):
-    from delo_dist.models.mail import seq_mail_spec
-    return seq_mail_spec(cfg)
-
-
-@register_method("head_only")  # lower bound: frozen backbone, a new head per session
-def _head_only(cfg):
+def head_only(cfg) -> MethodSpec:
+    """Lower bound: frozen backbone, a new head per session."""
     return MethodSpec(None)

@@ -197,9 +197,9 @@ class AnalyticRouter(TaskIdentifier):
     needs_pooled = True
     fits_per_session = True
 
-    def __init__(self, n_sessions: int, dim: int):
+    def __init__(self, n_sessions: int, dim: int, pooled_dim: int | None = None):
         super().__init__()
-        D = 3 * dim + 3
+        D = 2 * dim + (pooled_dim or dim) + 3   # [q_v, q_t, pooled, availability]
         f64 = dict(dtype=torch.float64)
         self.register_buffer("gram", torch.zeros(D, D, **f64))
         self.register_buffer("sums", torch.zeros(n_sessions, D, **f64))
@@ -264,18 +264,21 @@ class AnalyticRouter(TaskIdentifier):
 
 # ------------------------------------------------------------------ registry
 
+# (sessions, query dim, pooled dim, task_keys config, session classes, classes) -> identifier;
+# the query dim is the first-layer queries' (q_v, q_t, q_all), the pooled dim the heads' input.
 _SOURCES: dict[str, Callable] = {
-    "paper": lambda n, d, cfg, classes, C: PaperKeys(n, d, cfg.momentum),
-    "first_layer": lambda n, d, cfg, classes, C: FirstLayerKeys(n, d, cfg.momentum),
-    "frozen_pooled": lambda n, d, cfg, classes, C: PooledKeys(n, d, cfg.momentum),
-    "class_prototypes": lambda n, d, cfg, classes, C: ClassPrototypes(classes, C, d),
-    "analytic": lambda n, d, cfg, classes, C: AnalyticRouter(n, d),
+    "paper": lambda n, d, dp, cfg, classes, C: PaperKeys(n, d, cfg.momentum),
+    "first_layer": lambda n, d, dp, cfg, classes, C: FirstLayerKeys(n, d, cfg.momentum),
+    "frozen_pooled": lambda n, d, dp, cfg, classes, C: PooledKeys(n, dp, cfg.momentum),
+    "class_prototypes": lambda n, d, dp, cfg, classes, C: ClassPrototypes(classes, C, d),
+    "analytic": lambda n, d, dp, cfg, classes, C: AnalyticRouter(n, d, dp),
 }
 SOURCES = tuple(_SOURCES)
 
 
 def build_task_identifier(cfg, session_classes: list[list[int]], num_classes: int,
-                          dim: int) -> TaskIdentifier:
+                          dim: int, pooled_dim: int | None = None) -> TaskIdentifier:
     if cfg.source not in _SOURCES:
         raise ValueError(f"task_keys.source: unknown source {cfg.source!r}; known: {list(_SOURCES)}")
-    return _SOURCES[cfg.source](len(session_classes), dim, cfg, session_classes, num_classes)
+    return _SOURCES[cfg.source](len(session_classes), dim, pooled_dim or dim, cfg,
+                                session_classes, num_classes)

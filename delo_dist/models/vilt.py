@@ -8,36 +8,18 @@ embeddings return tells us which positions are real tokens of which modality.
 """
 from __future__ import annotations
 
-import inspect
 import io
-import tempfile
-from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, BertTokenizerFast, ViltConfig, ViltModel
+from transformers import AutoTokenizer, ViltConfig, ViltModel
 
-from delo_dist.models.backbone import Backbone, register_backbone, select_targets
+from delo_dist.models.backbone import Backbone, select_targets
+from delo_dist.models.inputs import labels_tensor
+from delo_dist.models.offline_vocab import offline_tokenizer
 from delo_dist.models.vilt_sdpa import install_attention
 
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 IMAGE_MEAN = IMAGE_STD = 0.5  # ViLT's image processor normalisation
-
-
-def offline_tokenizer() -> BertTokenizerFast:
-    from delo_dist.data.synthetic import VOCAB_WORDS
-    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'-")
-    words = list(dict.fromkeys(SPECIALS + sorted(set(VOCAB_WORDS)) + chars + ["##" + c for c in chars]))
-    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers >= 5
-        tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
-    else:  # 4.x reads a vocab file (and 5.x silently ignores one: hence the branch)
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / "vocab.txt"
-            path.write_text("\n".join(words) + "\n")
-            tok = BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
-    if len(tok) != len(words):
-        raise RuntimeError(f"offline tokenizer has {len(tok)} tokens, expected {len(words)}")
-    return tok
 
 
 class ViltBackbone(Backbone):
@@ -64,8 +46,8 @@ class ViltBackbone(Backbone):
         install_attention(self.vilt, cfg.attention)  # transformers' ViLT has no SDPA of its own
         self.vilt.requires_grad_(False)
         self.vilt.eval()  # frozen: no dropout, whatever mode the wrapper is in
-        self.hidden_size = self.vilt.config.hidden_size
-        self.targets = list(cfg.targets)
+        self.hidden_size = self.query_dim = self.vilt.config.hidden_size
+        self.targets = list(cfg.targets or ["query", "key", "value"])
         self.vilt.embeddings.register_forward_hook(self._capture_token_masks)
         self._text_len = 0
 
@@ -81,9 +63,9 @@ class ViltBackbone(Backbone):
         self.ctx.text_tokens = mask & (pos < self._text_len)
         self.ctx.image_tokens = mask & (pos >= self._text_len)
 
-    def adapted_linears(self):
+    def adapted_linears(self, targets=None):
         linears = {n: m for n, m in self.named_modules() if isinstance(m, torch.nn.Linear)}
-        return select_targets(linears, self.targets)
+        return select_targets(linears, targets or self.targets)
 
     # ---------------------------------------------------------------- inputs
     def collate(self, samples: list[dict]) -> dict:
@@ -105,7 +87,7 @@ class ViltBackbone(Backbone):
             "pixel_values": pixels,
             "missing_text": status == 1, "missing_image": status == 2,
             "session": torch.tensor([s["session"] for s in samples]),
-            "labels": _labels(samples), "keys": [s["key"] for s in samples],
+            "labels": labels_tensor(samples), "keys": [s["key"] for s in samples],
         }
 
     def _image_tensor(self, jpg: bytes, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -176,14 +158,3 @@ def extend_text_positions(vilt: ViltModel, n: int, rule: str = "resample") -> No
     emb.token_type_ids = torch.zeros(1, n, dtype=torch.long, device=old.device)
     vilt.config.max_position_embeddings = n
 
-
-def _labels(samples: list[dict]):
-    first = samples[0]["label"]
-    if isinstance(first, list):  # multi-label: lists of global ids -> kept as lists
-        return [s["label"] for s in samples]
-    return torch.tensor([s["label"] for s in samples])
-
-
-@register_backbone("vilt")
-def _build(cfg, ctx):
-    return ViltBackbone(cfg, ctx)

@@ -30,7 +30,7 @@ from delo_dist.config import Recipe, RecipeError, batch_plan, to_dict
 from delo_dist.data.missing import MissingSpec, missing_table, table_summary
 from delo_dist.data.shards import check_sizes, has_file_records, manifest_sha256, read_manifest
 from delo_dist.data.stream import SessionStream, make_loader
-from delo_dist.models.continual import ContinualModel
+from delo_dist.models.continual import ContinualModel, parameter_summary
 from delo_dist.models.task_id import AVAILABILITY, availability
 from delo_dist.plots import accuracy_heatmap
 from delo_dist.tracking import Tracker, TrackingUnreachable, probe, resolve_uri
@@ -153,8 +153,11 @@ class Trainer:
         """Print and log what each session trains (Table 5's count) and the model's total."""
         r, counts = self.recipe, self.model.parameter_counts()
         per = [s["trainable"] for s in counts["sessions"]]
+        summary = parameter_summary(self.model)   # adapted linears, trainable share
         self.tracker.log_params({"params.backbone_frozen": counts["backbone_frozen"],
                                  "params.total": counts["total"],
+                                 "params.adapted_linears": summary["adapted_linears"],
+                                 "params.trainable_percent": summary["trainable_percent"],
                                  **{f"params.trainable_s{k}": n for k, n in enumerate(per)}})
         if self.main:
             m, s0 = r.method, counts["sessions"][0]
@@ -163,7 +166,9 @@ class Trainer:
                   f"{r.backbone.pretrained or r.backbone.name + '-tiny'}: backbone "
                   f"{counts['backbone_frozen']:,} frozen; per session {s0['trainable']:,} trainable "
                   f"(adapters {s0['adapters']:,} + head {s0['head']:,}){differ}; total "
-                  f"{counts['total']:,} with {len(per)} sessions", flush=True)
+                  f"{counts['total']:,} with {len(per)} sessions; {summary['adapted_linears']} "
+                  f"adapted linears, {summary['trainable_percent']:.3g} % of the backbone a "
+                  "session", flush=True)
             print(f"batch: {self.micro} x {self.accum} accumulated x {self.world} devices = "
                   f"{self.global_batch} a step", flush=True)
 

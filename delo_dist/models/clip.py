@@ -1,0 +1,255 @@
+"""CLIP from transformers as a frozen backbone with two encoders.
+
+Real recipes load `from_pretrained(path_or_id)` (model, tokenizer, image processor's mean and
+std). Without one, a tiny random `CLIPConfig` is built from `backbone.tiny` (hidden_size,
+num_hidden_layers, num_attention_heads, intermediate_size, patch_size for both encoders;
+keys prefixed text_ or vision_ for one encoder, e.g. text_hidden_size; projection_dim) with
+the offline WordPiece tokenizer, whose [SEP] id is the config's end-of-text id: CLIP pools
+the text at the first end-of-text token.
+
+Inputs. Missing text is the empty string (tokenized to start + end-of-text, padded). Missing
+image is a white image through CLIP's normalisation, as the MoRA code feeds it:
+(1 - mean) / std = (1.93, 2.07, 2.15) per channel with OpenAI's statistics (ViLT's dummy is
+all ones). The pooled feature the heads eat is [image_embeds, text_embeds] (the projections,
+not normalised, as MoRA's head), so hidden_size = 2 x projection_dim.
+
+DeLo on two encoders (method `delo`, default targets q_proj, k_proj, v_proj of every layer of
+both encoders). Every adapted linear keeps DeLo's two pools, sized to its own encoder's
+width. Inside the vision encoder the visual pool is routed by the mean of the layer input
+over its tokens ([CLS] + patches) and the textual pool by a text query from outside; inside
+the text encoder the textual pool by the mean over the real text tokens and the visual pool
+by an image query from outside. The outside ("guide") query for layer l is the other
+encoder's layer-l query: the mean of that layer's normalised input in an adapter-free pass
+of both encoders (`backbone.guide_query=layer_matched`, the default: one more frozen forward
+per step, at training and at inference), the closest analogue of ViLT, where layer l's pools
+see layer-l tokens. `guide_query=first_layer` gives every layer the other encoder's layer-0
+query instead (only an embedding pass; the query the task keys use). On the synthetic
+quickstart (tiny CLIP, seeds 0 and 1) layer_matched gave AP 58.07 / 55.21 against 50.78 /
+52.34 for first_layer, at about 1.25x the wall time. Either query is carried into this
+encoder's width by a fixed map through CLIP's joint space: text -> image pinv(W_v) W_t,
+image -> text pinv(W_t) W_v (W_v, W_t: CLIP's visual and text projections). A router is
+linear in its query, so a fixed full-rank map only re-parameterises it; going through the
+joint space keeps CLIP's own alignment. The cross-modal guide then works as on ViLT: a
+sample missing its image routes the visual pools (in both encoders) with the text query, one
+missing its text routes the textual pools with the image query. Task keys: both first-layer
+queries projected into the joint space (query_dim = projection_dim).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+from delo_dist.models.adapters import AdaptedLinear, masked_mean
+from delo_dist.models.backbone import Backbone, LinearSite, select_targets
+from delo_dist.models.inputs import decode_image, labels_tensor
+from delo_dist.models.offline_vocab import offline_tokenizer
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)   # CLIPImageProcessor's defaults
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+_SITE = re.compile(r"(text|vision)_model\.encoder\.layers\.(\d+)\.(.+)$")
+
+
+def _features(out) -> torch.Tensor:
+    """get_*_features returns a tensor (transformers 4) or an output with pooler_output (5)."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+class ClipBackbone(Backbone):
+    def __init__(self, cfg, ctx):
+        super().__init__()
+        self.ctx = ctx
+        mean, std = OPENAI_MEAN, OPENAI_STD
+        if cfg.pretrained:
+            try:
+                self.clip = CLIPModel.from_pretrained(cfg.pretrained)
+                self.tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained)
+            except OSError as e:
+                raise ValueError(f"backbone.pretrained: cannot load {cfg.pretrained!r} as CLIP "
+                                 f"(a folder with config.json, weights and tokenizer, or a hub "
+                                 f"id reachable from here): {e}") from e
+            try:
+                from transformers import CLIPImageProcessor
+                proc = CLIPImageProcessor.from_pretrained(cfg.pretrained)
+                mean, std = tuple(proc.image_mean), tuple(proc.image_std)
+            except OSError:
+                pass  # no preprocessor_config.json: OpenAI's statistics
+        else:
+            self.tokenizer = offline_tokenizer()
+            self.clip = CLIPModel(self.tiny_config(cfg, self.tokenizer))
+        text_cfg, vision_cfg = self.clip.config.text_config, self.clip.config.vision_config
+        if cfg.max_text_len > text_cfg.max_position_embeddings:
+            raise ValueError(f"backbone.max_text_len: {cfg.max_text_len} exceeds this CLIP's "
+                             f"{text_cfg.max_position_embeddings} text positions")
+        self.clip.requires_grad_(False)
+        self.clip.eval()
+        self.max_text_len = cfg.max_text_len
+        self.image_size = vision_cfg.image_size
+        self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
+        p = self.clip.config.projection_dim
+        self.hidden_size, self.query_dim = 2 * p, p
+        self.targets = list(cfg.targets or ["q_proj", "k_proj", "v_proj"])
+        # Fixed maps between the encoders' widths through the joint space (see the docstring).
+        w_v = self.clip.visual_projection.weight.float()   # (p, d_v)
+        w_t = self.clip.text_projection.weight.float()     # (p, d_t)
+        self.register_buffer("text_to_image", torch.linalg.pinv(w_v) @ w_t, persistent=False)
+        self.register_buffer("image_to_text", torch.linalg.pinv(w_t) @ w_v, persistent=False)
+        self.guide_query, self._guide, self._needs_guide = cfg.guide_query, None, None
+        for encoder, model in (("text", self.clip.text_model), ("image", self.clip.vision_model)):
+            for i, layer in enumerate(model.encoder.layers):
+                layer.register_forward_pre_hook(
+                    lambda mod, args, e=encoder, i=i: self._set_guide(mod, args, e, i))
+
+    @staticmethod
+    def tiny_config(cfg, tokenizer) -> CLIPConfig:
+        """Both encoders from the shared shape keys of backbone.tiny; a key prefixed text_ or
+        vision_ (text_hidden_size, text_num_attention_heads, ...) sets one encoder only."""
+        t = cfg.tiny
+        shape = {k: t[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                   "intermediate_size")}
+        own = lambda prefix: {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}  # noqa: E731
+        text = dict(shape, vocab_size=len(tokenizer), max_position_embeddings=cfg.max_text_len,
+                    pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+                    eos_token_id=tokenizer.sep_token_id)   # pooling finds the end of text
+        text.update(own("text_"))
+        if text["eos_token_id"] == 2:  # 2 switches CLIP to a legacy argmax pooling
+            raise RuntimeError("offline tokenizer: [SEP] must not have id 2 for CLIP's pooling")
+        vision = dict(shape, image_size=cfg.image_size, patch_size=t["patch_size"], **own("vision_"))
+        return CLIPConfig(text_config=text, vision_config=vision,
+                          projection_dim=t.get("projection_dim", t["hidden_size"]))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()  # frozen backbone: no dropout ...
+        for m in self.clip.modules():  # ... but adapters (MoRA's dropout) follow the mode
+            if isinstance(m, AdaptedLinear):
+                m.sessions.train(mode)
+        return self
+
+    def adapted_linears(self, targets=None):
+        linears = {n: m for n, m in self.named_modules() if isinstance(m, torch.nn.Linear)
+                   and _SITE.search(n)}
+        return select_targets(linears, targets or self.targets)
+
+    def linear_site(self, name: str) -> LinearSite:
+        m = _SITE.search(name)
+        if m is None:
+            raise ValueError(f"{name} is not a linear inside a CLIP encoder layer")
+        enc = self.clip.text_model if m.group(1) == "text" else self.clip.vision_model
+        modality = "text" if m.group(1) == "text" else "image"
+        return LinearSite(modality, int(m.group(2)), len(enc.encoder.layers), m.group(3))
+
+    # ---------------------------------------------------------------- inputs
+    def collate(self, samples: list[dict]) -> dict:
+        """samples: dicts with key, jpg (bytes), txt (str), label, session, status."""
+        texts, pixels = [], []
+        white = self.blank_image()
+        for s in samples:
+            text_missing, image_missing = s["status"] == 1, s["status"] == 2
+            texts.append("" if text_missing else s["txt"])  # dummy text: the empty string
+            pixels.append(white if image_missing else
+                          (decode_image(s["jpg"], self.image_size) - self.mean) / self.std)
+        tok = self.tokenizer(texts, padding="max_length", truncation=True,
+                             max_length=self.max_text_len, return_tensors="pt")
+        status = torch.tensor([s["status"] for s in samples])
+        return {
+            "input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"],
+            "pixel_values": torch.stack(pixels),
+            "missing_text": status == 1, "missing_image": status == 2,
+            "session": torch.tensor([s["session"] for s in samples]),
+            "labels": labels_tensor(samples), "keys": [s["key"] for s in samples],
+        }
+
+    def blank_image(self) -> torch.Tensor:
+        """The dummy image: white (1.0 before normalisation), normalised like real images."""
+        ones = torch.ones(3, self.image_size, self.image_size)
+        return (ones - self.mean.cpu()) / self.std.cpu()
+
+    # ---------------------------------------------------------------- forward
+    def _first_layer_means(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_v, q_t) in the encoders' own widths: layer 0's normalised input, averaged over
+        the image tokens / the real text tokens. No adapter acts before it."""
+        vm, tm = self.clip.vision_model, self.clip.text_model
+        h_v = vm.pre_layrnorm(vm.embeddings(batch["pixel_values"]))
+        q_v = vm.encoder.layers[0].layer_norm1(h_v).mean(1)
+        h_t = tm.encoder.layers[0].layer_norm1(tm.embeddings(input_ids=batch["input_ids"]))
+        return q_v, masked_mean(h_t, batch["attention_mask"].bool())
+
+    def _layer_means(self, batch: dict) -> tuple[list, list]:
+        """Per layer l, the mean of layer l's normalised input in an adapter-free pass of each
+        encoder (`backbone.guide_query=layer_matched`)."""
+        vm, tm = self.clip.vision_model, self.clip.text_model
+        enabled, self.ctx.enabled = self.ctx.enabled, False
+        try:
+            hv = vm(pixel_values=batch["pixel_values"], output_hidden_states=True).hidden_states
+            ht = tm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    output_hidden_states=True).hidden_states
+        finally:
+            self.ctx.enabled = enabled
+        mask = batch["attention_mask"].bool()
+        q_v = [layer.layer_norm1(h).mean(1) for layer, h in zip(vm.encoder.layers, hv)]
+        q_t = [masked_mean(layer.layer_norm1(h), mask) for layer, h in zip(tm.encoder.layers, ht)]
+        return q_v, q_t
+
+    def _guide_queries(self, batch: dict) -> dict[str, list]:
+        """Each modality's per-layer queries, carried into the other encoder's width."""
+        if self.guide_query == "layer_matched":
+            q_v, q_t = self._layer_means(batch)
+        else:
+            q_v, q_t = ([q] for q in self._first_layer_means(batch))
+        return {"image": [q @ self.image_to_text.t() for q in q_v],
+                "text": [q @ self.text_to_image.t() for q in q_t]}
+
+    def _routed(self) -> bool:
+        """Whether any adapter routes by modality queries (DeLo; not MoRA, LoRA, head_only):
+        only then is the guide query computed. Decided at the first forward, after the
+        model has wrapped its linears."""
+        if self._needs_guide is None:
+            self._needs_guide = any(getattr(m.session_module(0), "uses_queries", True)
+                                    for m in self.clip.modules() if isinstance(m, AdaptedLinear))
+        return self._needs_guide
+
+    def _set_guide(self, module, args, encoder: str, layer: int) -> None:
+        """Forward pre-hook of every encoder layer: the other modality's query for this layer."""
+        if self._guide is not None:
+            other = self._guide["image" if encoder == "text" else "text"]
+            query = other[min(layer, len(other) - 1)]
+            if encoder == "text":
+                self.ctx.image_query = query
+            else:
+                self.ctx.text_query = query
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        ctx = self.ctx
+        with torch.no_grad():
+            self._guide = self._guide_queries(batch) if ctx.enabled and self._routed() else None
+        pixels, mask = batch["pixel_values"], batch["attention_mask"]
+        B = pixels.shape[0]
+        try:  # each encoder sees one modality; the other's query is given from outside
+            n_v = self.clip.vision_model.embeddings.num_positions
+            ctx.cached_input = ctx.cached_queries = None
+            ctx.image_tokens = torch.ones(B, n_v, dtype=torch.bool, device=pixels.device)
+            ctx.text_tokens = ctx.image_query = None
+            image = _features(self.clip.get_image_features(pixel_values=pixels))
+            ctx.cached_input = ctx.cached_queries = None
+            ctx.text_tokens, ctx.image_tokens, ctx.text_query = mask.bool(), None, None
+            text = _features(self.clip.get_text_features(input_ids=batch["input_ids"],
+                                                         attention_mask=mask))
+        finally:
+            self._guide = None
+            ctx.text_query = ctx.image_query = None
+            ctx.cached_input = ctx.cached_queries = None
+        return torch.cat([image, text], dim=-1)
+
+    @torch.no_grad()
+    def first_layer_queries(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_v, q_t) projected into CLIP's joint space (B, projection_dim): task-key queries.
+        Like ViLT's, it leaves the token masks in ctx (each encoder's real tokens), so token
+        counts can weight the two queries; `forward` sets its own masks per encoder."""
+        q_v, q_t = self._first_layer_means(batch)
+        n_v = self.clip.vision_model.embeddings.num_positions
+        self.ctx.image_tokens = torch.ones(len(q_v), n_v, dtype=torch.bool, device=q_v.device)
+        self.ctx.text_tokens = batch["attention_mask"].bool()
+        return self.clip.visual_projection(q_v), self.clip.text_projection(q_t)
