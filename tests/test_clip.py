@@ -96,12 +96,12 @@ def _record_pool_queries(model, pool_name: str, encoder: str, layer: int = 0) ->
     adapted = next(a for a in model.adapted if f"{encoder}_model.encoder.layers.{layer}."
                    in _name(model, a))
     pool = getattr(adapted.session_module(0), pool_name)
-    seen, inner = [], pool.delta
+    seen, inner = [], pool.route   # every path routes the pool with its query first
 
-    def delta(x, q, *a, **k):
+    def route(q, *a, **k):
         seen.append(q.detach().clone())
-        return inner(x, q, *a, **k)
-    pool.delta = delta
+        return inner(q, *a, **k)
+    pool.route = route
     return seen
 
 
@@ -183,9 +183,9 @@ def test_training_session_one_leaves_session_zero_bit_identical(recipe_for, shar
 
 
 def test_task_keys_use_joint_space_queries(recipe_for, shards):
-    _, m, model = build(recipe_for)
+    _, m, model = build(recipe_for, **{"task_keys.source": "first_layer"})
     batch = batch_of(model, m, shards, 0)
-    q, present = model.key_query(batch)
+    q, present = model.task_keys.query(model.identification_features(batch), batch)
     p = model.backbone.clip.config.projection_dim
     assert q.shape == (8, 2, p) and model.task_keys.keys.shape == (3, 2, p)
     assert torch.equal(present[:, 0], ~batch["missing_image"])
@@ -193,6 +193,18 @@ def test_task_keys_use_joint_space_queries(recipe_for, shards):
     assert model.task_keys.updates[0].tolist() == [1, 1]
     routed = model.task_keys.select(q, present, seen=1)
     assert (routed == 0).all()
+
+
+def test_analytic_identifier_takes_clip_query_and_pooled_widths(recipe_for, shards):
+    """On CLIP the queries live in the joint space (p) and the pooled feature is [image,
+    text] embeddings (2p): the ridge features are [q_v, q_t, pooled, availability]."""
+    _, m, model = build(recipe_for, **{"task_keys.source": "analytic"})
+    batch = batch_of(model, m, shards, 0)
+    feats = model.identification_features(batch)
+    p = model.backbone.clip.config.projection_dim
+    assert feats["q_v"].shape == (8, p) and feats["pooled"].shape == (8, 2 * p)
+    assert model.task_keys.gram.shape == (4 * p + 3, 4 * p + 3)
+    assert model.task_keys.route(feats, batch, seen=1).tolist() == [0] * 8
 
 
 def test_from_pretrained_folder_loads_the_same_clip(recipe_for, shards, tmp_path):

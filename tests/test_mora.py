@@ -86,7 +86,7 @@ def test_gram_coupling_equals_the_formula(recipe_for):
 def test_magnitudes_and_activation_path_match_the_formed_weight(recipe_for):
     _, _, model = build(recipe_for)
     perturb(model, 0)
-    model.eval()  # no dropout: the activation path is exact
+    model.eval()
     for s in sessions_of(model, 0).values():
         base = s._base[0]
         w0 = base.weight
@@ -100,7 +100,8 @@ def test_magnitudes_and_activation_path_match_the_formed_weight(recipe_for):
         assert torch.allclose(n_s, ws.norm(dim=0), rtol=1e-4)
         assert torch.allclose(n_p, wp.norm(dim=0), rtol=1e-4)
         x = torch.randn(3, 7, base.in_features)
-        assert torch.allclose(base(x) + s.delta(x), F.linear(x, expected, base.bias), atol=1e-4)
+        with torch.no_grad():  # evaluation: no dropout, the activation path is exact
+            assert torch.allclose(base(x) + s.delta(x), F.linear(x, expected, base.bias), atol=1e-4)
 
 
 def test_magnitudes_start_at_the_frozen_column_norms_and_learn(recipe_for, shards):

@@ -60,8 +60,8 @@ class ContinualModel(nn.Module):
         if self.spec.make_session is not None:
             names = ["shared"] * n if self.spec.shared_across_sessions else [str(k) for k in range(n)]
             makers = self.spec.select_linears(self.backbone) if self.spec.select_linears else {}
-            linears = ({n: self.backbone.adapted_linears()[n] for n in makers} if makers
-                       else self._linears(recipe))   # the method chose its linears (MAIL)
+            # the method chose its linears (MAIL), else the recipe's or the method's targets
+            linears = self.backbone.adapted_linears(list(makers)) if makers else self._linears(recipe)
             for name, linear in linears.items():
                 make = makers.get(name) or self._maker(name, linear, names)
                 wrapped = AdaptedLinear(linear, self.ctx, make, names)

@@ -83,7 +83,7 @@ class MoraSession(nn.Module):
         self.m_specific = nn.Parameter(norm.clone())
         self.A = nn.Parameter(torch.randn(d, r) / math.sqrt(r))
         self.B = nn.Parameter(torch.zeros(r, d))
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
         self._merged_cache: tuple | None = None
 
     # ------------------------------------------------------------ the formula
@@ -127,7 +127,9 @@ class MoraSession(nn.Module):
         n_s, n_p = self.column_norms(w0)
         c_s, c_p = self.m_shared / n_s, self.m_specific / n_p
         u, gram = self.shared.own_and_gram(self.modality)
-        xd = self.dropout(x)
+        # Dropout while gradients flow (a training forward), never at evaluation: the model
+        # keeps the frozen backbone's modules, adapters included, out of train/eval walks.
+        xd = F.dropout(x, self.dropout, training=torch.is_grad_enabled())
         low = ((xd * c_s) @ u) @ gram @ u.t() + ((xd * c_p) @ self.A) @ self.B
         return F.linear(x * (c_s + c_p - 1.0), w0) + self.alpha * low
 
