@@ -119,7 +119,8 @@ def test_batched_consistency_pass_equals_a_second_forward(recipe_for, shards):
 
 
 def test_identification_features_reuse_the_forward_and_equal_a_separate_pass(recipe_for, shards):
-    recipe, m, model = build(recipe_for)
+    # first_layer: a source that reads no pooled feature, so the forward's hook serves it
+    recipe, m, model = build(recipe_for, **{"task_keys.source": "first_layer"})
     model.train()
     batch = batch_of(model, m, shards, 0, n=8, eta=0.5)
     objective(model, model, batch, 0, recipe.method, epoch=0)     # the batched forward
@@ -140,7 +141,7 @@ def test_identification_features_reuse_the_forward_and_equal_a_separate_pass(rec
 def test_routing_inside_the_forward_equals_a_key_pass_with_ten_sessions(recipe_for, shards):
     """10 sessions (the data's 3, each on 3 or 4 distinct batches), keys from each session's training batches: the
     in-forward routing picks the same sessions and predictions as a key pass + predict_with."""
-    recipe, m, _ = build(recipe_for)
+    recipe, m, _ = build(recipe_for, **{"task_keys.source": "first_layer"})
     classes = [s["classes"] for s in m["sessions"]]
     torch.manual_seed(0)
     model = ContinualModel(recipe, [classes[k % 3] for k in range(10)], m["num_classes"])

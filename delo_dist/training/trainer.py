@@ -293,7 +293,9 @@ class Trainer:
     def _stream(self, k: int, split: str, train: bool, epoch: int = 0, skip: int = 0):
         r = self.recipe
         count = self.manifest["sessions"][k]["splits"][split]["count"]
-        max_bad = int(r.data.max_bad_train_fraction * count) if train else r.data.max_bad_samples
+        # the allowance follows the split, not the pass (the identifier's fit reads train data
+        # in evaluation order): any bad test sample changes the metric, train ones may be few
+        max_bad = r.data.max_bad_samples if split == "test" else int(r.data.max_bad_train_fraction * count)
         stream = SessionStream(
             r.data.shards, self.manifest, k, split,
             self.micro if train else r.eval.batch_size, self.model.backbone.collate,
