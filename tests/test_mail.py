@@ -202,3 +202,26 @@ def test_unmatched_targets_are_named():
     from delo_dist.models.mail import mail_targets
     with pytest.raises(ValueError, match="method.mail.variant='linear'"):
         mail_targets(torch.nn.Sequential(torch.nn.Linear(2, 2)), SimpleNamespace(variant="linear"))
+
+
+@pytest.mark.parametrize("variant", ["linear", "both"])
+def test_mail_on_clip_routes_its_mlp_linears_by_the_sequence_mean(recipe_for, shards, variant):
+    """CLIP's MLP linears are wider than its attention ones, and each encoder sees one
+    modality: MAIL's per-sample router reads the mean of the encoder's own tokens at that
+    linear, whatever its width (the sweep's MAIL-on-CLIP runs failed before on this)."""
+    recipe, m, model = build(recipe_for, **{"backbone.name": "clip",
+                                            "backbone.tiny.text_hidden_size": 24,
+                                            "method.mail.variant": variant})
+    fc = [n for n in wrapped(model) if n.endswith(("mlp.fc1", "mlp.fc2"))]
+    assert fc and all(("text_model" in n) or ("vision_model" in n) for n in fc)
+    params = model.set_trainable(0)
+    with torch.no_grad():  # LoRA's zero B would give the routers no gradient at step 0
+        for n, p in params.items():
+            if "router" not in n and "heads" not in n:
+                p.add_(0.05 * torch.randn_like(p))
+    batch = batch_of(model, m, shards, 0)
+    loss, parts = objective(model, model, batch, 0, recipe.method, epoch=0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    routers = [p for n, p in params.items() if "router" in n]
+    assert routers and all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers)

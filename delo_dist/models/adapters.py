@@ -77,6 +77,13 @@ def modality_queries(ctx: RoutingContext, x: torch.Tensor):
     return queries
 
 
+def sequence_query(ctx: RoutingContext, x: torch.Tensor) -> torch.Tensor:
+    """(B, d_in) mean of the sequence's real tokens (both modalities' on ViLT, its own
+    encoder's on CLIP): what modality_queries returns as q_all, for any linear width."""
+    masks = [m for m in (ctx.text_tokens, ctx.image_tokens) if m is not None]
+    return masked_mean(x, masks[0] if len(masks) == 1 else masks[0] | masks[1])
+
+
 def encoder_queries(ctx: RoutingContext, x: torch.Tensor):
     """(q_v, q_t, q_all) inside one encoder of a two-encoder backbone: its own modality's
     token mean, the other modality's query as given; q_all is this sequence's own mean."""
@@ -142,8 +149,11 @@ class AdaptedLinear(nn.Module):
         y = self.base(x)
         if not ctx.enabled:
             return y
-        if not getattr(self.sessions[self.session_names[0]], "uses_queries", True):
+        uses = getattr(self.sessions[self.session_names[0]], "uses_queries", True)
+        if not uses:
             return y + self._per_session(x, y, None, None, None)  # static LoRA: no routing
+        if uses == "sequence":  # routers that read the sequence mean only (MAIL)
+            return y + self._per_session(x, y, None, None, sequence_query(ctx, x))
         return y + self._per_session(x, y, *layer_routes(ctx, x))
 
     def _delta(self, k: int, *args):

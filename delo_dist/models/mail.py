@@ -96,7 +96,9 @@ class MailSession(nn.Module):
         self.dropout = cfg.dropout
         self.top_k = min(cfg.top_k, experts) if cfg.routing == "top_k" else None
         self.per_token = cfg.router_input == "token"
-        self.uses_queries = not self.per_token  # per token: the wrapper skips q_all
+        # the wrapper gives a per-sample router the sequence mean only (no modality queries,
+        # which a two-encoder backbone sizes for its attention linears); per token: nothing
+        self.uses_queries = "sequence" if not self.per_token else False
         # peft's LoRA init: A Kaiming-uniform (a = sqrt 5), B zero: each expert starts at 0
         self.A = nn.Parameter(torch.empty(experts * cfg.rank, d_in))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
