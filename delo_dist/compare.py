@@ -271,15 +271,22 @@ def _num(v: float | None) -> str:
 
 
 def plot(table: Table, path: Path) -> None:
-    """AP and FG against eta: a colour per column group, a line style per missing type, std
-    error bars; plain axis labels (no offset notation)."""
+    """AP and FG against eta: a colour per value of the first group key (the method), a line
+    style per value of the other group keys (e.g. the backbone), a marker per missing type;
+    std error bars; plain axis labels (no offset notation)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    styles = {"text": "o-", "image": "s--", "both": "^:"}
+    markers = {"text": "o", "image": "s", "both": "^"}
     types = sorted({r["missing_type"] for r in table.rows}, key=lambda t: TYPE_ORDER.get(t, 9))
-    for ci, g in enumerate(table.groups):
+    firsts = sorted({g[0] for g in table.groups})
+    rests = sorted({g[1:] for g in table.groups})
+    lines = ["-", "--", ":", "-."]
+    colours = plt.get_cmap("tab10" if len(firsts) <= 10 else "tab20")
+    for g in table.groups:
+        colour = colours(firsts.index(g[0]))
+        line = lines[rests.index(g[1:]) % len(lines)]
         for mt in types:
             pts = [(r["eta"], r["cells"].get(g)) for r in table.rows if r["missing_type"] == mt]
             pts = [(100 * float(x), c) for x, c in pts if c is not None and c.done]
@@ -288,8 +295,8 @@ def plot(table: Table, path: Path) -> None:
             for ax, metric in zip(axes, ("ap", "fg")):
                 stats = [c.stats(metric) for _, c in pts]
                 ax.errorbar([x for x, _ in pts], [s[0] for s in stats],
-                            yerr=[s[1] or 0.0 for s in stats], fmt=styles.get(mt, "x-"),
-                            color=f"C{ci % 10}", capsize=3,
+                            yerr=[s[1] or 0.0 for s in stats], fmt=markers.get(mt, "x"),
+                            linestyle=line, color=colour, capsize=3,
                             label=f"{group_label(table, g)} ({mt} missing)")
     for ax, name in zip(axes, ("AP (%)", "FG (%)")):
         ax.set_xlabel("missing rate eta (%)")
