@@ -236,7 +236,7 @@ def test_quickstart_with_clip_runs_to_metrics_json(shards, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "parameters: backbone clip, method delo" in done.stdout
+    assert "parameters: delo on clip-tiny (E=4, r=2, factor_rank=1): backbone " in done.stdout
     res = json.loads((out / "metrics.json").read_text())
     assert len(res["accuracy_matrix"]) == 2 and res["method"] == "delo"
     assert 0.0 <= res["ap"] <= 1.0 and res["sessions"][0]["trainable_params"] > 0
@@ -250,11 +250,12 @@ def test_quickstart_with_clip_and_mora_runs_to_metrics_json(recipe_for, capsys):
     from delo_dist.training.trainer import Trainer
     recipe = recipe_for(**{"backbone.name": "clip", "method.name": "mora", "data.sessions": 2})
     assert Trainer(recipe).run() == 0
-    assert "parameters: backbone clip, method mora" in capsys.readouterr().out
+    assert "parameters: mora on clip-tiny: backbone " in capsys.readouterr().out
     res = json.loads(open(f"{recipe.output_dir}/metrics.json").read())
     assert len(res["accuracy_matrix"]) == 2 and res["method"] == "mora"
     assert res["routing_accuracy"] >= 0.0 and res["sessions"][1]["trainable_params"] > 0
     mlflow.set_tracking_uri(recipe.tracking.uri)
     run = mlflow.search_runs(experiment_names=[recipe.tracking.experiment], output_format="list")[0]
-    assert run.data.params["params.method"] == "mora"
-    assert int(run.data.params["params.trainable_per_session"]) == res["sessions"][0]["trainable_params"]
+    assert run.data.params["method.name"] == "mora"
+    assert int(run.data.params["params.trainable_s0"]) == res["sessions"][0]["trainable_params"]
+    assert int(run.data.params["params.adapted_linears"]) > 0

@@ -162,8 +162,10 @@ class Trainer:
         if self.main:
             m, s0 = r.method, counts["sessions"][0]
             differ = f" (by session: {per})" if len(set(per)) > 1 else ""
-            print(f"parameters: {m.name} E={m.experts} r={m.rank} factor_rank={m.factor_rank} on "
-                  f"{r.backbone.pretrained or r.backbone.name + '-tiny'}: backbone "
+            shape = (f" (E={m.experts}, r={m.rank}, factor_rank={m.factor_rank})"
+                     if m.name == "delo" else "")
+            print(f"parameters: {m.name} on {r.backbone.pretrained or r.backbone.name + '-tiny'}"
+                  f"{shape}: backbone "
                   f"{counts['backbone_frozen']:,} frozen; per session {s0['trainable']:,} trainable "
                   f"(adapters {s0['adapters']:,} + head {s0['head']:,}){differ}; total "
                   f"{counts['total']:,} with {len(per)} sessions; {summary['adapted_linears']} "
