@@ -135,7 +135,9 @@ class ContinualModel(nn.Module):
         backbone = sum(p.numel() for p in self.backbone.parameters() if id(p) not in adapter_ids)
         sessions = []
         for k, head in enumerate(self.heads):
-            adapters = sum(p.numel() for a in self.adapted for p in a.session_module(k).parameters())
+            # by identity: MoRA's shared factors sit in both the text and the image linear
+            adapters = sum(p.numel() for p in {id(p): p for a in self.adapted
+                                               for p in a.session_module(k).parameters()}.values())
             n_head = sum(p.numel() for p in head.parameters())
             sessions.append({"adapters": adapters, "head": n_head, "trainable": adapters + n_head})
         return {"backbone_frozen": backbone, "sessions": sessions,
