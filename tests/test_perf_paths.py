@@ -9,7 +9,6 @@ import copy
 import pytest
 import torch
 
-from delo_dist.data.shards import read_manifest
 from delo_dist.data.stream import SessionStream
 from delo_dist.models.continual import ContinualModel, subset
 from delo_dist.models.delo import DeloSession
