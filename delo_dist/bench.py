@@ -524,7 +524,7 @@ def clip_run(args) -> dict:
     reference: one training step each; inference on one session's batch and on a batch that
     mixes sessions, MoRA merged (one F.linear per adapted linear, sub-batch per session) and
     unmerged (activation path). Rows run round-robin as in `run`."""
-    S, k, timer = args.sessions, 0, Timer(args)
+    k, timer = 0, Timer(args)
     clip = {"backbone.name": "clip", **(CLIP_TEXT if args.full_clip else {})}
     fns, rows = {}, {}
     batch = one = None

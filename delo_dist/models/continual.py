@@ -27,21 +27,18 @@ def concat(a: dict, b: dict) -> dict:
     return {k: torch.cat([v, b[k]]) if torch.is_tensor(v) else list(v) + list(b[k])
             for k, v in a.items()}
 def parameter_summary(model: "ContinualModel") -> dict:
-    """Parameter counts for the start-of-run line and MLflow: the frozen backbone, one
-    session's trainable tensors (adapters + head: what `set_trainable(k)` hands the
-    optimizer; session 0, all sessions are built alike), and all sessions together."""
-    adapter_ids = {id(p) for a in model.adapted for p in a.sessions.parameters()}
-    frozen = sum(p.numel() for p in model.backbone.parameters() if id(p) not in adapter_ids)
-    per_session = [sum(p.numel() for p in model.session_parameters(k).values())
-                   for k in range(len(model.heads))]
-    heads = [sum(p.numel() for p in h.parameters()) for h in model.heads]
+    """The start-of-run summary: `parameter_counts` (one counting rule, by identity, as the
+    optimizer sees the tensors) seen from session 0 (all sessions are built alike), with
+    the plug-in names and the number of adapted linears."""
+    counts = model.parameter_counts()
+    frozen, s0 = counts["backbone_frozen"], (counts["sessions"] or [None])[0]
     return {
         "backbone": model.plugins[0], "method": model.plugins[1], "backbone_params": frozen,
         "adapted_linears": len(model.adapted),
-        "trainable_per_session": per_session[0] if per_session else 0,
-        "adapter_params_per_session": per_session[0] - heads[0] if per_session else 0,
-        "trainable_all_sessions": sum(p.numel() for p in model.parameters()) - frozen,
-        "trainable_percent": 100.0 * per_session[0] / max(frozen, 1) if per_session else 0.0,
+        "trainable_per_session": s0["trainable"] if s0 else 0,
+        "adapter_params_per_session": s0["adapters"] if s0 else 0,
+        "trainable_all_sessions": counts["total"] - frozen,
+        "trainable_percent": 100.0 * s0["trainable"] / max(frozen, 1) if s0 else 0.0,
     }
 
 
