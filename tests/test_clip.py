@@ -14,7 +14,7 @@ import torch
 from delo_dist.data.missing import MissingSpec, missing_table
 from delo_dist.data.shards import read_manifest
 from delo_dist.data.stream import SessionStream
-from delo_dist.models.adapters import AdaptedLinear, RoutingContext
+from delo_dist.models.adapters import RoutingContext
 from delo_dist.models.continual import ContinualModel, parameter_summary
 from delo_dist.training.engines import TorchEngine
 from delo_dist.training.losses import supervised_loss

@@ -20,7 +20,6 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from delo_dist.config import load_recipe
 from delo_dist.tracking import BUFFER_FILE, Tracker, TrackingUnreachable, probe
 from tests.conftest import REPO, tiny_overrides
 
