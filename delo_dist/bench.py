@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from delo_dist.config import load_recipe
 from delo_dist.models.continual import ContinualModel
-from delo_dist.training.objective import objective, update_task_key
+from delo_dist.training.objective import objective, observe_task_id
 from delo_dist.training.trainer import rss_mb
 
 CLASSES_PER_SESSION = 4
@@ -84,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="also time DeLo's full objective (L_align + L_con second forward + key EMA)")
     a("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     a("--pooled-source", default="frozen_pooled",
-      help="task_keys.source that needs an adapter-free forward (infer_agnostic_pooled_over_oracle)")
+      help="task_id.source that needs an adapter-free forward (infer_agnostic_pooled_over_oracle)")
     a("--loader-samples", type=int, default=64, help="images for loader_over_reference (0: skip)")
     a("--loader-batch", type=int, default=4)
     a("--clock", choices=["wall", "process"], default="wall",
@@ -118,8 +118,8 @@ def build(args, method: str, factor_rank: int = 1, sessions: int | None = None,
         "backbone.image_size": args.image_size, "backbone.max_text_len": args.text_len,
         "method.name": method, "method.experts": args.experts, "method.rank": args.rank,
         "method.factor_rank": factor_rank,
-        # an EMA-key source: set_task_keys writes its keys
-        "task_keys.source": key_source or "first_layer", **(extra or {})}.items()])
+        # an EMA-key source: set_ema_keys writes its keys
+        "task_id.source": key_source or "first_layer", **(extra or {})}.items()])
     torch.manual_seed(args.seed)  # same frozen ViLT for every method
     S = sessions or args.sessions
     classes = [list(range(k * CLASSES_PER_SESSION, (k + 1) * CLASSES_PER_SESSION)) for k in range(S)]
@@ -128,16 +128,16 @@ def build(args, method: str, factor_rank: int = 1, sessions: int | None = None,
     return model.to(args.device)
 
 
-def set_task_keys(model: ContinualModel, batch: dict, S: int, only: int | None = None) -> dict:
+def set_ema_keys(model: ContinualModel, batch: dict, S: int, only: int | None = None) -> dict:
     """Key k = mean frozen query of the batch's session-k samples (what the EMA tracks), so
     the task-agnostic pass routes about as the oracle does; returns routing statistics."""
     model._first_layer = None  # a fresh identification pass, not a cached forward's queries
-    q, present = model.task_keys.query(model.identification_features(batch), batch)
+    q, present = model.identifier.query(model.identification_features(batch), batch)
     for k in ([only] if only is not None else range(S)):  # per modality: the mean over the
         # session's samples that have it
         w = (present & (batch["session"] == k)[:, None]).unsqueeze(-1).float()
-        model.task_keys.keys[k] = F.normalize((q.float() * w).sum(0) / w.sum(0).clamp(min=1), dim=-1)
-    routed = model.task_keys.select(q, present, S)
+        model.identifier.keys[k] = F.normalize((q.float() * w).sum(0) / w.sum(0).clamp(min=1), dim=-1)
+    routed = model.identifier.select(q, present, S)
     return {"routed_sessions": len(routed.unique()), "oracle_sessions": len(batch["session"].unique()),
             "routing_accuracy": float((routed == batch["session"]).float().mean())}
 
@@ -146,9 +146,9 @@ def set_newest_session_keys(model: ContinualModel, batch: dict, S: int) -> dict:
     """The batch (all of session S - 1) sets that session's keys; earlier sessions get random
     unit keys: scoring runs over all S sessions and the batch routes to one."""
     g = torch.Generator().manual_seed(S)
-    keys = model.task_keys.keys
+    keys = model.identifier.keys
     keys.copy_(F.normalize(torch.randn(keys.shape, generator=g), dim=-1).to(keys.device))
-    return set_task_keys(model, batch, S, only=S - 1)
+    return set_ema_keys(model, batch, S, only=S - 1)
 
 
 def make_batch(args, vocab_size: int) -> dict:
@@ -226,7 +226,7 @@ def train_step(model, batch: dict, k: int, full: bool = False):
         loss.backward()
         opt.step()
         if full:
-            update_task_key(model, batch, k)
+            observe_task_id(model, batch, k)
     return step
 
 
@@ -234,7 +234,7 @@ def infer(model, batch: dict, agnostic: bool, keys: torch.Tensor | None = None):
     def call():
         model.eval()
         if agnostic:
-            model.task_keys.keys.copy_(keys)  # undo delo_full's key EMA updates
+            model.identifier.keys.copy_(keys)  # undo delo_full's key EMA updates
             return model.predict(batch, seen=len(keys), oracle=False)
         return model.predict_with(batch, batch["session"])
     return call
@@ -412,10 +412,10 @@ def run(args) -> dict:
             newest = train_batch(batch, n_s - 1)
             mine[f"train/{name}"] = train_step(model, newest, n_s - 1)
             routing = set_newest_session_keys(model, newest, n_s)
-            mine[f"infer/{name}/agnostic"] = infer(model, newest, True, model.task_keys.keys.clone())
+            mine[f"infer/{name}/agnostic"] = infer(model, newest, True, model.identifier.keys.clone())
         elif name == "delo_pooled":
-            routing = set_task_keys(model, batch, S)
-            mine[f"infer/{name}/agnostic"] = infer(model, batch, True, model.task_keys.keys[:S].clone())
+            routing = set_ema_keys(model, batch, S)
+            mine[f"infer/{name}/agnostic"] = infer(model, batch, True, model.identifier.keys[:S].clone())
         elif name == "vilt_eager":
             mine["infer/vilt/eager"] = frozen_forward(model, batch)
         else:
@@ -426,8 +426,8 @@ def run(args) -> dict:
             if name == "head_only":
                 mine["infer/vilt/sdpa"] = frozen_forward(model, batch)
             if name not in ("peft_lora", "delo_naive"):
-                routing = set_task_keys(model, batch, S)
-                mine[f"infer/{name}/agnostic"] = infer(model, batch, True, model.task_keys.keys[:S].clone())
+                routing = set_ema_keys(model, batch, S)
+                mine[f"infer/{name}/agnostic"] = infer(model, batch, True, model.identifier.keys[:S].clone())
         extra = {r: max(timer(fn)[1] for _ in range(args.warmup)) for r, fn in mine.items()}
         for r in mine:
             rows[r] = {"times_ms": []}

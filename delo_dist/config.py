@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -118,7 +119,7 @@ class MethodConfig:
 
 
 @dataclass
-class TaskKeyConfig:
+class TaskIdConfig:
     momentum: float = 0.99
     # task identification (delo_dist/models/task_id.py): paper = Eq. 7/8 as written
     source: Literal["paper", "first_layer", "frozen_pooled", "class_prototypes",
@@ -174,7 +175,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    task_keys: TaskKeyConfig = field(default_factory=TaskKeyConfig)
+    task_id: TaskIdConfig = field(default_factory=TaskIdConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -276,8 +277,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise RecipeError(f"{src}: not valid YAML: {e}") from e
         if not isinstance(tree, dict):
             raise RecipeError(f"{src}: the top level must be a mapping of keys")
+    _rename_legacy_sections(tree, src)
     given = {}
     for item, (k, v) in zip(overrides or [], parse_overrides(overrides or [])):
+        k = _legacy_key(k, "command line")
         given[k] = item
         _set_dotted(tree, k, v, f"command line: override '{item}'")
     try:
@@ -286,6 +289,35 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     except RecipeError as e:
         raise _blame_command_line(e, src, given) from None
     return recipe
+
+
+# Sections renamed since earlier versions: still read, with a one-line note.
+LEGACY_SECTIONS = {"task_keys": "task_id"}
+_noted: set[str] = set()
+
+
+def _note(text: str) -> None:
+    """A one-line note on stderr, once per process (sweeps resolve many recipes)."""
+    if text not in _noted:
+        _noted.add(text)
+        print(text, file=sys.stderr, flush=True)
+
+
+def _legacy_key(key: str, src: str) -> str:
+    head, dot, rest = key.partition(".")
+    if head in LEGACY_SECTIONS:
+        _note(f"{src}: section '{head}' is now '{LEGACY_SECTIONS[head]}' (read as such; rename it)")
+        return LEGACY_SECTIONS[head] + dot + rest
+    return key
+
+
+def _rename_legacy_sections(tree: dict, src: str) -> None:
+    for old, new in LEGACY_SECTIONS.items():
+        if old in tree:
+            if new in tree:
+                raise RecipeError(f"{src}: sections '{old}' (the old name) and '{new}' both given")
+            _note(f"{src}: section '{old}' is now '{new}' (read as such; rename it)")
+            tree[new] = tree.pop(old)
 
 
 def _blame_command_line(e: RecipeError, src: str, given: dict[str, str]) -> RecipeError:
@@ -346,8 +378,8 @@ def validate(r: Recipe, src: str) -> None:
     _check(mail.balance >= 0, src, "method.mail.balance", "a non-negative weight", mail.balance)
     _check(m.lambda_align >= 0 and m.lambda_con >= 0, src, "method.lambda_align/lambda_con",
            "non-negative weights", (m.lambda_align, m.lambda_con))
-    _check(0.0 <= r.task_keys.momentum < 1.0, src, "task_keys.momentum", "a float in [0, 1)",
-           r.task_keys.momentum)
+    _check(0.0 <= r.task_id.momentum < 1.0, src, "task_id.momentum", "a float in [0, 1)",
+           r.task_id.momentum)
     _check(t.epochs >= 1, src, "train.epochs", "an int >= 1", t.epochs)
     _check(t.batch_size >= 1, src, "train.batch_size", "an int >= 1", t.batch_size)
     _check(t.global_batch_size is None or t.global_batch_size >= 1, src, "train.global_batch_size",

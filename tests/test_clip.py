@@ -18,7 +18,7 @@ from delo_dist.models.adapters import RoutingContext
 from delo_dist.models.continual import ContinualModel, parameter_summary
 from delo_dist.training.engines import TorchEngine
 from delo_dist.training.losses import supervised_loss
-from delo_dist.training.objective import update_task_key
+from delo_dist.training.objective import observe_task_id
 from tests.conftest import REPO, tiny_overrides
 
 CLIP = {"backbone.name": "clip", "backbone.tiny.text_hidden_size": 24}
@@ -182,29 +182,29 @@ def test_training_session_one_leaves_session_zero_bit_identical(recipe_for, shar
         assert torch.equal(model(b0, session=0), before)
 
 
-def test_task_keys_use_joint_space_queries(recipe_for, shards):
-    _, m, model = build(recipe_for, **{"task_keys.source": "first_layer"})
+def test_ema_keys_use_joint_space_queries(recipe_for, shards):
+    _, m, model = build(recipe_for, **{"task_id.source": "first_layer"})
     batch = batch_of(model, m, shards, 0)
-    q, present = model.task_keys.query(model.identification_features(batch), batch)
+    q, present = model.identifier.query(model.identification_features(batch), batch)
     p = model.backbone.clip.config.projection_dim
-    assert q.shape == (8, 2, p) and model.task_keys.keys.shape == (3, 2, p)
+    assert q.shape == (8, 2, p) and model.identifier.keys.shape == (3, 2, p)
     assert torch.equal(present[:, 0], ~batch["missing_image"])
-    update_task_key(model, batch, 0)
-    assert model.task_keys.updates[0].tolist() == [1, 1]
-    routed = model.task_keys.select(q, present, seen=1)
+    observe_task_id(model, batch, 0)
+    assert model.identifier.updates[0].tolist() == [1, 1]
+    routed = model.identifier.select(q, present, seen=1)
     assert (routed == 0).all()
 
 
 def test_analytic_identifier_takes_clip_query_and_pooled_widths(recipe_for, shards):
     """On CLIP the queries live in the joint space (p) and the pooled feature is [image,
     text] embeddings (2p): the ridge features are [q_v, q_t, pooled, availability]."""
-    _, m, model = build(recipe_for, **{"task_keys.source": "analytic"})
+    _, m, model = build(recipe_for, **{"task_id.source": "analytic"})
     batch = batch_of(model, m, shards, 0)
     feats = model.identification_features(batch)
     p = model.backbone.clip.config.projection_dim
     assert feats["q_v"].shape == (8, p) and feats["pooled"].shape == (8, 2 * p)
-    assert model.task_keys.gram.shape == (4 * p + 3, 4 * p + 3)
-    assert model.task_keys.route(feats, batch, seen=1).tolist() == [0] * 8
+    assert model.identifier.gram.shape == (4 * p + 3, 4 * p + 3)
+    assert model.identifier.route(feats, batch, seen=1).tolist() == [0] * 8
 
 
 def test_from_pretrained_folder_loads_the_same_clip(recipe_for, shards, tmp_path):

@@ -181,13 +181,13 @@ def store(tmp_path):
 def test_runs_differing_in_a_recipe_key_are_never_merged(store, tmp_path):
     log_run(store, 0.40, **{"train.lr": 0.001})
     log_run(store, 0.60, **{"train.lr": 0.01})
-    log_run(store, 0.50, **{"train.lr": 0.01, "task_keys.source": "frozen_pooled"})
+    log_run(store, 0.50, **{"train.lr": 0.01, "task_id.source": "frozen_pooled"})
     md, table = compare_table(store, tmp_path / "cmp")
-    assert "Column groups: method.name / task_keys.source / train.lr." in md[2]
+    assert "Column groups: method.name / task_id.source / train.lr." in md[2]
     assert md[4] == ("| eta | image % | text % | delo / analytic / 0.001 AP | delo / analytic / "
                      "0.001 FG | delo / analytic / 0.01 AP | delo / analytic / 0.01 FG | "
                      "delo / frozen_pooled / 0.01 AP | delo / frozen_pooled / 0.01 FG |")
-    assert [(r["train.lr"], r["task_keys.source"], r["ap_mean"], r["n"]) for r in table] == [
+    assert [(r["train.lr"], r["task_id.source"], r["ap_mean"], r["n"]) for r in table] == [
         ("0.001", "analytic", "40.000000", "1"), ("0.01", "analytic", "60.000000", "1"),
         ("0.01", "frozen_pooled", "50.000000", "1")]
     assert "`train.epochs=3`" in md[0] and "train.lr" not in md[0]

@@ -16,9 +16,9 @@ from delo_dist.models.adapters import (PROXY_IMAGE, PROXY_TEXT, AdaptedLinear, R
                                        masked_mean, routing_queries)
 from delo_dist.models.continual import ContinualModel
 from delo_dist.models.delo import FactorPool
-from delo_dist.models.task_keys import TaskKeyMemory
+from delo_dist.models.task_id import TaskKeyMemory
 from delo_dist.training.engines import TorchEngine
-from delo_dist.training.objective import update_task_key
+from delo_dist.training.objective import observe_task_id
 from delo_dist.training.losses import (alignment_sum, consistency_sum, proxy_choice,
                                        supervised_loss)
 
@@ -155,18 +155,18 @@ def test_task_key_ema_is_equation_7_per_modality():
 def test_mixed_session_batch_is_routed_and_predicted_per_sample(recipe_for, shards):
     """Keys from each session's training queries; a test batch mixing three sessions routes
     every sample by itself (no batch-level vote), and predicts as it would alone."""
-    _, m, model = build(recipe_for, **{"task_keys.source": "first_layer"})   # every source: test_task_id.py
+    _, m, model = build(recipe_for, **{"task_id.source": "first_layer"})   # every source: test_task_id.py
     model.eval()
     for k in range(3):
         for b in SessionStream(shards, m, k, "train", 16, model.backbone.collate, {}, train=False):
-            update_task_key(model, b, k)
+            observe_task_id(model, b, k)
     parts = [batch_of(model, m, shards, k, "test", n=6) for k in range(3)]
     mixed = {key: (torch.cat([p[key] for p in parts]) if torch.is_tensor(parts[0][key])
                    else sum((p[key] for p in parts), [])) for key in parts[0]}
     out = model.predict(mixed, seen=3)
     routing_accuracy = (out["routed"] == mixed["session"]).float().mean().item()
     assert routing_accuracy > 0.8   # 3 sessions: chance is 1/3
-    from delo_dist.models.continual import subset
+    from delo_dist.models.inputs import subset
     for i in range(18):
         alone = model.predict(subset(mixed, torch.tensor([i])), seen=3)
         assert alone["routed"].item() == out["routed"][i].item()
@@ -198,7 +198,7 @@ def test_training_session_1_leaves_session_0_bit_identical(recipe_for):
     session 1, from the real checkpoints: they must be equal to the bit."""
     from safetensors.torch import load_file
     from delo_dist.training.trainer import Trainer
-    recipe = recipe_for(**{"data.sessions": 2, "task_keys.source": "first_layer"})  # EMA keys
+    recipe = recipe_for(**{"data.sessions": 2, "task_id.source": "first_layer"})  # EMA keys
     assert Trainer(recipe).run() == 0
     ckpt = recipe.output_dir + "/checkpoints"
     after0 = load_file(f"{ckpt}/session_00/model.safetensors")
@@ -208,9 +208,9 @@ def test_training_session_1_leaves_session_0_bit_identical(recipe_for):
     assert len(s0) == 6 * 2 * 7 + 2
     for n in s0:
         assert torch.equal(after0[n], after1[n]), n
-    assert torch.equal(after0["task_keys.keys"][0], after1["task_keys.keys"][0])
+    assert torch.equal(after0["identifier.keys"][0], after1["identifier.keys"][0])
     assert any(not torch.equal(after0[n], after1[n]) for n in s1)     # session 1 did train
-    assert not torch.equal(after0["task_keys.keys"][1], after1["task_keys.keys"][1])
+    assert not torch.equal(after0["identifier.keys"][1], after1["identifier.keys"][1])
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -78,7 +78,7 @@ def test_zero2_halves_optimizer_state_per_rank_and_keys_agree(runs):
             ratio = r["optimizer_state_bytes"] / s1["optimizer_state_bytes"]
             assert 0.45 < ratio < 0.56, ratio              # ZeRO partitions, plus padding
             assert r["trainable_params"] == s1["trainable_params"]
-        assert ranks[0]["task_keys_sha"] == ranks[1]["task_keys_sha"]
+        assert ranks[0]["task_id_sha"] == ranks[1]["task_id_sha"]
 
 
 def test_session_0_unchanged_by_session_1_under_zero2(runs):
@@ -88,23 +88,23 @@ def test_session_0_unchanged_by_session_1_under_zero2(runs):
     names = [n for n in a if ".sessions.0." in n or n.startswith("heads.0.")]
     assert names and all(torch.equal(a[n], b[n]) for n in names)
     # the task identifier's session-0 rows (EMA keys, or the analytic router's sums) are kept
-    rows = [n for n in ("task_keys.keys", "task_keys.sums", "task_keys.val_sums") if n in a]
+    rows = [n for n in ("identifier.keys", "identifier.sums", "identifier.val_sums") if n in a]
     assert rows and all(torch.equal(a[n][0], b[n][0]) for n in rows)
 
 
 def test_task_identifier_state_of_two_ranks_is_the_one_rank_state(runs):
     """All-reduced statistics: the 2-rank state equals the 1-rank state up to float32 noise
-    in the features (and every rank holds the same bytes: task_keys_sha above)."""
+    in the features (and every rank holds the same bytes: task_id_sha above)."""
     root, _, _ = runs
     one = load_file(str(root / "one" / "checkpoints" / "session_01" / "model.safetensors"))
     two = load_file(str(root / "two" / "checkpoints" / "session_01" / "model.safetensors"))
-    names = [n for n in one if n.startswith("task_keys.")]
-    assert names and names == [n for n in two if n.startswith("task_keys.")]
+    names = [n for n in one if n.startswith("identifier.")]
+    assert names and names == [n for n in two if n.startswith("identifier.")]
     for n in names:
         if n.endswith(("gram", "sums", "counts", "keys")):
             assert torch.allclose(one[n], two[n], rtol=1e-5, atol=1e-6), n
-    if "task_keys.ridge" in one:
-        assert one["task_keys.ridge"].item() == pytest.approx(two["task_keys.ridge"].item(), rel=1e-9)
+    if "identifier.ridge" in one:
+        assert one["identifier.ridge"].item() == pytest.approx(two["identifier.ridge"].item(), rel=1e-9)
 
 
 def test_one_checkpoint_evaluates_identically_on_one_and_two_ranks(runs, shards):

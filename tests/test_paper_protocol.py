@@ -196,7 +196,7 @@ def test_accumulation_trains_like_the_doubled_batch(shards, tmp_path):
             "data.sessions": 2, "train.log_every": 1, "tracking.run_name": name,
             "tracking.experiment": "accum",
             "data.eta": 0.7, "train.grad_clip": 0.0,
-            "task_keys.source": "first_layer",   # EMA keys: one update per optimizer step
+            "task_id.source": "first_layer",   # EMA keys: one update per optimizer step
             **extra}))
         trainer = Trainer(recipe)
         assert trainer.run() == 0
@@ -211,7 +211,7 @@ def test_accumulation_trains_like_the_doubled_batch(shards, tmp_path):
     (a, ta), (p, tp) = runs["accum"], runs["plain"]
     assert sum(a["accuracy_matrix"], []) == pytest.approx(sum(p["accuracy_matrix"], []),
                                                           abs=1 / 32 + 1e-9)  # <= 1 sample moved
-    assert torch.allclose(ta.model.task_keys.keys, tp.model.task_keys.keys, atol=1e-5)
+    assert torch.allclose(ta.model.identifier.keys, tp.model.identifier.keys, atol=1e-5)
     assert [s["train_loss"] for s in a["sessions"]] == pytest.approx(
         [s["train_loss"] for s in p["sessions"]], rel=1e-4)
 

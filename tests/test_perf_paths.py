@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from delo_dist.data.stream import SessionStream
-from delo_dist.models.continual import ContinualModel, subset
+from delo_dist.models.continual import ContinualModel
+from delo_dist.models.inputs import subset
 from delo_dist.models.delo import DeloSession
 from delo_dist.models.vilt_sdpa import ViltSdpaSelfAttention, install_attention
 from delo_dist.training.losses import (alignment_sum, consistency_sum, proxy_choice,
                                        supervised_loss)
-from delo_dist.training.objective import objective, update_task_key
+from delo_dist.training.objective import objective, observe_task_id
 from tests.test_delo import batch_of, build
 
 
@@ -119,7 +120,7 @@ def test_batched_consistency_pass_equals_a_second_forward(recipe_for, shards):
 
 def test_identification_features_reuse_the_forward_and_equal_a_separate_pass(recipe_for, shards):
     # first_layer: a source that reads no pooled feature, so the forward's hook serves it
-    recipe, m, model = build(recipe_for, **{"task_keys.source": "first_layer"})
+    recipe, m, model = build(recipe_for, **{"task_id.source": "first_layer"})
     model.train()
     batch = batch_of(model, m, shards, 0, n=8, eta=0.5)
     objective(model, model, batch, 0, recipe.method, epoch=0)     # the batched forward
@@ -140,7 +141,7 @@ def test_identification_features_reuse_the_forward_and_equal_a_separate_pass(rec
 def test_routing_inside_the_forward_equals_a_key_pass_with_ten_sessions(recipe_for, shards):
     """10 sessions (the data's 3, each on 3 or 4 distinct batches), keys from each session's training batches: the
     in-forward routing picks the same sessions and predictions as a key pass + predict_with."""
-    recipe, m, _ = build(recipe_for, **{"task_keys.source": "first_layer"})
+    recipe, m, _ = build(recipe_for, **{"task_id.source": "first_layer"})
     classes = [s["classes"] for s in m["sessions"]]
     torch.manual_seed(0)
     model = ContinualModel(recipe, [classes[k % 3] for k in range(10)], m["num_classes"])
@@ -148,12 +149,12 @@ def test_routing_inside_the_forward_equals_a_key_pass_with_ten_sessions(recipe_f
     model.eval()
     for k in range(10):  # session k: the (k // 3)-th batch of data session k % 3
         stream = SessionStream(shards, m, k % 3, "train", 16, model.backbone.collate, {}, train=False)
-        update_task_key(model, list(stream)[k // 3], k)
+        observe_task_id(model, list(stream)[k // 3], k)
     batch = batch_of(model, m, shards, 2, "test", n=12, eta=0.6)
     out = model.predict(batch, seen=10)
     q_v, q_t = model.backbone.first_layer_queries(batch)
     present = torch.stack([~batch["missing_image"], ~batch["missing_text"]], 1)
-    keys = model.task_keys.select(torch.stack([q_v, q_t], 1), present, 10)
+    keys = model.identifier.select(torch.stack([q_v, q_t], 1), present, 10)
     assert torch.equal(out["routed"], keys)
     assert torch.equal(out["pred"], model.predict_with(batch, keys))
     ref = copy.deepcopy(model)

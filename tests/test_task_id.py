@@ -14,15 +14,16 @@ import torch
 from delo_dist.data.missing import MissingSpec, missing_table
 from delo_dist.data.shards import read_manifest
 from delo_dist.data.stream import SessionStream
-from delo_dist.models.continual import ContinualModel, subset
+from delo_dist.models.continual import ContinualModel
+from delo_dist.models.inputs import subset
 from delo_dist.models.task_id import RIDGE_GRID, SOURCES, ridge_features
-from delo_dist.training.objective import update_task_key
+from delo_dist.training.objective import observe_task_id
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def build(recipe_for, source):
-    recipe = recipe_for(**{"task_keys.source": source})
+    recipe = recipe_for(**{"task_id.source": source})
     m = read_manifest(recipe.data.shards)
     torch.manual_seed(0)
     model = ContinualModel(recipe, [s["classes"] for s in m["sessions"]], m["num_classes"]).eval()
@@ -40,8 +41,8 @@ def teach(model, m, shards, sessions=3):
     for k in range(sessions):
         train = batches(model, m, shards, k, "train")
         for b in train:
-            update_task_key(model, b, k)
-        model.task_keys.fit(k, train, batches(model, m, shards, k, "val"),
+            observe_task_id(model, b, k)
+        model.identifier.fit(k, train, batches(model, m, shards, k, "val"),
                             model.identification_features)
 
 
@@ -69,7 +70,7 @@ def test_every_source_routes_each_sample_without_its_session_id(recipe_for, shar
 
 def test_paper_keys_are_equation_7_and_8_by_hand(recipe_for, shards):
     m, model = build(recipe_for, "paper")
-    beta = model.task_keys.momentum
+    beta = model.identifier.momentum
     vilt = model.backbone.vilt
     hand = torch.zeros(3, vilt.config.hidden_size)
 
@@ -84,9 +85,9 @@ def test_paper_keys_are_equation_7_and_8_by_hand(recipe_for, shards):
     with torch.no_grad():
         for k in range(3):
             for b in batches(model, m, shards, k, "train")[:3]:
-                update_task_key(model, b, k)
+                observe_task_id(model, b, k)
                 hand[k] = beta * hand[k] + (1 - beta) * whole_sequence_query(b).mean(0)
-        assert torch.allclose(model.task_keys.keys[:, 0], hand, atol=1e-6)
+        assert torch.allclose(model.identifier.keys[:, 0], hand, atol=1e-6)
         mixed = mixed_test_batch(model, m, shards)
         q = whole_sequence_query(mixed)
         want = torch.nn.functional.cosine_similarity(q[:, None], hand[None], dim=-1).argmax(1)
@@ -96,14 +97,14 @@ def test_paper_keys_are_equation_7_and_8_by_hand(recipe_for, shards):
 def test_class_prototypes_are_per_class_modality_means(recipe_for, shards):
     m, model = build(recipe_for, "class_prototypes")
     train = batches(model, m, shards, 1, "train")
-    model.task_keys.fit(1, train, [], model.identification_features)
+    model.identifier.fit(1, train, [], model.identification_features)
     c = m["sessions"][1]["classes"][2]
     q_t = torch.cat([model.identification_features(b)["q_t"][(b["labels"] == c) & ~b["missing_text"]]
                      for b in train])
-    proto = model.task_keys.sums[c, 1] / model.task_keys.counts[c, 1]
-    assert model.task_keys.counts[c, 1] == len(q_t) > 0
+    proto = model.identifier.sums[c, 1] / model.identifier.counts[c, 1]
+    assert model.identifier.counts[c, 1] == len(q_t) > 0
     assert torch.allclose(proto, q_t.double().mean(0), atol=1e-6)
-    assert model.task_keys.counts[m["sessions"][0]["classes"]].sum() == 0   # other sessions untouched
+    assert model.identifier.counts[m["sessions"][0]["classes"]].sum() == 0   # other sessions untouched
     # a text-only sample is compared with the textual prototypes only
     lone = subset(train[0], torch.tensor([0]))
     lone = dict(lone, missing_image=torch.tensor([True]), missing_text=torch.tensor([False]),
@@ -121,7 +122,7 @@ def test_analytic_equals_a_direct_ridge_solve_with_the_val_chosen_lambda(recipe_
         def features(b):
             seen.append((b, model.identification_features(b)))
             return seen[-1][1]
-        info = model.task_keys.fit(k, train, val, features)
+        info = model.identifier.fit(k, train, val, features)
         assert len(seen) == len(train) + len(val)
         for i, (b, f) in enumerate(seen):
             P, Y = (phi, y) if i < len(train) else (vphi, vy)
@@ -134,21 +135,21 @@ def test_analytic_equals_a_direct_ridge_solve_with_the_val_chosen_lambda(recipe_
         W = np.linalg.solve(X.T @ X + r * scale * np.eye(X.shape[1]), X.T @ Y)
         errors.append(((YV - XV @ W) ** 2).sum())
     lam = RIDGE_GRID[int(np.argmin(errors))] * scale
-    assert model.task_keys.ridge.item() == pytest.approx(lam, rel=1e-9)
+    assert model.identifier.ridge.item() == pytest.approx(lam, rel=1e-9)
     assert info["ridge_lambda"] == pytest.approx(lam, rel=1e-9)
     W = np.linalg.solve(X.T @ X + lam * np.eye(X.shape[1]), X.T @ Y)
-    assert np.allclose(model.task_keys.weights[:, :2].numpy(), W, rtol=1e-6, atol=1e-8)
+    assert np.allclose(model.identifier.weights[:, :2].numpy(), W, rtol=1e-6, atol=1e-8)
     assert info["ridge_val_error"] == pytest.approx(min(errors), rel=1e-6)
-    assert model.task_keys.weights[:, 2:].abs().sum() == 0
+    assert model.identifier.weights[:, 2:].abs().sum() == 0
 
 
 def test_identifier_state_checkpointed_and_routing_by_availability_reported(recipe_for, capsys):
     from delo_dist.training import checkpoint
     from delo_dist.training.trainer import Trainer
-    recipe = recipe_for(**{"task_keys.source": "analytic", "data.sessions": 2})
+    recipe = recipe_for(**{"task_id.source": "analytic", "data.sessions": 2})
     assert Trainer(recipe).run() == 0
     res = json.loads(open(recipe.output_dir + "/metrics.json").read())
-    assert res["task_keys_source"] == "analytic"
+    assert res["task_id_source"] == "analytic"
     by = res["routing_by_availability"]
     assert set(by["overall"]) == {"complete", "text_only", "image_only"}
     # eta 0.7, both: 30 % complete, 35 % text-only, 35 % image-only of 2 x 32 test samples
@@ -164,12 +165,12 @@ def test_identifier_state_checkpointed_and_routing_by_availability_reported(reci
     torch.manual_seed(1)
     fresh = ContinualModel(recipe, [s["classes"] for s in m["sessions"][:2]], m["num_classes"])
     ckpt = checkpoint.latest(recipe.output_dir)
-    assert fresh.task_keys.state_sha() != res["sessions"][1]["per_rank"][0]["task_keys_sha"]
+    assert fresh.identifier.state_sha() != res["sessions"][1]["per_rank"][0]["task_id_sha"]
     checkpoint.load_model(ckpt, fresh)
-    assert fresh.task_keys.state_sha() == res["sessions"][1]["per_rank"][0]["task_keys_sha"]
+    assert fresh.identifier.state_sha() == res["sessions"][1]["per_rank"][0]["task_id_sha"]
     from safetensors.torch import load_file   # session 1 leaves session 0's statistics alone
     after0, after1 = (load_file(str(ckpt.parent / t / "model.safetensors")) for t in ("session_00", "session_01"))
-    for n in ("task_keys.sums", "task_keys.val_sums", "task_keys.val_counts"):
+    for n in ("identifier.sums", "identifier.val_sums", "identifier.val_counts"):
         assert torch.equal(after0[n][0], after1[n][0]) and not torch.equal(after0[n][1], after1[n][1])
 
 

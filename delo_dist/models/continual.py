@@ -1,8 +1,8 @@
 """The continual model: frozen backbone + session-partitioned adapters + one head per
 session + the task-key memory. Training runs one known session; inference routes each
-sample to a session by its task identifier (`task_keys.source`, see
+sample to a session by its task identifier (`task_id.source`, see
 delo_dist/models/task_id.py), or, for analysis only, by its true session (`oracle`).
-The identifier sits at `self.task_keys` (its buffers are checkpointed under that prefix).
+The identifier sits at `self.identifier` (its buffers are checkpointed under that prefix).
 """
 from __future__ import annotations
 
@@ -11,21 +11,11 @@ from torch import nn
 
 from delo_dist.models.adapters import PROXY_NONE, AdaptedLinear, RoutingContext, masked_mean
 from delo_dist.models.backbone import build_backbone
+from delo_dist.models.inputs import concat_batches, subset
 from delo_dist.models.methods import method_spec
 from delo_dist.models.task_id import build_task_identifier
 
 
-def subset(batch: dict, idx: torch.Tensor) -> dict:
-    out = {}
-    for k, v in batch.items():
-        out[k] = v[idx] if torch.is_tensor(v) else [v[i] for i in idx.tolist()]
-    return out
-
-
-def concat(a: dict, b: dict) -> dict:
-    """Two collated batches as one (tensors concatenated, lists joined)."""
-    return {k: torch.cat([v, b[k]]) if torch.is_tensor(v) else list(v) + list(b[k])
-            for k, v in a.items()}
 def parameter_summary(model: "ContinualModel") -> dict:
     """The start-of-run summary: `parameter_counts` (one counting rule, by identity, as the
     optimizer sees the tensors) seen from session 0 (all sessions are built alike), with
@@ -67,7 +57,7 @@ class ContinualModel(nn.Module):
         self.merged_inference = self.spec.mergeable  # MoRA: inference with merged weights
         d = self.backbone.hidden_size
         self.heads = nn.ModuleList([nn.Linear(d, len(c)) for c in session_classes])
-        self.task_keys = build_task_identifier(recipe.task_keys, session_classes, num_classes,
+        self.identifier = build_task_identifier(recipe.task_id, session_classes, num_classes,
                                                self.backbone.query_dim, d)
         self.session_classes = [list(c) for c in session_classes]
         # global class id -> index inside its session's head (-1: not in this session)
@@ -81,7 +71,7 @@ class ContinualModel(nn.Module):
         self._first_layer = None                # (input_ids of the forward's main rows, q)
         self._main_ids = None                   # set while a forward runs
         # Sources that need the adapter-free pooled feature pay a separate pass instead.
-        hooked = None if self.task_keys.needs_pooled else self.backbone.first_layer_module()
+        hooked = None if self.identifier.needs_pooled else self.backbone.first_layer_module()
         self._hooked = hooked is not None
         if hooked is not None:
             hooked.register_forward_hook(self._on_first_layer)
@@ -94,7 +84,7 @@ class ContinualModel(nn.Module):
         make the step cost grow with the number of sessions, for nothing."""
         self.training = self.backbone.training = mode
         self.heads.train(mode)
-        self.task_keys.train(mode)
+        self.identifier.train(mode)
         return self
 
     def _linears(self, recipe) -> dict:
@@ -163,7 +153,7 @@ class ContinualModel(nn.Module):
         main = batch
         if proxy_rows is not None and len(proxy_rows[0]):
             idx, extra = proxy_rows
-            batch = concat(batch, subset(batch, idx))
+            batch = concat_batches([batch, subset(batch, idx)])
             proxy = torch.cat([torch.full((len(main["missing_text"]),), PROXY_NONE,
                                           device=extra.device, dtype=extra.dtype), extra])
         self._set_batch(batch, record, proxy)
@@ -192,7 +182,7 @@ class ContinualModel(nn.Module):
         self._first_layer = (self._main_ids, feats)
         if self._route_seen is not None:
             flags = {"missing_image": c.missing_image, "missing_text": c.missing_text}
-            routed = self.task_keys.route(feats, flags, self._route_seen)
+            routed = self.identifier.route(feats, flags, self._route_seen)
             uniq = routed.unique()
             c.session, c.session_groups = routed, None
             c.uniform_session = int(uniq[0]) if len(uniq) == 1 else None
@@ -202,17 +192,17 @@ class ContinualModel(nn.Module):
         """The adapter-free features the task identifier reads. The first-layer ones come
         from this batch's own forward pass when one just ran (the hook kept them)."""
         cached = self._first_layer
-        if (not self.task_keys.needs_pooled and cached is not None
+        if (not self.identifier.needs_pooled and cached is not None
                 and cached[0] is batch["input_ids"]):
             n = len(batch["input_ids"])
             return {name: q[:n] for name, q in cached[1].items()}
         self._set_batch(batch)
-        return self.backbone.identification_features(batch, pooled=self.task_keys.needs_pooled)
+        return self.backbone.identification_features(batch, pooled=self.identifier.needs_pooled)
 
     @torch.no_grad()
     def route(self, batch: dict, seen: int) -> torch.Tensor:
         """(B,) session of each sample among the first `seen`, without its session id."""
-        return self.task_keys.route(self.identification_features(batch), batch, seen)
+        return self.identifier.route(self.identification_features(batch), batch, seen)
 
     @torch.no_grad()
     def predict_with(self, batch: dict, sessions: torch.Tensor | None) -> torch.Tensor:

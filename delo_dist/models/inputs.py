@@ -24,3 +24,17 @@ def labels_tensor(samples: list[dict]):
     if isinstance(samples[0]["label"], list):
         return [s["label"] for s in samples]
     return torch.tensor([s["label"] for s in samples])
+
+
+def subset(batch: dict, idx: torch.Tensor) -> dict:
+    """Rows idx of a collated batch (tensors indexed, lists picked)."""
+    return {k: v[idx] if torch.is_tensor(v) else [v[i] for i in idx.tolist()] for k, v in batch.items()}
+
+
+def concat_batches(batches: list[dict]) -> dict:
+    """Collated batches as one (tensors concatenated, lists joined): the micro-batches of one
+    optimizer step, or a batch and rows repeated after it."""
+    if len(batches) == 1:
+        return batches[0]
+    return {k: torch.cat([b[k] for b in batches]) if torch.is_tensor(v) else
+            [x for b in batches for x in b[k]] for k, v in batches[0].items()}

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from delo_dist.training import dist
+from delo_dist import dist
 
 
 def _flatten(obj, tensors: dict, path: str):
@@ -61,7 +61,7 @@ def model_tensors(model, include_backbone: bool) -> dict[str, torch.Tensor]:
     """Everything that training changes, by name; the frozen backbone only if asked."""
     out = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        learned = ".sessions." in name or name.startswith(("heads.", "task_keys."))
+        learned = ".sessions." in name or name.startswith(("heads.", "identifier."))
         if learned or include_backbone:
             out[name] = t.detach().cpu().contiguous()
     return out
@@ -116,8 +116,14 @@ def load_state(path: Path) -> dict:
     return state
 
 
+# Tensor-name prefixes of earlier versions, read under today's names.
+LEGACY_PREFIXES = {"task_keys.": "identifier."}
+
+
 def load_model(path: Path, model) -> None:
     tensors = load_file(str(path / "model.safetensors"))
+    for old, new in LEGACY_PREFIXES.items():
+        tensors = {new + n[len(old):] if n.startswith(old) else n: t for n, t in tensors.items()}
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     unknown = sorted(set(tensors) - set(own))
     if unknown:

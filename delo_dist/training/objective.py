@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from delo_dist.training import dist
+from delo_dist import dist
 from delo_dist.training.losses import (alignment_sum, consistency_sum, proxy_choice,
                                        supervised_loss)
 
@@ -66,10 +66,10 @@ def _complete_count(batch: dict, complete: torch.Tensor) -> float:
     return dist.all_reduce_sum(complete.sum().float().cpu()).item()
 
 
-def update_task_key(model, batch: dict, k: int) -> None:
+def observe_task_id(model, batch: dict, k: int) -> None:
     """The task identifier's per-step observation (Eq. 7 for the EMA keys), outside autograd,
     equal on all ranks: the identifier all-reduces sums before dividing. Sources fitted from
     whole-session statistics do nothing here (see `fit` in delo_dist/models/task_id.py)."""
-    if model.task_keys.fits_per_session:
+    if model.identifier.fits_per_session:
         return
-    model.task_keys.observe(model.identification_features(batch), batch, k)
+    model.identifier.observe(model.identification_features(batch), batch, k)

@@ -25,18 +25,20 @@ import psutil
 import torch
 from tqdm import tqdm
 
+from delo_dist import dist
 from delo_dist import metrics as M
 from delo_dist.config import Recipe, RecipeError, batch_plan, to_dict
 from delo_dist.data.missing import MissingSpec, missing_table, table_summary
 from delo_dist.data.shards import check_sizes, has_file_records, manifest_sha256, read_manifest
 from delo_dist.data.stream import SessionStream, make_loader
 from delo_dist.models.continual import ContinualModel, parameter_summary
+from delo_dist.models.inputs import concat_batches
 from delo_dist.models.task_id import AVAILABILITY, availability
 from delo_dist.plots import accuracy_heatmap
 from delo_dist.tracking import Tracker, TrackingUnreachable, probe, resolve_uri
-from delo_dist.training import checkpoint, dist, run_identity, stopping
+from delo_dist.training import checkpoint, run_identity, stopping
 from delo_dist.training.engines import DeepSpeedEngine, TorchEngine, autocast, resolve_precision
-from delo_dist.training.objective import objective, update_task_key
+from delo_dist.training.objective import objective, observe_task_id
 from delo_dist.training.run_identity import RunIdentityError
 from delo_dist.training.run_lock import RunLock, RunLockError
 
@@ -385,7 +387,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()
         mine = {n: self.session_info.get(n) for n in
                 ("trainable_params", "optimizer_state_bytes", "rss_mb", "peak_gpu_mb")}
-        mine["task_keys_sha"] = self.model.task_keys.state_sha()   # equal on every rank
+        mine["task_id_sha"] = self.model.identifier.state_sha()   # equal on every rank
         self.session_info["per_rank"] = dist.all_gather_objects({"rank": self.rank, **mine})
         return True
 
@@ -394,14 +396,14 @@ class Trainer:
         """End of session k: sources fitted from whole-session statistics (class prototypes,
         analytic) read one adapter-free pass of the train and val splits; the EMA keys were
         updated at every step and skip this."""
-        if not self.model.task_keys.fits_per_session:
+        if not self.model.identifier.fits_per_session:
             return {}
         t0 = time.time()
         self.model.eval()
         def batches(split):
             has = self.manifest["sessions"][k]["splits"].get(split, {}).get("count", 0) > 0
             return (to_device(b, self.device) for b in self._stream(k, split, train=False)[1]) if has else ()
-        info = self.model.task_keys.fit(k, batches("train"), batches("val"),
+        info = self.model.identifier.fit(k, batches("train"), batches("val"),
                                         self.model.identification_features)
         return {"task_id_fit_s": time.time() - t0, **info}
 
@@ -415,7 +417,7 @@ class Trainer:
         engine.backward(loss)
         engine.step()
         if len(micro) == self.accum:  # the EMA sees the optimizer step's whole global batch
-            update_task_key(self.model, merge_batches(micro), k)
+            observe_task_id(self.model, concat_batches(micro), k)
         # One reduction: global means of the loss parts (rank 0 alone would report its own
         # slice of the batch) and whether any rank was asked to stop.
         names = sorted(parts)
@@ -558,7 +560,7 @@ class Trainer:
             "oracle_fg": M.forgetting(res["oracle_matrix"]),
             "routing_accuracy": float(np.mean(res["routing_matrix"][-1])),
             "routing_by_availability": res["routing_by_availability"][-1],
-            "task_keys_source": r.task_keys.source,
+            "task_id_source": r.task_id.source,
             "chance": None if self.multilabel else 1.0 / seen_classes,
             "sessions": res["sessions"], "missing": self.missing_summary,
             "bad_samples": self._bad_samples(), "manifest_sha256": self.manifest_sha,
@@ -609,15 +611,6 @@ def _availability_scalars(b: dict) -> dict:
 def _availability_line(b: dict) -> str:
     return ", ".join(f"{n.replace('_', '-')} {'-' if v is None else f'{100 * v:.1f}'}"
                      for n, v in b["overall"].items())
-
-
-def merge_batches(batches: list[dict]) -> dict:
-    """Micro-batches of one optimizer step as one batch (tensors concatenated, lists joined)."""
-    if len(batches) == 1:
-        return batches[0]
-    return {k: torch.cat([b[k] for b in batches]) if torch.is_tensor(v) else
-            [x for b in batches for x in b[k]] for k, v in batches[0].items()}
-
 
 
 def _plain(t, j):
