@@ -57,7 +57,7 @@ def run(recipe_path: str, overrides: list[str], only: list[str] | None = None,
         per_seed = []
         for seed in range(base.seed, base.seed + seeds):
             out = root / name if seeds == 1 else root / name / f"seed{seed}"
-            extra = overrides_for(name, base.method.rank) + [
+            extra = overrides_for(name, getattr(base.method.settings, "rank", 4)) + [
                 f"seed={seed}", f"output_dir={out}", f"tracking.tags={{ablation: {name}}}",
                 f"tracking.uri={uri}"]
             recipe = load_recipe(recipe_path, overrides + extra)

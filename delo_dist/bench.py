@@ -110,21 +110,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build(args, method: str, factor_rank: int = 1, sessions: int | None = None,
           key_source: str | None = None, attention: str = "sdpa",
           extra: dict | None = None) -> ContinualModel:
-    recipe = load_recipe(None, [f"{k}={v}" for k, v in {"backbone.attention": attention,
+    recipe = load_recipe(None, [f"{k}={v}" for k, v in {"backbone.vilt.attention": attention,
         "data.make_synthetic": "true",
         "backbone.tiny.hidden_size": args.hidden, "backbone.tiny.num_hidden_layers": args.layers,
         "backbone.tiny.num_attention_heads": args.heads,
         "backbone.tiny.intermediate_size": args.intermediate, "backbone.tiny.patch_size": args.patch,
         "backbone.image_size": args.image_size, "backbone.max_text_len": args.text_len,
-        "method.name": method, "method.experts": args.experts, "method.rank": args.rank,
-        "method.factor_rank": factor_rank,
+        "method.name": method, "method.delo.experts": args.experts, "method.delo.rank": args.rank,
+        "method.delo.factor_rank": factor_rank, "method.lora.rank": args.rank,
         # an EMA-key source: set_ema_keys writes its keys
         "task_id.source": key_source or "first_layer", **(extra or {})}.items()])
     torch.manual_seed(args.seed)  # same frozen ViLT for every method
     S = sessions or args.sessions
     classes = [list(range(k * CLASSES_PER_SESSION, (k + 1) * CLASSES_PER_SESSION)) for k in range(S)]
     model = ContinualModel(recipe, classes, S * CLASSES_PER_SESSION)
-    model.method_cfg = recipe.method  # what the shared objective reads
     return model.to(args.device)
 
 
@@ -215,14 +214,11 @@ class Timer:
 def train_step(model, batch: dict, k: int, full: bool = False):
     params = list(model.set_trainable(k).values())
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-8)
-    method = copy.copy(model.method_cfg)
-    if not full:  # the plain step: cross-entropy only
-        method.lambda_align = method.lambda_con = 0.0
 
-    def step():
+    def step():  # full: the method's whole objective and identifier update; else L_c alone
         model.train()
         opt.zero_grad(set_to_none=True)
-        loss, _ = objective(model, model, batch, k, method, epoch=0)   # the trainer's objective
+        loss, _ = objective(model, model, batch, k, epoch=0, method_terms=full)
         loss.backward()
         opt.step()
         if full:
@@ -244,7 +240,7 @@ def peft_copy(model: ContinualModel, args) -> ContinualModel:
     """peft's LoRA injected into a copy of a head-only model's frozen ViLT."""
     from peft import LoraConfig, inject_adapter_in_model
     ref = copy.deepcopy(model)
-    alpha = load_recipe(None, ["data.make_synthetic=true"]).method.alpha
+    alpha = load_recipe(None, ["data.make_synthetic=true"]).method.settings.alpha
     cfg = LoraConfig(r=args.rank, lora_alpha=alpha * args.rank,  # scale alpha / r = our alpha
                      target_modules=["query", "key", "value"], lora_dropout=0.0)
     inject_adapter_in_model(cfg, ref.backbone.vilt)

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
@@ -57,9 +57,14 @@ class DataConfig:
 
 @dataclass
 class BackboneConfig:
-    name: str = "vilt"                      # a key of BACKBONES (delo_dist/models/backbone.py)
+    """backbone.*: what every backbone reads, and its own section backbone.<name>.*"""
+    _plugin_kind: ClassVar[str] = "backbone"
+    _name_key: ClassVar[str] = "name"
+    # keys of earlier versions that now live in the backbone's own section
+    _legacy: ClassVar[tuple] = ("attention", "text_position_rule", "guide_query")
+    name: str = "vilt"                      # a backbone plug-in (delo_dist/plugins.py)
     pretrained: Optional[str] = None        # local path or hub id; None: tiny random config
-    # ViltConfig keys of the random tiny backbone. initializer_range: BERT's 0.02 is sized for
+    # config keys of the random tiny backbone. initializer_range: BERT's 0.02 is sized for
     # width 768 (per-layer gain 0.02 * sqrt(768) ~ 0.55); at width 64 it would leave a random
     # network with gain 0.16 per linear, so almost no input reaches the pooled feature.
     tiny: dict = field(default_factory=lambda: dict(
@@ -67,63 +72,34 @@ class BackboneConfig:
         intermediate_size=128, patch_size=16, initializer_range=0.125))
     image_size: int = 64
     max_text_len: int = 40
-    # longer than the position table (pretrained ViLT: 40): how the table grows (models/vilt.py)
-    text_position_rule: Literal["resample", "extend"] = "resample"
-    # clip: where an encoder takes the other modality's query (delo_dist/models/clip.py): the
-    # same layer's input in an adapter-free pass (one more frozen forward), or layer 0's (cheap)
-    guide_query: Literal["layer_matched", "first_layer"] = "layer_matched"
     # linears to adapt, by name suffix; null: the method's, else the backbone's default
     # (vilt: query, key, value; clip: q_proj, k_proj, v_proj of both encoders)
     targets: Optional[list] = None
-    attention: Literal["sdpa", "eager"] = "sdpa"   # ViLT self-attention: torch's fused SDPA or
-                                                   # transformers' matmul + softmax (same result)
-
-
-@dataclass
-class MailConfig:
-    """MAIL's mixture of LoRA experts (method.name mail / seq_mail); see models/mail.py."""
-    variant: Literal["linear", "attention", "both"] = "both"   # MAIL-l, MAIL-a, MAIL-b
-    experts: int = 5                        # mean experts per adapted linear
-    rank: int = 4
-    alpha: float = 8.0                      # update scaled by alpha / rank
-    dropout: float = 0.05                   # LoRA dropout on the expert input
-    routing: Literal["top_k", "soft_merge"] = "top_k"
-    top_k: int = 2
-    allocation: Literal["square", "increasing", "decreasing"] = "square"
-    router_input: Literal["sample", "token"] = "sample"   # the paper is silent: see mail.py
-    balance: float = 0.0                    # load-balancing loss weight (the paper has none)
-
-
-@dataclass
-class MoraConfig:                           # method.name=mora / seq_mora (the MoRA code's defaults)
-    rank: int = 8                           # shared and modality-specific factors
-    alpha: float = 0.1
-    dropout: float = 0.1
-    layers_from: Optional[int] = None       # first adapted layer; null: the top ceil(L/6) layers
+    settings: Any = None                    # the backbone's own section (its Settings class)
 
 
 @dataclass
 class MethodConfig:
-    name: str = "delo"                      # a key of METHODS (delo_dist/models/methods.py)
-    experts: int = 16                       # E: factor pairs per pool
-    rank: int = 4                           # r: factors selected per sample (or LoRA rank)
-    factor_rank: int = 1                    # 1: the paper's rank-one pairs; r: official block shape
-    alpha: float = 2.0
-    a_init_std: Optional[float] = None      # None: 1/sqrt(d_in), LoRA-like scale
-    modality_pools: bool = True             # False: ablation "w/o modality-specific pool"
-    cross_modal_guide: bool = True          # False: ablation "w/o cross-modal guide"
-    lambda_align: float = 0.1
-    lambda_con: float = 0.1
-    mail: MailConfig = field(default_factory=MailConfig)
-    mora: MoraConfig = field(default_factory=MoraConfig)
+    """method.name and the method's own section method.<section>.*"""
+    _plugin_kind: ClassVar[str] = "method"
+    _name_key: ClassVar[str] = "name"
+    _legacy: ClassVar[tuple] = ("experts", "rank", "factor_rank", "alpha", "a_init_std",
+                                "modality_pools", "cross_modal_guide", "lambda_align",
+                                "lambda_con")
+    name: str = "delo"                      # a method plug-in (delo_dist/plugins.py)
+    settings: Any = None                    # the method's own section (its Settings class)
 
 
 @dataclass
 class TaskIdConfig:
-    momentum: float = 0.99
-    # task identification (delo_dist/models/task_id.py): paper = Eq. 7/8 as written
-    source: Literal["paper", "first_layer", "frozen_pooled", "class_prototypes",
-                    "analytic"] = "analytic"   # routes best on the content benchmark
+    """task_id.source and the source's own section task_id.<source>.*"""
+    _plugin_kind: ClassVar[str] = "task_id"
+    _name_key: ClassVar[str] = "source"
+    _legacy: ClassVar[tuple] = ("momentum",)
+    # task identification (delo_dist/models/task_id.py): analytic routes best on the content
+    # benchmark; paper = Eq. 7/8 as written
+    source: str = "analytic"
+    settings: Any = None
 
 
 @dataclass
@@ -180,6 +156,9 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # user plug-ins to import first: dotted module names or .py files that call
+    # delo_dist.plugins.register (README "Adding a method")
+    plugins: list = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- loading
@@ -229,6 +208,8 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
 
 
 def _build(cls: type, values: dict, prefix: str, src: str) -> Any:
+    if hasattr(cls, "_plugin_kind"):
+        return _build_plugin_config(cls, values, prefix, src)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -241,6 +222,102 @@ def _build(cls: type, values: dict, prefix: str, src: str) -> Any:
         if hints[k] is dict and default is not dataclasses.MISSING:
             kwargs[k] = {**default(), **kwargs[k]}  # a dict key overrides, not replaces, defaults
     return cls(**kwargs)
+
+
+class _SectionCheck:
+    """check(cond, key, expected, got) for a plug-in's `validate`: key is inside its section."""
+
+    def __init__(self, src: str, prefix: str):
+        self.src, self.prefix = src, prefix
+
+    def __call__(self, cond: bool, key: str, expected: str, got: Any) -> None:
+        _check(cond, self.src, f"{self.prefix}.{key}", expected, got)
+
+
+def _plugin(kind: str, name: Any, key: str, src: str):
+    from delo_dist import plugins
+    if not isinstance(name, str):
+        raise RecipeError(f"{src}: key '{key}' expected str, got {name!r}")
+    try:
+        return plugins.get(kind, name)
+    except plugins.PluginError as e:
+        raise RecipeError(f"{src}: key '{key}': unknown name {name!r}; known: "
+                          f"{plugins.names(kind)}") if "unknown name" in str(e) else \
+            RecipeError(f"{src}: {e}") from None
+
+
+def _section_owner(kind: str, section: str):
+    """The plug-in whose recipe section is `section`, or None."""
+    from delo_dist import plugins
+    names = plugins.names(kind)
+    candidates = [section] + [n for n in names if n != section] if section in names else names
+    for name in candidates:
+        cls = plugins.get(kind, name)
+        if cls.section_name() == section:
+            return cls
+    return None
+
+
+def _settings(plugin, values: dict, prefix: str, src: str) -> Any:
+    """A plug-in's section: typed by its Settings dataclass, then its own value checks."""
+    settings = _build(plugin.Settings, values, prefix, src)
+    if hasattr(settings, "validate"):
+        settings.validate(_SectionCheck(src, prefix))
+    return settings
+
+
+def _build_plugin_config(cls: type, values: dict, prefix: str, src: str) -> Any:
+    """backbone / method / task_id: the common keys, the chosen plug-in's own section
+    (defaults filled in), and keys of earlier versions moved into that section with a note.
+    Another plug-in's section may be given (a sweep fixes method.mail.* while method.name
+    varies): it is checked, then left out, since it cannot change what this run computes."""
+    kind, name_key = cls._plugin_kind, cls._name_key
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    name = values.get(name_key, fields[name_key].default)
+    plugin = _plugin(kind, name, f"{prefix}.{name_key}", src)
+    section = plugin.section_name()
+    common = [n for n in fields if n != "settings"]
+    kwargs, sections, legacy = {}, {}, {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}"
+        if k in common:
+            kwargs[k] = _coerce(v, hints[k], key, src)
+            if hints[k] is dict and fields[k].default_factory is not dataclasses.MISSING:
+                kwargs[k] = {**fields[k].default_factory(), **kwargs[k]}
+        elif k in cls._legacy:
+            legacy[k] = v
+        elif k == section or (k not in ("settings",) and _section_owner(kind, k) is not None):
+            if not isinstance(v, dict):
+                raise RecipeError(f"{src}: key '{key}' must be a mapping (a plug-in's "
+                                  f"section), got {v!r}")
+            sections[k] = v
+        else:
+            raise RecipeError(f"{src}: unknown key '{key}'; expected one of {common} or the "
+                              f"section of a {kind} (this {name_key}'s: '{prefix}.{section}')")
+    active = dict(sections.get(section) or {})
+    own = {f.name for f in dataclasses.fields(plugin.Settings)}
+    moved = [k for k in legacy if k in own]
+    for k in moved:  # the old place wins: a command line of an earlier version overrides
+        active[k] = legacy[k]
+    if moved:
+        _note(f"{src}: {', '.join(f'{prefix}.{k}' for k in moved)} now live under "
+              f"'{prefix}.{section}' (read there; move them)")
+    ignored = [k for k in legacy if k not in own]
+    if ignored:
+        _note(f"{src}: {', '.join(f'{prefix}.{k}' for k in ignored)} (keys of earlier versions) "
+              f"are not settings of {name_key} {name!r} ({prefix}.{section}): ignored")
+    for other, vals in sections.items():
+        if other != section:
+            _settings(_section_owner(kind, other), vals, f"{prefix}.{other}", src)
+    kwargs["settings"] = _settings(plugin, active, f"{prefix}.{section}", src)
+    return cls(**kwargs)
+
+
+def plugin_class(cfg: Any):
+    """The plug-in class a backbone / method / task_id config names."""
+    from delo_dist import plugins
+    return plugins.get(cfg._plugin_kind, getattr(cfg, cfg._name_key))
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, src: str) -> None:
@@ -283,12 +360,44 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         k = _legacy_key(k, "command line")
         given[k] = item
         _set_dotted(tree, k, v, f"command line: override '{item}'")
+    for section in ("backbone", "method", "task_id"):  # plug-in sections: always resolved
+        if not isinstance(tree.setdefault(section, {}), dict):
+            raise RecipeError(f"{src}: key '{section}' must be a mapping, got {tree[section]!r}")
     try:
+        _import_plugins(tree, src, given)
         recipe = _build(Recipe, tree, "", src)
         validate(recipe, src)
+        check_compatible(recipe, src)
     except RecipeError as e:
         raise _blame_command_line(e, src, given) from None
     return recipe
+
+
+def _import_plugins(tree: dict, src: str, given: dict) -> None:
+    """The recipe's `plugins` (user modules that register methods, backbones, identifiers)
+    are imported before any section is read."""
+    from delo_dist import plugins
+    specs = tree.get("plugins") or []
+    if not isinstance(specs, list) or not all(isinstance(x, str) for x in specs):
+        raise RecipeError(f"{src}: key 'plugins' expected a list of module names or .py paths, "
+                          f"got {specs!r}")
+    where = f"command line: override '{given['plugins']}'" if "plugins" in given else src
+    try:
+        plugins.import_plugins(specs, where)
+    except plugins.PluginError as e:
+        raise RecipeError(str(e)) from None
+
+
+def check_compatible(recipe: Recipe, src: str) -> None:
+    """The method's needs against the backbone's capabilities: one line naming both."""
+    method, backbone = plugin_class(recipe.method), plugin_class(recipe.backbone)
+    have = getattr(backbone, "capabilities", frozenset())
+    for capability, why in method.needs.items():
+        if capability not in have:
+            raise RecipeError(
+                f"{src}: key 'method.name' {recipe.method.name!r} needs the backbone capability "
+                f"'{capability}' ({why}), which key 'backbone.name' {recipe.backbone.name!r} "
+                f"lacks (it has: {', '.join(sorted(have)) or 'none'})")
 
 
 # Sections renamed since earlier versions: still read, with a one-line note.
@@ -324,10 +433,16 @@ def _blame_command_line(e: RecipeError, src: str, given: dict[str, str]) -> Reci
     """An error about a key set on the command line names the override, not the recipe file.
     (Errors are raised as "<src>: key '<dotted>' ...": the key is read back from there.)"""
     msg = str(e)
-    found = re.search(r"key '([^']+)'", msg)
-    key = found.group(1) if found else None
-    item = given.get(key) or next((it for k, it in given.items()
-                                   if key and key.startswith(k + ".")), None)
+    item = None
+    for key in re.findall(r"key '([^']+)'", msg):  # the first key named that came from there
+        parts = key.split(".")
+        # a key of an earlier version was moved into its plug-in's section: method.rank was
+        # given, method.delo.rank is named
+        moved = ".".join(parts[:1] + parts[2:]) if len(parts) > 2 else None
+        item = given.get(key) or given.get(moved) or next(
+            (it for k, it in given.items() if key.startswith(k + ".")), None)
+        if item is not None:
+            break
     if item is None or not msg.startswith(src + ": "):
         return e
     return RecipeError(f"command line: override '{item}'" + msg[len(src):])
@@ -339,13 +454,9 @@ def _check(cond: bool, src: str, key: str, expected: str, got: Any) -> None:
 
 
 def validate(r: Recipe, src: str) -> None:
-    """Value checks that types cannot express; paths are checked here too."""
-    d, m, t = r.data, r.method, r.train
-    from delo_dist.models.backbone import BACKBONES
-    from delo_dist.models.methods import METHODS
-    _check(r.backbone.name in BACKBONES, src, "backbone.name", f"one of {sorted(BACKBONES)}",
-           r.backbone.name)
-    _check(m.name in METHODS, src, "method.name", f"one of {sorted(METHODS)}", m.name)
+    """Value checks that types cannot express; paths are checked here too. Each plug-in's
+    section checks itself (its Settings.validate), when it is built."""
+    d, t = r.data, r.train
     _check(0.0 <= d.eta <= 1.0, src, "data.eta", "a fraction in [0, 1]", d.eta)
     _check(0.0 <= d.both_ratio <= 1.0, src, "data.both_ratio", "a fraction in [0, 1]", d.both_ratio)
     _check(d.shuffle_buffer >= 1, src, "data.shuffle_buffer", "an int >= 1", d.shuffle_buffer)
@@ -357,29 +468,6 @@ def validate(r: Recipe, src: str) -> None:
     if not d.make_synthetic:
         _check((Path(d.shards) / "manifest.json").is_file(), src, "data.shards",
                "a folder with manifest.json (prepare it, or set data.make_synthetic=true)", d.shards)
-    _check(m.experts >= 1, src, "method.experts", "an int >= 1", m.experts)
-    _check(1 <= m.rank <= m.experts or m.name != "delo", src, "method.rank",
-           f"an int in [1, method.experts={m.experts}] (r <= E)", m.rank)
-    _check(m.rank >= 1, src, "method.rank", "an int >= 1", m.rank)
-    _check(not m.name.endswith("mora") or r.backbone.name == "clip", src, "backbone.name",
-           f"clip for method.name={m.name} (MoRA couples a two-encoder backbone's text and image "
-           "encoders)", r.backbone.name)
-    _check(m.mora.rank >= 1, src, "method.mora.rank", "an int >= 1", m.mora.rank)
-    _check(0.0 <= m.mora.dropout < 1.0, src, "method.mora.dropout", "a float in [0, 1)", m.mora.dropout)
-    _check(m.mora.layers_from is None or m.mora.layers_from >= 0, src, "method.mora.layers_from",
-           "null or an int >= 0", m.mora.layers_from)
-    _check(m.factor_rank >= 1, src, "method.factor_rank", "an int >= 1", m.factor_rank)
-    mail = m.mail
-    _check(mail.experts >= 1, src, "method.mail.experts", "an int >= 1", mail.experts)
-    _check(mail.rank >= 1, src, "method.mail.rank", "an int >= 1", mail.rank)
-    _check(1 <= mail.top_k <= mail.experts, src, "method.mail.top_k",
-           f"an int in [1, method.mail.experts={mail.experts}]", mail.top_k)
-    _check(0.0 <= mail.dropout < 1.0, src, "method.mail.dropout", "a float in [0, 1)", mail.dropout)
-    _check(mail.balance >= 0, src, "method.mail.balance", "a non-negative weight", mail.balance)
-    _check(m.lambda_align >= 0 and m.lambda_con >= 0, src, "method.lambda_align/lambda_con",
-           "non-negative weights", (m.lambda_align, m.lambda_con))
-    _check(0.0 <= r.task_id.momentum < 1.0, src, "task_id.momentum", "a float in [0, 1)",
-           r.task_id.momentum)
     _check(t.epochs >= 1, src, "train.epochs", "an int >= 1", t.epochs)
     _check(t.batch_size >= 1, src, "train.batch_size", "an int >= 1", t.batch_size)
     _check(t.global_batch_size is None or t.global_batch_size >= 1, src, "train.global_batch_size",
@@ -431,7 +519,15 @@ def batch_plan(train: TrainConfig, world: int) -> tuple[int, int]:
 
 
 def to_dict(recipe: Recipe) -> dict:
-    return dataclasses.asdict(recipe)
+    """The recipe as a tree, each plug-in's settings under its section name (as written in a
+    recipe file): what recipe.resolved.yaml holds and what MLflow params flatten."""
+    tree = dataclasses.asdict(recipe)
+    for key in ("backbone", "method", "task_id"):
+        cfg, node = getattr(recipe, key), tree[key]
+        settings = node.pop("settings")
+        if settings:
+            node[plugin_class(cfg).section_name()] = settings
+    return tree
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -451,7 +547,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 # results key; comparisons treat it as the axis they average over. data.shards is a path:
 # the data's identity is the manifest's hash, which the trainer records.
 RESULT_NEUTRAL_KEYS = (
-    "name", "output_dir", "data.shards", "data.num_workers", "eval.batch_size",
+    "name", "output_dir", "data.shards", "plugins", "data.num_workers", "eval.batch_size",
     "eval.checkpoint", "train.log_every", "train.checkpoint_every", "tracking.*",
     "distributed.engine",
 )

@@ -8,7 +8,8 @@ The grid syntax is slurm/sweep.sbatch's: an override whose value is a comma list
 or {}) is an axis, the last axis varies fastest, others are fixed. A sweep file holds
 `recipe`, fixed `overrides`, `axes` (key: list of values) and `output_root`; command-line
 axes and overrides replace the file's. Grid points where a method does not apply to the
-backbone are excluded by `ONLY_ON_BACKBONES` below (listed by --dry-run).
+backbone are excluded: a method's `needs` that the backbone's `capabilities` lack (both
+declared by the plug-ins; listed by --dry-run).
 
 Each run trains `python -m delo_dist.train RECIPE <overrides> output_dir=<root>/<values>` with
 its console in <run>/sweep.log, one progress line per run here, and a summary at the end. A
@@ -38,14 +39,14 @@ import yaml
 
 from delo_dist.config import RecipeError, load_recipe, recipe_diff, result_neutral, to_dict
 
-# Method -> the backbones it applies to (a method not listed applies to every backbone).
-# MoRA shares one low-rank pair between CLIP's two encoders (its Gram matrices carry one
-# modality's update into the other encoder); ViLT is a single stream with nothing to share.
-ONLY_ON_BACKBONES = {"mora": ("clip",), "seq_mora": ("clip",)}
-
-
-def applies(method: str, backbone: str) -> bool:
-    return backbone in ONLY_ON_BACKBONES.get(method, (backbone,))
+def applies(method: str, backbone: str) -> str | None:
+    """None if the method can run on the backbone, else why not (a capability it needs that
+    the backbone lacks: the plug-ins declare both)."""
+    from delo_dist import plugins
+    needs = plugins.get("method", method).needs
+    have = getattr(plugins.get("backbone", backbone), "capabilities", frozenset())
+    missing = [c for c in needs if c not in have]
+    return f"{method} needs '{missing[0]}', which {backbone} lacks" if missing else None
 
 
 @dataclass
@@ -117,15 +118,16 @@ def _text(v) -> str:
 
 def expand(name: str, recipe_path: str, fixed: list[str], axes: dict, root: Path):
     """(points that apply, excluded (axes, reason) pairs); every point's recipe resolved."""
-    base = load_recipe(recipe_path, fixed)
+    base = load_recipe(recipe_path, fixed)  # imports the recipe's own plug-ins too
     points, excluded = [], []
     for values in itertools.product(*axes.values()):
         point_axes = dict(zip(axes, values))
         over = fixed + [f"{k}={v}" for k, v in point_axes.items()]
         method = point_axes.get("method.name", base.method.name)
         backbone = point_axes.get("backbone.name", base.backbone.name)
-        if not applies(method, backbone):
-            excluded.append((point_axes, f"{method} applies only to {ONLY_ON_BACKBONES[method]}"))
+        why = applies(method, backbone)
+        if why:
+            excluded.append((point_axes, why))
             continue
         out = root / slug(values)
         over += [f"output_dir={out}", f"tracking.tags.sweep={name}"]
@@ -198,7 +200,7 @@ def slurm_commands(name: str, recipe_path: str, fixed: list[str], axes: dict) ->
         if b is not None:
             block["backbone.name"] = [b]
             if "method.name" in block:
-                block["method.name"] = [m for m in block["method.name"] if applies(m, b)]
+                block["method.name"] = [m for m in block["method.name"] if not applies(m, b)]
         if any(not v for v in block.values()):
             continue
         count = 1

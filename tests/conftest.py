@@ -46,7 +46,7 @@ def tiny_overrides(shards: Path, out: Path, **extra) -> list[str]:
         "backbone.image_size": 32, "backbone.max_text_len": 12,
         "backbone.tiny.hidden_size": 32, "backbone.tiny.intermediate_size": 64,
         "backbone.tiny.num_attention_heads": 2,
-        "method.experts": 4, "method.rank": 2,
+        "method.delo.experts": 4, "method.delo.rank": 2, "method.lora.rank": 2,
         "train.epochs": 1, "train.batch_size": 8, "train.log_every": 2,
         "eval.batch_size": 16, "output_dir": str(out),
         "tracking.uri": f"sqlite:///{out.parent / 'mlflow.db'}",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from delo_dist import bench
-from delo_dist.models.delo import DeloSession, FactorPool
+from delo_dist.methods.delo import DeloSession, FactorPool
 
 TINY_ARGS = ["--hidden", "32", "--layers", "2", "--heads", "2", "--batch", "4",
              "--text-len", "12", "--image-size", "32", "--patch", "16",

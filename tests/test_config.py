@@ -32,7 +32,7 @@ def test_wrong_type_names_key_and_expected_type(tmp_path, shards):
 
 @pytest.mark.parametrize("override, key", [
     ("data.eta=1.5", "data.eta"), ("data.eta=-0.1", "data.eta"),
-    ("method.rank=17", "method.rank"), ("data.both_ratio=2", "data.both_ratio"),
+    ("method.delo.rank=17", "method.delo.rank"), ("data.both_ratio=2", "data.both_ratio"),
     ("data.missing_type=audio", "data.missing_type"), ("train.lr=0", "train.lr"),
 ])
 def test_impossible_values_are_refused(tmp_path, shards, override, key):
@@ -41,8 +41,9 @@ def test_impossible_values_are_refused(tmp_path, shards, override, key):
 
 
 def test_r_greater_than_e_message(tmp_path, shards):
-    msg = error_of(write(tmp_path, f"data:\n  shards: {shards}\nmethod:\n  experts: 4\n  rank: 5\n"))
-    assert "r <= E" in msg and "method.experts=4" in msg
+    msg = error_of(write(tmp_path, f"data:\n  shards: {shards}\nmethod:\n  delo:\n    experts: 4\n"
+                                   "    rank: 5\n"))
+    assert "'method.delo.rank'" in msg and "r <= E" in msg and "experts=4" in msg
 
 
 def test_missing_shards_path(tmp_path):
@@ -67,4 +68,4 @@ def test_overrides_apply_and_dict_keys_merge(tmp_path, shards):
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
 def test_every_shipped_recipe_validates(recipe, shards):
     r = load_recipe(REPO / "recipes" / recipe, [f"data.shards={shards}"])
-    assert r.method.rank <= r.method.experts
+    assert r.method.settings is not None and r.backbone.settings is not None

@@ -15,7 +15,7 @@ from delo_dist.data.stream import SessionStream
 from delo_dist.models.adapters import (PROXY_IMAGE, PROXY_TEXT, AdaptedLinear, RoutingContext,
                                        masked_mean, routing_queries)
 from delo_dist.models.continual import ContinualModel
-from delo_dist.models.delo import FactorPool
+from delo_dist.methods.delo import FactorPool
 from delo_dist.models.task_id import TaskKeyMemory
 from delo_dist.training.engines import TorchEngine
 from delo_dist.training.objective import observe_task_id
@@ -65,7 +65,7 @@ def test_routers_and_compat_receive_gradient_and_move(recipe_for, shards):
     before = {n: p.detach().clone() for n, p in routers.items()}
     grads = []
     for _ in range(3):
-        logits = engine(batch, session=0)
+        logits = engine(batch, session=0)["logits"]
         engine.backward(supervised_loss(logits, batch, model.local_index[0], False))
         grads.append({n: p.grad.abs().sum().item() for n, p in routers.items()})
         engine.step()
@@ -83,11 +83,11 @@ def test_table5_parameter_counts_on_vilt_b32(E, r, millions):
     vilt_b32 = {"backbone.tiny.hidden_size": 768, "backbone.tiny.num_hidden_layers": 12,
                 "backbone.tiny.num_attention_heads": 12, "backbone.tiny.intermediate_size": 3072,
                 "backbone.tiny.patch_size": 32, "backbone.image_size": 384,
-                "backbone.max_text_len": 40, "method.experts": E, "method.rank": r}
+                "backbone.max_text_len": 40, "method.delo.experts": E, "method.delo.rank": r}
     counts = {}
     for f in (r, 1):
         recipe = load_recipe(None, ["data.make_synthetic=true"] +
-                             [f"{k}={v}" for k, v in {**vilt_b32, "method.factor_rank": f}.items()])
+                             [f"{k}={v}" for k, v in {**vilt_b32, "method.delo.factor_rank": f}.items()])
         with torch.device("meta"):
             model = ContinualModel(recipe, [list(range(10))] * 2, 20)
         adapters = {n: p for n, p in model.session_parameters(0).items() if not n.startswith("heads")}
@@ -115,11 +115,11 @@ def test_cross_modal_guide_routes_each_missing_sample_with_the_other_query():
 
 
 def test_adapted_linear_applies_the_guide_per_sample_in_a_mixed_batch(recipe_for):
-    cfg = recipe_for().method
+    cfg = recipe_for().method.settings
     torch.manual_seed(1)
-    from delo_dist.models.delo import DeloSession
+    from delo_dist.methods.delo import DeloSession
     ctx = RoutingContext()
-    layer = AdaptedLinear(torch.nn.Linear(8, 6), ctx, lambda i, o: DeloSession(i, o, cfg), ["0"])
+    layer = AdaptedLinear(torch.nn.Linear(8, 6), ctx, lambda name: DeloSession(8, 6, cfg), ["0"])
     for p in layer.sessions["0"].parameters():
         torch.nn.init.normal_(p)
     x = torch.randn(3, 7, 8)

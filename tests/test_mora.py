@@ -12,7 +12,7 @@ from delo_dist.data.missing import MissingSpec, missing_table
 from delo_dist.data.shards import read_manifest
 from delo_dist.data.stream import SessionStream
 from delo_dist.models.continual import ContinualModel
-from delo_dist.models.mora import MoraSession
+from delo_dist.methods.mora import MoraSession
 from delo_dist.training.engines import TorchEngine
 from delo_dist.training.losses import supervised_loss
 from tests.conftest import REPO
@@ -58,11 +58,13 @@ def test_adapts_key_and_value_of_the_upper_layers_of_both_encoders(recipe_for):
     assert len(names) == 4 and all(".layers.1.self_attn." in n for n in names)  # top of 2 layers
     assert {n.rsplit(".", 1)[1] for n in names} == {"k_proj", "v_proj"}
     assert sum("text_model" in n for n in names) == 2
-    assert not model.backbone._routed()  # MoRA routes nothing: no guide pass is run
+    assert not model.backbone.guide_queries  # MoRA routes nothing: no guide pass is run
     _, _, every = build(recipe_for, **{"method.mora.layers_from": 0})
     assert len(every.adapted) == 8
-    with pytest.raises(ValueError, match="'backbone.name' expected clip for method.name=mora"):
+    with pytest.raises(ValueError) as e:   # the method's needs against the backbone's capabilities
         build(recipe_for, **{"backbone.name": "vilt"})
+    assert str(e.value).startswith("command line: override '")   # both came from there
+    assert "'mora' needs the backbone capability 'two_encoders'" in str(e.value)
 
 
 def test_gram_coupling_equals_the_formula(recipe_for):
@@ -115,7 +117,7 @@ def test_magnitudes_start_at_the_frozen_column_norms_and_learn(recipe_for, shard
         "m_shared", "m_specific", "A", "B", "text", "image"}
     batch = batch_of(model, m, shards, 0)
     model.train()
-    supervised_loss(model(batch, session=0), batch, model.local_index[0], False).backward()
+    supervised_loss(model.session_forward(batch, 0), batch, model.local_index[0], False).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0
                for n, p in params.items() if n.endswith(("m_shared", "m_specific")))
 
@@ -133,12 +135,12 @@ def test_merged_inference_equals_unmerged(recipe_for, shards):
     for k in range(3):
         with torch.no_grad():
             merged = model._merged_pooled(batch, k)
-            unmerged = model(batch, session=k)  # training forward: activation path
+            unmerged = model.session_forward(batch, k)  # training forward: activation path
         per_session.append(merged)
         assert torch.allclose(model.heads[k](merged), unmerged, atol=1e-5), \
             (model.heads[k](merged) - unmerged).abs().max()
     mixed = torch.arange(12) % 3
-    model._set_batch(batch)
+    model.set_batch(batch)
     model.ctx.session, model.ctx.uniform_session = mixed, None
     with torch.no_grad():
         pooled = model.backbone(batch)
@@ -160,7 +162,7 @@ def _train_session(model, recipe, batch, k, steps=3):
     engine = TorchEngine(model, model.set_trainable(k), recipe.train, total_steps=steps + 1)
     for _ in range(steps):
         model.train()
-        engine.backward(supervised_loss(engine(batch, session=k), batch, model.local_index[k], False))
+        engine.backward(supervised_loss(engine(batch, session=k)["logits"], batch, model.local_index[k], False))
         engine.step()
 
 
@@ -171,11 +173,11 @@ def test_isolation_for_mora_and_drift_for_seq_mora(recipe_for, shards, method):
     _train_session(model, recipe, b0, 0)
     model.eval()
     with torch.no_grad():
-        before = model.predict_with(b0, torch.zeros(8, dtype=torch.long)), model(b0, session=0)
+        before = model.predict_with(b0, torch.zeros(8, dtype=torch.long)), model.session_forward(b0, 0)
     _train_session(model, recipe, b1, 1)
     model.eval()
     with torch.no_grad():
-        after = model.predict_with(b0, torch.zeros(8, dtype=torch.long)), model(b0, session=0)
+        after = model.predict_with(b0, torch.zeros(8, dtype=torch.long)), model.session_forward(b0, 0)
     if method == "mora":
         assert torch.equal(after[1], before[1]) and torch.equal(after[0], before[0])
     else:  # one shared set: training session 1 moves session 0's features

@@ -12,7 +12,7 @@ from transformers import ViltConfig, ViltModel
 
 from delo_dist.config import BackboneConfig
 from delo_dist.models.adapters import RoutingContext
-from delo_dist.models.vilt import ViltBackbone, extend_text_positions, offline_tokenizer
+from delo_dist.models.vilt import ViltBackbone, ViltSettings, extend_text_positions, offline_tokenizer
 
 TINY_VILT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                  patch_size=16, image_size=32, max_position_embeddings=40, max_image_length=-1)
@@ -40,7 +40,7 @@ def pretrained_40(tmp_path_factory):
 def test_pretrained_40_positions_loads_at_512(pretrained_40, rule):
     folder, table40 = pretrained_40
     cfg = BackboneConfig(pretrained=str(folder), image_size=32, max_text_len=512,
-                         text_position_rule=rule)
+                         settings=ViltSettings(text_position_rule=rule))
     bb = ViltBackbone(cfg, RoutingContext())
     emb = bb.vilt.embeddings.text_embeddings
     table = emb.position_embeddings.weight
@@ -239,7 +239,8 @@ def test_table5_trainable_and_total_parameters():
     sessions = [list(range(10))]
     for (E, r), (trainable, total) in TABLE5.items():
         recipe = load_recipe(None, ["data.make_synthetic=true", "backbone.image_size=384",
-                                    f"method.experts={E}", f"method.rank={r}", f"method.factor_rank={r}"]
+                                    f"method.delo.experts={E}", f"method.delo.rank={r}",
+                                    f"method.delo.factor_rank={r}"]
                              + [f"backbone.tiny.{k}={v}" for k, v in VILT_B32.items()])
         with torch.device("meta"):
             model = ContinualModel(recipe, sessions, 10)
@@ -250,7 +251,8 @@ def test_table5_trainable_and_total_parameters():
         assert round(per["trainable"] / 1e6, 1) == trainable, (E, r, per)
         assert round((backbone + 10 * per["trainable"]) / 1e6, 1) == total, (E, r)
     # the equations' literal rank-one pairs (factor_rank 1) at E=16, r=4: 7.09M, not 12.4M
-    recipe = load_recipe(None, ["data.make_synthetic=true", "backbone.image_size=384"]
+    recipe = load_recipe(None, ["data.make_synthetic=true", "backbone.image_size=384",
+                                "method.delo.factor_rank=1"]
                          + [f"backbone.tiny.{k}={v}" for k, v in VILT_B32.items()])
     with torch.device("meta"):
         literal = ContinualModel(recipe, sessions, 10).parameter_counts()["sessions"][0]

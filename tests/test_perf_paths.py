@@ -12,7 +12,7 @@ import torch
 from delo_dist.data.stream import SessionStream
 from delo_dist.models.continual import ContinualModel
 from delo_dist.models.inputs import subset
-from delo_dist.models.delo import DeloSession
+from delo_dist.methods.delo import DeloSession
 from delo_dist.models.vilt_sdpa import ViltSdpaSelfAttention, install_attention
 from delo_dist.training.losses import (alignment_sum, consistency_sum, proxy_choice,
                                        supervised_loss)
@@ -52,7 +52,7 @@ def test_sdpa_attention_equals_eager_with_adapters_and_padding(recipe_for, shard
 
 
 def test_eager_recipe_key_builds_eager_attention(recipe_for):
-    _, _, model = build(recipe_for, **{"backbone.attention": "eager"})
+    _, _, model = build(recipe_for, **{"backbone.vilt.attention": "eager"})
     attn = [mod for mod in model.modules() if "SelfAttention" in type(mod).__name__]
     assert attn and not any(isinstance(a, ViltSdpaSelfAttention) for a in attn)
 
@@ -83,16 +83,23 @@ def test_gathered_pools_equal_pool_by_pool_with_gradients(factor_rank, modality_
         assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-9))
 
 
+def _forward(model, batch, k, proxy=None, record=False):
+    """Session k's logits with the context set by hand (proxy: a simulated missing modality)."""
+    model.set_batch(batch, record=record, proxy=proxy)
+    model.ctx.uniform_session, model.ctx.session = k, None
+    return model.heads[k](model.run_backbone(batch))
+
+
 def _sequential_objective(model, batch, k, m, epoch):
     """The objective as it was: L_con's proxy pass as a second forward after the main one."""
-    logits = model(batch, session=k, record=True)
+    logits = _forward(model, batch, k, record=True)
     ce = supervised_loss(logits, batch, model.local_index[k], False)
     complete = ~(batch["missing_text"] | batch["missing_image"])
     scale = 1.0 / max(complete.sum().item(), 1)
     align = alignment_sum(model.ctx.queries, complete) * scale
     idx = complete.nonzero().squeeze(1)
     sub = subset(batch, idx)
-    con = consistency_sum(logits[idx], model(sub, session=k, proxy=proxy_choice(sub["keys"], epoch)),
+    con = consistency_sum(logits[idx], _forward(model, sub, k, proxy=proxy_choice(sub["keys"], epoch)),
                           False) * scale
     return ce + m.lambda_align * align + m.lambda_con * con, {"ce": ce.item(), "align": align.item(),
                                                               "con": con.item()}
@@ -106,9 +113,9 @@ def test_batched_consistency_pass_equals_a_second_forward(recipe_for, shards):
     batch = batch_of(model, m, shards, 1, n=8, eta=0.5)
     complete = ~(batch["missing_text"] | batch["missing_image"])
     assert 0 < complete.sum() < 8
-    loss, parts = objective(model, model, batch, 1, recipe.method, epoch=3)
+    loss, parts = objective(model, model, batch, 1, epoch=3)
     grads = torch.autograd.grad(loss, list(params.values()))
-    ref_loss, ref_parts = _sequential_objective(model, batch, 1, recipe.method, epoch=3)
+    ref_loss, ref_parts = _sequential_objective(model, batch, 1, recipe.method.settings, epoch=3)
     ref_grads = torch.autograd.grad(ref_loss, list(params.values()))
     assert parts["con"] > 0 and parts["align"] > 0
     for name in ("ce", "align", "con"):
@@ -123,7 +130,7 @@ def test_identification_features_reuse_the_forward_and_equal_a_separate_pass(rec
     recipe, m, model = build(recipe_for, **{"task_id.source": "first_layer"})
     model.train()
     batch = batch_of(model, m, shards, 0, n=8, eta=0.5)
-    objective(model, model, batch, 0, recipe.method, epoch=0)     # the batched forward
+    objective(model, model, batch, 0, epoch=0)     # the batched forward
     assert model._first_layer is not None and model._first_layer[0] is batch["input_ids"]
     cached = model.identification_features(batch)
     q_v, q_t = model.backbone.first_layer_queries(batch)           # the separate key pass

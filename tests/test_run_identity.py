@@ -32,11 +32,11 @@ def test_a_changed_recipe_on_a_finished_folder_is_refused_and_rewrites_nothing(s
     run_id = (out / "mlflow_run_id").read_text()
     artifacts = [(a.path, a.file_size) for a in client.list_artifacts(run_id)]
 
-    changed = recipe(shards, out, **{"train.epochs": 2, "method.lambda_con": 0.3, "eval.batch_size": 8})
+    changed = recipe(shards, out, **{"train.epochs": 2, "method.delo.lambda_con": 0.3, "eval.batch_size": 8})
     with pytest.raises(LaunchError) as e:
         Trainer(changed).run()
     msg = str(e.value)
-    assert "train.epochs: 1 -> 2" in msg and "method.lambda_con: 0.1 -> 0.3" in msg
+    assert "train.epochs: 1 -> 2" in msg and "method.delo.lambda_con: 0.1 -> 0.3" in msg
     assert "neutral keys differing, allowed: eval.batch_size: 16 -> 8" in msg
     assert {n: (out / n).read_bytes() for n in before} == before
     assert [(a.path, a.file_size) for a in client.list_artifacts(run_id)] == artifacts

@@ -16,7 +16,8 @@ from delo_dist.data.shards import read_manifest
 from delo_dist.data.stream import SessionStream
 from delo_dist.models.continual import ContinualModel
 from delo_dist.models.inputs import subset
-from delo_dist.models.task_id import RIDGE_GRID, SOURCES, ridge_features
+from delo_dist import plugins
+from delo_dist.models.task_id import RIDGE_GRID, ridge_features
 from delo_dist.training.objective import observe_task_id
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -52,7 +53,7 @@ def mixed_test_batch(model, m, shards, n=8):
                   else sum((p[key] for p in parts), [])) for key in parts[0]}
 
 
-@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("source", plugins.names("task_id"))
 def test_every_source_routes_each_sample_without_its_session_id(recipe_for, shards, source):
     m, model = build(recipe_for, source)
     teach(model, m, shards)

@@ -65,10 +65,11 @@ def test_accelerate_launch_entry_point(shards, tmp_path):
 
 def test_cli_rejects_a_bad_recipe_before_training(shards, tmp_path):
     cmd = [sys.executable, "delo_dist/train.py", "recipes/quickstart.yaml",
-           *tiny_overrides(shards, tmp_path / "bad"), "method.rank=99"]
+           *tiny_overrides(shards, tmp_path / "bad"), "method.delo.rank=99"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "command line: override 'method.rank=99'" in done.stderr and "'method.rank'" in done.stderr
+    assert "command line: override 'method.delo.rank=99'" in done.stderr
+    assert "'method.delo.rank'" in done.stderr
     assert not (tmp_path / "bad").exists()
 
 

@@ -129,14 +129,15 @@ def session_groups(ctx: RoutingContext) -> list:
 
 class AdaptedLinear(nn.Module):
     def __init__(self, base: nn.Linear, ctx: RoutingContext,
-                 make_session: Callable[[int, int], nn.Module], session_names: list[str]):
+                 make_session: Callable[[str], nn.Module], session_names: list[str]):
+        """make_session(name) builds the adapter of the session (or shared module) `name`;
+        session_names[k] names session k's (the same name for every session: seq_*)."""
         super().__init__()
         self.base = base
         self.ctx = ctx
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.sessions = nn.ModuleDict({
-            name: make_session(base.in_features, base.out_features)
-            for name in dict.fromkeys(session_names)})
+        self.sessions = nn.ModuleDict({name: make_session(name)
+                                       for name in dict.fromkeys(session_names)})
         self.session_names = session_names  # session index -> module name (shared for seq LoRA)
 
     def session_module(self, k: int) -> nn.Module:

@@ -1,6 +1,11 @@
-"""The backbone protocol: what an adapter method may know about a frozen multimodal model.
+"""The backbone protocol: what a method may know about a frozen multimodal model.
 
-DeLo and the baselines never import ViLT. A backbone tells them:
+A backbone is one module holding a `Backbone` subclass, registered by name
+(delo_dist/plugins.py). It declares `capabilities` (what methods may ask for: e.g.
+"two_encoders", "modality_tokens", "first_layer_module"; a method's `needs` are checked
+against them when the recipe loads) and its own recipe section `backbone.<name>.*` (its
+Settings), beside the keys every backbone reads (pretrained, tiny, image_size, max_text_len,
+targets). Methods never import ViLT or CLIP. A backbone tells them:
   - `adapted_linears()`: the linears to wrap, by qualified name (recipe `backbone.targets`
     selects them by suffix: query, key, value by default);
   - which tokens belong to which modality at each adapted layer: `forward` fills
@@ -28,7 +33,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from delo_dist.models.registry import resolve
+from delo_dist.plugins import Plugin
 
 
 class LinearSite(NamedTuple):
@@ -38,9 +43,29 @@ class LinearSite(NamedTuple):
     role: str          # path inside the layer, e.g. "self_attn.k_proj"
 
 
-class Backbone(nn.Module):
+class Backbone(Plugin, nn.Module):
+    capabilities: frozenset = frozenset()
     hidden_size: int   # width of the pooled feature the heads eat
     query_dim: int     # width of first_layer_queries' outputs (task keys)
+    # What a missing image becomes (the method chooses, `Method.dummies`): "ones" / "zeros"
+    # after normalisation, "white" through it, "backbone": this backbone's own convention.
+    default_dummy_image: str = "ones"
+    dummy_image: str = "backbone"
+    # Whether a method routes by the other modality's per-layer query (`Method.guide_queries`):
+    # two-encoder backbones then compute it in a frozen pass.
+    guide_queries: bool = False
+
+    def normalize_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> what the model eats."""
+        raise NotImplementedError
+
+    def dummy_pixels(self) -> torch.Tensor:
+        """(3, H, W): the missing image, as `dummy_image` says."""
+        kind = self.default_dummy_image if self.dummy_image == "backbone" else self.dummy_image
+        ones = torch.ones(3, self.image_size, self.image_size)
+        if kind == "white":
+            return self.normalize_pixels(ones)
+        return ones if kind == "ones" else torch.zeros_like(ones)
 
     def adapted_linears(self, targets: Optional[list[str]] = None) -> dict[str, nn.Linear]:
         """The linears to wrap: by suffix among `targets` (None: the backbone's default)."""
@@ -84,15 +109,9 @@ class Backbone(nn.Module):
         return None
 
 
-# name -> "module:class"; the class is built as cls(backbone config, routing context).
-BACKBONES: dict[str, str] = {
-    "vilt": "delo_dist.models.vilt:ViltBackbone",
-    "clip": "delo_dist.models.clip:ClipBackbone",
-}
-
-
 def build_backbone(cfg, ctx) -> Backbone:
-    return resolve(BACKBONES, cfg.name, "backbone.name")(cfg, ctx)
+    from delo_dist.config import plugin_class
+    return plugin_class(cfg)(cfg, ctx)
 
 
 def select_targets(linears: dict[str, nn.Linear], targets: list[str]) -> dict[str, nn.Linear]:

@@ -37,11 +37,13 @@ queries projected into the joint space (query_dim = projection_dim).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
-from delo_dist.models.adapters import AdaptedLinear, masked_mean
+from delo_dist.models.adapters import masked_mean
 from delo_dist.models.backbone import Backbone, LinearSite, select_targets
 from delo_dist.models.inputs import decode_image, labels_tensor
 from delo_dist.models.offline_vocab import offline_tokenizer
@@ -56,7 +58,21 @@ def _features(out) -> torch.Tensor:
     return out if torch.is_tensor(out) else out.pooler_output
 
 
+@dataclass
+class ClipSettings:
+    """backbone.clip.*"""
+    # where an encoder takes the other modality's query, for methods that route by it (DeLo):
+    # the same layer's input in an adapter-free pass (one more frozen forward), or layer 0's
+    guide_query: Literal["layer_matched", "first_layer"] = "layer_matched"
+
+
 class ClipBackbone(Backbone):
+    name = "clip"
+    Settings = ClipSettings
+    # two encoders, one modality each; the other modality's query given from outside
+    capabilities = frozenset({"two_encoders"})
+    default_dummy_image = "white"  # a white image through CLIP's normalisation (the MoRA code)
+
     def __init__(self, cfg, ctx):
         super().__init__()
         self.ctx = ctx
@@ -96,7 +112,7 @@ class ClipBackbone(Backbone):
         w_t = self.clip.text_projection.weight.float()     # (p, d_t)
         self.register_buffer("text_to_image", torch.linalg.pinv(w_v) @ w_t, persistent=False)
         self.register_buffer("image_to_text", torch.linalg.pinv(w_t) @ w_v, persistent=False)
-        self.guide_query, self._guide, self._needs_guide = cfg.guide_query, None, None
+        self.guide_query, self._guide = (cfg.settings or ClipSettings()).guide_query, None
         for encoder, model in (("text", self.clip.text_model), ("image", self.clip.vision_model)):
             for i, layer in enumerate(model.encoder.layers):
                 layer.register_forward_pre_hook(
@@ -122,11 +138,8 @@ class ClipBackbone(Backbone):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.clip.eval()  # frozen backbone: no dropout ...
-        for m in self.clip.modules():  # ... but adapters (MoRA's dropout) follow the mode
-            if isinstance(m, AdaptedLinear):
-                m.sessions.train(mode)
-        return self
+        self.clip.eval()  # frozen: no dropout, adapters inside included (they drop out only
+        return self       # while gradients flow: MoRA, MAIL)
 
     def adapted_linears(self, targets=None):
         linears = {n: m for n, m in self.named_modules() if isinstance(m, torch.nn.Linear)
@@ -145,11 +158,11 @@ class ClipBackbone(Backbone):
     def collate(self, samples: list[dict]) -> dict:
         """samples: dicts with key, jpg (bytes), txt (str), label, session, status."""
         texts, pixels = [], []
-        white = self.blank_image()
+        dummy = self.dummy_pixels()
         for s in samples:
             text_missing, image_missing = s["status"] == 1, s["status"] == 2
             texts.append("" if text_missing else s["txt"])  # dummy text: the empty string
-            pixels.append(white if image_missing else
+            pixels.append(dummy if image_missing else
                           (decode_image(s["jpg"], self.image_size) - self.mean) / self.std)
         tok = self.tokenizer(texts, padding="max_length", truncation=True,
                              max_length=self.max_text_len, return_tensors="pt")
@@ -162,10 +175,8 @@ class ClipBackbone(Backbone):
             "labels": labels_tensor(samples), "keys": [s["key"] for s in samples],
         }
 
-    def blank_image(self) -> torch.Tensor:
-        """The dummy image: white (1.0 before normalisation), normalised like real images."""
-        ones = torch.ones(3, self.image_size, self.image_size)
-        return (ones - self.mean.cpu()) / self.std.cpu()
+    def normalize_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.cpu()) / self.std.cpu()
 
     # ---------------------------------------------------------------- forward
     def _first_layer_means(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,15 +213,6 @@ class ClipBackbone(Backbone):
         return {"image": [q @ self.image_to_text.t() for q in q_v],
                 "text": [q @ self.text_to_image.t() for q in q_t]}
 
-    def _routed(self) -> bool:
-        """Whether any adapter routes by modality queries (DeLo; not MoRA, LoRA, head_only):
-        only then is the guide query computed. Decided at the first forward, after the
-        model has wrapped its linears."""
-        if self._needs_guide is None:
-            self._needs_guide = any(getattr(m.session_module(0), "uses_queries", True)
-                                    for m in self.clip.modules() if isinstance(m, AdaptedLinear))
-        return self._needs_guide
-
     def _set_guide(self, module, args, encoder: str, layer: int) -> None:
         """Forward pre-hook of every encoder layer: the other modality's query for this layer."""
         if self._guide is not None:
@@ -224,7 +226,7 @@ class ClipBackbone(Backbone):
     def forward(self, batch: dict) -> torch.Tensor:
         ctx = self.ctx
         with torch.no_grad():
-            self._guide = self._guide_queries(batch) if ctx.enabled and self._routed() else None
+            self._guide = self._guide_queries(batch) if ctx.enabled and self.guide_queries else None
         pixels, mask = batch["pixel_values"], batch["attention_mask"]
         B = pixels.shape[0]
         try:  # each encoder sees one modality; the other's query is given from outside

@@ -1,18 +1,20 @@
-"""The continual model: frozen backbone + session-partitioned adapters + one head per
-session + the task-key memory. Training runs one known session; inference routes each
-sample to a session by its task identifier (`task_id.source`, see
-delo_dist/models/task_id.py), or, for analysis only, by its true session (`oracle`).
-The identifier sits at `self.identifier` (its buffers are checkpointed under that prefix).
+"""The continual model: a frozen backbone, the method's per-session parts (adapters,
+prompts, ...), a head per session, and the task identifier. Training runs one known session;
+inference is the method's (`Method.predict`): by default each sample is routed to a session by
+the task identifier (`task_id.source`, delo_dist/models/task_id.py), or, for analysis only,
+by its true session (`oracle`); shared-head methods predict over every seen class instead
+(`predict_shared`). The identifier sits at `self.identifier` (None for shared-head methods;
+its buffers are checkpointed under that prefix).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from delo_dist.config import plugin_class
 from delo_dist.models.adapters import PROXY_NONE, AdaptedLinear, RoutingContext, masked_mean
 from delo_dist.models.backbone import build_backbone
 from delo_dist.models.inputs import concat_batches, subset
-from delo_dist.models.methods import method_spec
 from delo_dist.models.task_id import build_task_identifier
 
 
@@ -36,30 +38,26 @@ class ContinualModel(nn.Module):
     def __init__(self, recipe, session_classes: list[list[int]], num_classes: int,
                  multilabel: bool = False):
         super().__init__()
-        self.ctx = RoutingContext(cross_modal_guide=recipe.method.cross_modal_guide)
+        self.ctx = RoutingContext()
+        self.method = plugin_class(recipe.method)(recipe.method.settings)
         self.backbone = build_backbone(recipe.backbone, self.ctx)
-        self.spec = method_spec(recipe.method)
+        self.backbone.dummy_image = self.method.dummies()["image"]
+        self.backbone.guide_queries = bool(self.method.guide_queries)
         self.multilabel = multilabel
         self.num_classes = num_classes
         self.plugins = (recipe.backbone.name, recipe.method.name)
-        n = len(session_classes)
+        self.n_sessions = len(session_classes)
+        self.recipe_targets = recipe.backbone.targets   # linears to adapt (null: the method's)
+        self.session_classes = [list(c) for c in session_classes]
         self.adapted: list[AdaptedLinear] = []
-        if self.spec.make_session is not None:
-            names = ["shared"] * n if self.spec.shared_across_sessions else [str(k) for k in range(n)]
-            makers = self.spec.select_linears(self.backbone) if self.spec.select_linears else {}
-            # the method chose its linears (MAIL), else the recipe's or the method's targets
-            linears = self.backbone.adapted_linears(list(makers)) if makers else self._linears(recipe)
-            for name, linear in linears.items():
-                make = makers.get(name) or self._maker(name, linear, names)
-                wrapped = AdaptedLinear(linear, self.ctx, make, names)
-                self.backbone.replace_linear(name, wrapped)
-                self.adapted.append(wrapped)
-        self.merged_inference = self.spec.mergeable  # MoRA: inference with merged weights
+        self.method.attach(self)
+        self.merged_inference = self.method.mergeable  # MoRA: inference with merged weights
         d = self.backbone.hidden_size
         self.heads = nn.ModuleList([nn.Linear(d, len(c)) for c in session_classes])
-        self.identifier = build_task_identifier(recipe.task_id, session_classes, num_classes,
-                                               self.backbone.query_dim, d)
-        self.session_classes = [list(c) for c in session_classes]
+        self.identifier = (build_task_identifier(recipe.task_id, session_classes, num_classes,
+                                                 self.backbone)
+                           if self.method.head == "session" else None)
+        n = self.n_sessions
         # global class id -> index inside its session's head (-1: not in this session)
         local = torch.full((n, num_classes), -1, dtype=torch.long)
         for k, classes in enumerate(session_classes):
@@ -71,62 +69,43 @@ class ContinualModel(nn.Module):
         self._first_layer = None                # (input_ids of the forward's main rows, q)
         self._main_ids = None                   # set while a forward runs
         # Sources that need the adapter-free pooled feature pay a separate pass instead.
-        hooked = None if self.identifier.needs_pooled else self.backbone.first_layer_module()
+        hooked = (self.backbone.first_layer_module()
+                  if self.identifier is not None and not self.identifier.needs_pooled else None)
         self._hooked = hooked is not None
         if hooked is not None:
             hooked.register_forward_hook(self._on_first_layer)
         self.backbone.train(True)  # the backbone's own modes, once: it keeps its model frozen
 
     def train(self, mode: bool = True):
-        """Mode flags on the model, its heads and keys only. The backbone keeps its frozen
-        model, and the adapters wrapped inside it, in eval mode whatever the mode (set once
-        at build): walking the thousands of per-session adapter modules at every step would
-        make the step cost grow with the number of sessions, for nothing."""
+        """Mode flags on the model and its own parts (heads, identifier, method modules). The
+        backbone keeps its frozen model, and the adapters wrapped inside it, in eval mode
+        whatever the mode (set once at build): walking the thousands of per-session adapter
+        modules at every step would make the step cost grow with the number of sessions."""
         self.training = self.backbone.training = mode
-        self.heads.train(mode)
-        self.identifier.train(mode)
+        for child in self.children():
+            if child is not self.backbone:
+                child.train(mode)
         return self
-
-    def _linears(self, recipe) -> dict:
-        """The recipe's targets, else the method's, else the backbone's; then the method's
-        choice of sites (MoRA: upper layers)."""
-        spec = self.spec
-        linears = self.backbone.adapted_linears(recipe.backbone.targets or spec.targets)
-        if spec.keep is not None:
-            linears = {n: m for n, m in linears.items() if spec.keep(self.backbone.linear_site(n))}
-            if not linears:
-                raise ValueError(f"method.name={recipe.method.name}: no linear left to adapt "
-                                 "after the method's choice of layers")
-        return linears
-
-    def _maker(self, name: str, linear: nn.Linear, session_names: list[str]):
-        """make_session(d_in, d_out) for AdaptedLinear; site-aware methods (MoRA couples a text
-        and an image linear) also get the site, the base linear and the session name, in the
-        order AdaptedLinear builds its modules (one per distinct session name)."""
-        if not self.spec.site_aware:
-            return self.spec.make_session
-        site, order = self.backbone.linear_site(name), iter(dict.fromkeys(session_names))
-        return lambda i, o: self.spec.make_session(i, o, site=site, base=linear, session=next(order))
 
     # ------------------------------------------------------------ parameters
     def session_parameters(self, k: int) -> dict[str, nn.Parameter]:
-        """Session k's trainable tensors, by name: its adapters and its head."""
-        wanted = {id(p) for a in self.adapted for p in a.session_module(k).parameters()}
-        wanted |= {id(p) for p in self.heads[k].parameters()}
-        return {n: p for n, p in self.named_parameters() if id(p) in wanted}
+        """Session k's trainable tensors, by name (the method decides)."""
+        return self.method.session_parameters(self, k)
 
     def parameter_counts(self) -> dict:
         """Parameter counts: the frozen backbone (adapters excluded) and, per session, what it
-        trains (its adapters and its head). Shared adapters (seq_lora) count in every session."""
-        adapter_ids = {id(p) for a in self.adapted for p in a.sessions.parameters()}
-        backbone = sum(p.numel() for p in self.backbone.parameters() if id(p) not in adapter_ids)
+        trains (its head and the rest: adapters, prompts). Shared parts (seq_lora) count in
+        every session; by identity (MoRA's shared factors sit in a text and an image linear)."""
+        per = [self.session_parameters(k) for k in range(self.n_sessions)]
+        learned = {id(p) for a in self.adapted for p in a.sessions.parameters()}
+        learned |= {id(p) for d in per for p in d.values()}
+        backbone = sum(p.numel() for p in self.backbone.parameters() if id(p) not in learned)
         sessions = []
-        for k, head in enumerate(self.heads):
-            # by identity: MoRA's shared factors sit in both the text and the image linear
-            adapters = sum(p.numel() for p in {id(p): p for a in self.adapted
-                                               for p in a.session_module(k).parameters()}.values())
-            n_head = sum(p.numel() for p in head.parameters())
-            sessions.append({"adapters": adapters, "head": n_head, "trainable": adapters + n_head})
+        for k, params in enumerate(per):
+            head_ids = {id(p) for p in self.heads[k].parameters()}
+            n_head = sum(p.numel() for p in params.values() if id(p) in head_ids)
+            total = sum(p.numel() for p in {id(p): p for p in params.values()}.values())
+            sessions.append({"adapters": total - n_head, "head": n_head, "trainable": total})
         return {"backbone_frozen": backbone, "sessions": sessions,
                 "total": sum(p.numel() for p in self.parameters())}
 
@@ -138,30 +117,37 @@ class ContinualModel(nn.Module):
         return params
 
     # ------------------------------------------------------------ forward
-    def _set_batch(self, batch: dict, record: bool = False, proxy=None) -> None:
+    def set_batch(self, batch: dict, record: bool = False, proxy=None) -> None:
+        """The routing context for one forward over `batch` (missing flags, caches cleared)."""
         c = self.ctx
         c.missing_text, c.missing_image = batch["missing_text"], batch["missing_image"]
         c.proxy, c.record, c.queries = proxy, record, []
         c.cached_input = c.cached_queries = c.cached_routes = c.session_groups = None
         self._first_layer = None
 
-    def forward(self, batch: dict, session: int, proxy=None, record: bool = False,
-                proxy_rows: tuple | None = None):
-        """Training forward on one session: logits over that session's classes.
+    def forward(self, batch: dict, session: int, epoch: int = 0, aux: bool = True) -> dict:
+        """Training forward on one session (the method's): {"logits": (B, classes of
+        `session`), ...what its loss terms read}; aux=False: the terms will not be taken."""
+        return self.method.forward(self, batch, session, epoch, aux)
+
+    def session_forward(self, batch: dict, session: int, record: bool = False,
+                        proxy_rows: tuple | None = None) -> torch.Tensor:
+        """Logits over session `session`'s classes with its adapters and head.
         proxy_rows (idx, proxy): rows idx again after the batch, with proxy[j] simulating a
-        missing modality (L_con's pass, batched with the main one): (B + len(idx)) logits."""
-        main = batch
+        missing modality (DeLo's L_con pass, batched with the main one): (B + len(idx)) rows."""
+        main, proxy = batch, None
         if proxy_rows is not None and len(proxy_rows[0]):
             idx, extra = proxy_rows
             batch = concat_batches([batch, subset(batch, idx)])
             proxy = torch.cat([torch.full((len(main["missing_text"]),), PROXY_NONE,
                                           device=extra.device, dtype=extra.dtype), extra])
-        self._set_batch(batch, record, proxy)
+        self.set_batch(batch, record, proxy)
         self.ctx.uniform_session, self.ctx.session = session, None
-        return self.heads[session](self._backbone(batch, main))
+        return self.heads[session](self.run_backbone(batch, main))
 
-    def _backbone(self, batch: dict, main: dict) -> torch.Tensor:
-        self._main_ids = main["input_ids"]  # the first-layer hook acts during this call only
+    def run_backbone(self, batch: dict, main: dict | None = None) -> torch.Tensor:
+        """The backbone's pooled feature (B, hidden_size) with the context as set."""
+        self._main_ids = (main or batch)["input_ids"]  # the first-layer hook acts in this call
         try:
             return self.backbone(batch)
         finally:
@@ -192,12 +178,12 @@ class ContinualModel(nn.Module):
         """The adapter-free features the task identifier reads. The first-layer ones come
         from this batch's own forward pass when one just ran (the hook kept them)."""
         cached = self._first_layer
-        if (not self.identifier.needs_pooled and cached is not None
-                and cached[0] is batch["input_ids"]):
+        pooled = self.identifier is not None and self.identifier.needs_pooled
+        if not pooled and cached is not None and cached[0] is batch["input_ids"]:
             n = len(batch["input_ids"])
             return {name: q[:n] for name, q in cached[1].items()}
-        self._set_batch(batch)
-        return self.backbone.identification_features(batch, pooled=self.identifier.needs_pooled)
+        self.set_batch(batch)
+        return self.backbone.identification_features(batch, pooled=pooled)
 
     @torch.no_grad()
     def route(self, batch: dict, seen: int) -> torch.Tensor:
@@ -217,10 +203,10 @@ class ContinualModel(nn.Module):
         if self.merged_inference and uniq is not None and len(uniq) == 1:
             pooled = self._merged_pooled(batch, int(uniq[0]))
         else:
-            self._set_batch(batch)
+            self.set_batch(batch)
             self.ctx.session = sessions
             self.ctx.uniform_session = int(uniq[0]) if uniq is not None and len(uniq) == 1 else None
-            pooled = self._backbone(batch, batch)
+            pooled = self.run_backbone(batch)
         if sessions is None:
             sessions = self.ctx.session
             if sessions is None:
@@ -244,7 +230,7 @@ class ContinualModel(nn.Module):
 
     def _merged_pooled(self, batch: dict, k: int) -> torch.Tensor:
         """Pooled features with session k's update merged into the weights (MoRA)."""
-        self._set_batch(batch)
+        self.set_batch(batch)
         self.ctx.merged, self.ctx.uniform_session = k, k
         try:
             return self.backbone(batch)
@@ -253,8 +239,15 @@ class ContinualModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, batch: dict, seen: int, oracle: bool = True) -> dict:
-        """Task-agnostic prediction (headline), the routed sessions, and oracle predictions
-        (true session id; recomputed only for samples the key memory routed elsewhere)."""
+        """Task-agnostic prediction (the headline) over the first `seen` sessions, the session
+        each sample was routed to (None where the method routes nothing) and, if asked, the
+        oracle prediction (true session id): the method's (`Method.predict`)."""
+        return self.method.predict(self, batch, seen, oracle)
+
+    @torch.no_grad()
+    def predict_routed(self, batch: dict, seen: int, oracle: bool = True) -> dict:
+        """Each sample routed by the task identifier to a session's adapters and head; oracle
+        predictions recomputed only for samples routed elsewhere than their true session."""
         if self._hooked:
             self._route_seen = seen  # routed inside the forward: no identification pass
             try:
@@ -274,3 +267,25 @@ class ContinualModel(nn.Module):
                 oracle_pred[wrong] = self.predict_with(subset(batch, wrong), true[wrong])
             out["oracle_pred"] = oracle_pred
         return out
+
+    @torch.no_grad()
+    def predict_shared(self, pooled: torch.Tensor, seen: int,
+                       sessions: torch.Tensor | None = None) -> torch.Tensor:
+        """Shared-head prediction from pooled features (B, d): one linear head over every class
+        of the first `seen` sessions (the per-session heads side by side: each session's block
+        trains only in its session, as masked logits train one head), argmax over them
+        (multi-label: sigmoid > 0.5). sessions (B,): restrict each row to its session's
+        classes instead (the oracle)."""
+        logits = torch.cat([self.heads[k](pooled) for k in range(seen)], -1).float()
+        classes = torch.tensor([c for k in range(seen) for c in self.session_classes[k]],
+                               device=pooled.device)
+        if sessions is not None:
+            owner = torch.cat([torch.full((len(self.session_classes[k]),), k,
+                                          device=pooled.device) for k in range(seen)])
+            keep = owner[None, :] == sessions.to(pooled.device)[:, None]
+            logits = logits.masked_fill(~keep, float("-inf"))
+        if self.multilabel:
+            hot = torch.zeros(len(pooled), self.num_classes, dtype=torch.bool, device=pooled.device)
+            hot[:, classes] = logits.sigmoid() > 0.5
+            return hot
+        return classes[logits.argmax(-1)]

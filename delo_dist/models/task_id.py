@@ -1,5 +1,7 @@
 """Task identification: which session's adapters and head a test sample uses, without its
-session id. A plug-in chosen by `task_id.source` (a class plus one registry line).
+session id. A plug-in chosen by `task_id.source`: a class here (or in a user's module) with
+its name, its settings section `task_id.<source>.*` and `build`, registered by name
+(delo_dist/plugins.py).
 
 Every source reads only adapter-free features (`Backbone.identification_features`): no
 later session can change what an earlier session's statistics were computed from.
@@ -31,6 +33,7 @@ model checkpoint carries it.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from delo_dist import dist
+from delo_dist.plugins import Plugin
 
 AVAILABILITY = ("complete", "text_only", "image_only")
 
@@ -52,9 +56,16 @@ def present(batch: dict, device) -> torch.Tensor:
     return torch.stack([~batch["missing_image"], ~batch["missing_text"]], 1).to(device)
 
 
-class TaskIdentifier(nn.Module):
+class TaskIdentifier(Plugin, nn.Module):
     needs_pooled = False        # whether route/observe need the adapter-free pooled feature
     fits_per_session = False    # whether `fit` needs a pass over the session's data
+
+    @classmethod
+    def build(cls, settings, session_classes: list[list[int]], num_classes: int,
+              backbone) -> "TaskIdentifier":
+        """The identifier for these sessions on this backbone (widths: `backbone.query_dim`,
+        the first-layer queries'; `backbone.hidden_size`, the pooled feature's)."""
+        raise NotImplementedError
 
     def observe(self, feats: dict, batch: dict, session: int) -> None:
         """Every training step (a collective: every rank calls it)."""
@@ -115,10 +126,25 @@ class TaskKeyMemory(nn.Module):
         return score.argmax(dim=1)
 
 
+@dataclass
+class EmaSettings:
+    """task_id.<paper | first_layer | frozen_pooled>.*"""
+    momentum: float = 0.99                  # beta of Eq. 7
+
+    def validate(self, check) -> None:
+        check(0.0 <= self.momentum < 1.0, "momentum", "a float in [0, 1)", self.momentum)
+
+
 class EmaKeys(TaskKeyMemory, TaskIdentifier):
     """Keys tracked by EMA of the global batch-mean query (one query or one per modality);
     buffers `keys` (sessions, M, d) and `updates` as in TaskKeyMemory."""
     per_modality = False
+    Settings = EmaSettings
+
+    @classmethod
+    def build(cls, settings, session_classes, num_classes, backbone):
+        dim = backbone.hidden_size if cls.needs_pooled else backbone.query_dim
+        return cls(len(session_classes), dim, settings.momentum)
 
     def __init__(self, n_sessions: int, dim: int, momentum: float):
         super().__init__(n_sessions, dim, momentum, 2 if self.per_modality else 1)
@@ -141,12 +167,15 @@ class EmaKeys(TaskKeyMemory, TaskIdentifier):
 
 
 class PaperKeys(EmaKeys):
+    name = "paper"
+
     def query(self, feats, batch):
         q = feats["q_all"]
         return q[:, None], torch.ones(len(q), 1, dtype=torch.bool, device=q.device)
 
 
 class FirstLayerKeys(EmaKeys):
+    name = "first_layer"
     per_modality = True
 
     def query(self, feats, batch):
@@ -154,6 +183,7 @@ class FirstLayerKeys(EmaKeys):
 
 
 class PooledKeys(EmaKeys):
+    name = "frozen_pooled"
     needs_pooled = True
 
     def query(self, feats, batch):
@@ -174,7 +204,12 @@ def label_weights(labels, num_classes: int, device) -> torch.Tensor:
 
 
 class ClassPrototypes(TaskIdentifier):
+    name = "class_prototypes"
     fits_per_session = True
+
+    @classmethod
+    def build(cls, settings, session_classes, num_classes, backbone):
+        return cls(session_classes, num_classes, backbone.query_dim)
 
     def __init__(self, session_classes: list[list[int]], num_classes: int, dim: int):
         super().__init__()
@@ -231,8 +266,13 @@ def ridge_features(feats: dict, batch: dict) -> torch.Tensor:
 
 
 class AnalyticRouter(TaskIdentifier):
+    name = "analytic"
     needs_pooled = True
     fits_per_session = True
+
+    @classmethod
+    def build(cls, settings, session_classes, num_classes, backbone):
+        return cls(len(session_classes), backbone.query_dim, backbone.hidden_size)
 
     def __init__(self, n_sessions: int, dim: int, pooled_dim: int | None = None):
         super().__init__()
@@ -299,23 +339,10 @@ class AnalyticRouter(TaskIdentifier):
         return (ridge_features(feats, batch) @ self.weights[:, :seen]).argmax(1)
 
 
-# ------------------------------------------------------------------ registry
-
-# (sessions, query dim, pooled dim, task_id config, session classes, classes) -> identifier;
-# the query dim is the first-layer queries' (q_v, q_t, q_all), the pooled dim the heads' input.
-_SOURCES: dict[str, Callable] = {
-    "paper": lambda n, d, dp, cfg, classes, C: PaperKeys(n, d, cfg.momentum),
-    "first_layer": lambda n, d, dp, cfg, classes, C: FirstLayerKeys(n, d, cfg.momentum),
-    "frozen_pooled": lambda n, d, dp, cfg, classes, C: PooledKeys(n, dp, cfg.momentum),
-    "class_prototypes": lambda n, d, dp, cfg, classes, C: ClassPrototypes(classes, C, d),
-    "analytic": lambda n, d, dp, cfg, classes, C: AnalyticRouter(n, d, dp),
-}
-SOURCES = tuple(_SOURCES)
-
+# ------------------------------------------------------------------ building
 
 def build_task_identifier(cfg, session_classes: list[list[int]], num_classes: int,
-                          dim: int, pooled_dim: int | None = None) -> TaskIdentifier:
-    if cfg.source not in _SOURCES:
-        raise ValueError(f"task_id.source: unknown source {cfg.source!r}; known: {list(_SOURCES)}")
-    return _SOURCES[cfg.source](len(session_classes), dim, pooled_dim or dim, cfg,
-                                session_classes, num_classes)
+                          backbone) -> TaskIdentifier:
+    """The identifier `cfg.source` names (task_id section of a recipe)."""
+    from delo_dist.config import plugin_class
+    return plugin_class(cfg).build(cfg.settings, session_classes, num_classes, backbone)

@@ -9,12 +9,15 @@ embeddings return tells us which positions are real tokens of which modality.
 from __future__ import annotations
 
 import io
+import re
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, ViltConfig, ViltModel
 
-from delo_dist.models.backbone import Backbone, select_targets
+from delo_dist.models.backbone import Backbone, LinearSite, select_targets
 from delo_dist.models.inputs import labels_tensor
 from delo_dist.models.offline_vocab import offline_tokenizer
 from delo_dist.models.vilt_sdpa import install_attention
@@ -22,7 +25,22 @@ from delo_dist.models.vilt_sdpa import install_attention
 IMAGE_MEAN = IMAGE_STD = 0.5  # ViLT's image processor normalisation
 
 
+@dataclass
+class ViltSettings:
+    """backbone.vilt.*"""
+    # self-attention: torch's fused SDPA or transformers' matmul + softmax (same result)
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    # longer than the position table (pretrained ViLT: 40): how the table grows
+    text_position_rule: Literal["resample", "extend"] = "resample"
+
+
 class ViltBackbone(Backbone):
+    name = "vilt"
+    Settings = ViltSettings
+    # one stream holding both modalities' tokens (masks per modality); layer 0's input norm
+    capabilities = frozenset({"single_stream", "modality_tokens", "first_layer_module"})
+    default_dummy_image = "ones"  # all ones after normalisation: the MAP convention DeLo keeps
+
     def __init__(self, cfg, ctx):
         super().__init__()
         self.ctx = ctx
@@ -42,8 +60,9 @@ class ViltBackbone(Backbone):
             config = ViltConfig(**tiny, image_size=cfg.image_size,
                                 vocab_size=len(self.tokenizer), max_image_length=-1)
             self.vilt = ViltModel(config)
-        extend_text_positions(self.vilt, cfg.max_text_len, cfg.text_position_rule)
-        install_attention(self.vilt, cfg.attention)  # transformers' ViLT has no SDPA of its own
+        own = cfg.settings or ViltSettings()
+        extend_text_positions(self.vilt, cfg.max_text_len, own.text_position_rule)
+        install_attention(self.vilt, own.attention)  # transformers' ViLT has no SDPA of its own
         self.vilt.requires_grad_(False)
         self.vilt.eval()  # frozen: no dropout, whatever mode the wrapper is in
         self.hidden_size = self.query_dim = self.vilt.config.hidden_size
@@ -63,6 +82,12 @@ class ViltBackbone(Backbone):
         self.ctx.text_tokens = mask & (pos < self._text_len)
         self.ctx.image_tokens = mask & (pos >= self._text_len)
 
+    def linear_site(self, name: str) -> LinearSite:
+        m = re.search(r"encoder\.layer\.(\d+)\.(.+)$", name)
+        if m is None:
+            raise ValueError(f"{name} is not a linear inside a ViLT encoder layer")
+        return LinearSite("joint", int(m.group(1)), len(self.vilt.encoder.layer), m.group(2))
+
     def adapted_linears(self, targets=None):
         linears = {n: m for n, m in self.named_modules() if isinstance(m, torch.nn.Linear)}
         return select_targets(linears, targets or self.targets)
@@ -72,11 +97,13 @@ class ViltBackbone(Backbone):
         """samples: dicts with key, jpg (bytes), txt (str), label, session, status."""
         texts, size = [], self.image_size
         pixels = torch.empty(len(samples), 3, size, size)  # filled in place: no stack copy
+        dummy = None
         for i, s in enumerate(samples):
             text_missing, image_missing = s["status"] == 1, s["status"] == 2
             texts.append("" if text_missing else s["txt"])  # dummy text: the empty string
-            if image_missing:  # dummy image: all ones after normalisation (MAP convention)
-                pixels[i] = 1.0
+            if image_missing:  # dummy image: the method's (dummy_pixels)
+                dummy = self.dummy_pixels() if dummy is None else dummy
+                pixels[i] = dummy
             else:
                 self._image_tensor(s["jpg"], out=pixels[i])
         tok = self.tokenizer(texts, padding="max_length", truncation=True,
@@ -89,6 +116,9 @@ class ViltBackbone(Backbone):
             "session": torch.tensor([s["session"] for s in samples]),
             "labels": labels_tensor(samples), "keys": [s["key"] for s in samples],
         }
+
+    def normalize_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - IMAGE_MEAN) / IMAGE_STD
 
     def _image_tensor(self, jpg: bytes, out: torch.Tensor | None = None) -> torch.Tensor:
         img = Image.open(io.BytesIO(jpg))

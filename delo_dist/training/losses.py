@@ -18,6 +18,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 
+from delo_dist import dist
 from delo_dist.models.adapters import PROXY_IMAGE, PROXY_TEXT
 
 
@@ -58,3 +59,16 @@ def consistency_sum(logits_true: torch.Tensor, logits_proxy: torch.Tensor,
         return (p * (lp - lq) + (1 - p) * (l1p - l1q)).sum(-1).sum()
     return F.kl_div(logits_proxy.log_softmax(-1), target.log_softmax(-1), log_target=True,
                     reduction="sum")
+
+
+def complete_scale(batch: dict, complete: torch.Tensor) -> float:
+    """world / (complete samples per micro-step over all ranks): a term summed over this rank's
+    complete samples, times this, averages over the global batch's complete samples once the
+    ranks' gradients are averaged. With gradient accumulation the stream counted the optimizer
+    step's whole global batch (/ accum), so the micro-steps' terms, each divided by accum in
+    backward, add up to the step's mean."""
+    if "complete_per_micro" in batch:
+        n_global = float(batch["complete_per_micro"][0])
+    else:
+        n_global = dist.all_reduce_sum(complete.sum().float().cpu()).item()
+    return dist.world() / n_global if n_global > 0 else 0.0  # n may be < 1 with accumulation

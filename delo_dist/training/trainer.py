@@ -164,8 +164,8 @@ class Trainer:
         if self.main:
             m, s0 = r.method, counts["sessions"][0]
             differ = f" (by session: {per})" if len(set(per)) > 1 else ""
-            shape = (f" (E={m.experts}, r={m.rank}, factor_rank={m.factor_rank})"
-                     if m.name == "delo" else "")
+            shape = self.model.method.describe()
+            shape = f" ({shape})" if shape else ""
             print(f"parameters: {m.name} on {r.backbone.pretrained or r.backbone.name + '-tiny'}"
                   f"{shape}: backbone "
                   f"{counts['backbone_frozen']:,} frozen; per session {s0['trainable']:,} trainable "
@@ -333,7 +333,7 @@ class Trainer:
             epoch0, step0 = self.resume["epoch"], self.resume["step_in_epoch"]
             self.session_losses = self.resume["session_losses"]
         else:
-            self.session_losses = {"loss": 0.0, "ce": 0.0, "align": 0.0, "con": 0.0, "steps": 0}
+            self.session_losses = {"steps": 0}   # + each loss part, summed over steps
         self.resume = None
         n_trainable = sum(p.numel() for p in params.values())
         t0 = time.time()
@@ -349,7 +349,7 @@ class Trainer:
                     continue
                 micro, i = [], j // self.accum
                 for name, v in parts.items():
-                    self.session_losses[name] += v
+                    self.session_losses[name] = self.session_losses.get(name, 0.0) + v
                 self.session_losses["steps"] += 1
                 global_step = k * steps_per_epoch * t.epochs + epoch * steps_per_epoch + i + 1
                 if self.main:
@@ -387,7 +387,8 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()
         mine = {n: self.session_info.get(n) for n in
                 ("trainable_params", "optimizer_state_bytes", "rss_mb", "peak_gpu_mb")}
-        mine["task_id_sha"] = self.model.identifier.state_sha()   # equal on every rank
+        if self.model.identifier is not None:
+            mine["task_id_sha"] = self.model.identifier.state_sha()   # equal on every rank
         self.session_info["per_rank"] = dist.all_gather_objects({"rank": self.rank, **mine})
         return True
 
@@ -396,7 +397,7 @@ class Trainer:
         """End of session k: sources fitted from whole-session statistics (class prototypes,
         analytic) read one adapter-free pass of the train and val splits; the EMA keys were
         updated at every step and skip this."""
-        if not self.model.identifier.fits_per_session:
+        if self.model.identifier is None or not self.model.identifier.fits_per_session:
             return {}
         t0 = time.time()
         self.model.eval()
@@ -412,8 +413,7 @@ class Trainer:
         Returns the loss parts averaged over the step's micro-batches so far and the ranks."""
         self.model.train()
         with autocast(self.precision, self.device):  # forward and loss; backward outside
-            loss, parts = objective(engine, self.model, micro[-1], k, self.recipe.method, epoch,
-                                    self.multilabel)
+            loss, parts = objective(engine, self.model, micro[-1], k, epoch, self.multilabel)
         engine.backward(loss)
         engine.step()
         if len(micro) == self.accum:  # the EMA sees the optimizer step's whole global batch
@@ -560,7 +560,7 @@ class Trainer:
             "oracle_fg": M.forgetting(res["oracle_matrix"]),
             "routing_accuracy": float(np.mean(res["routing_matrix"][-1])),
             "routing_by_availability": res["routing_by_availability"][-1],
-            "task_id_source": r.task_id.source,
+            "task_id_source": r.task_id.source if self.model.identifier is not None else None,
             "chance": None if self.multilabel else 1.0 / seen_classes,
             "sessions": res["sessions"], "missing": self.missing_summary,
             "bad_samples": self._bad_samples(), "manifest_sha256": self.manifest_sha,

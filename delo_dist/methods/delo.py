@@ -19,11 +19,15 @@ to check the fast path and to be timed against it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
-from delo_dist.models.methods import MethodSpec
+from delo_dist.models.method import Method
+from delo_dist.training.losses import (alignment_sum, complete_scale, consistency_sum,
+                                       proxy_choice)
 
 
 class FactorPool(nn.Module):
@@ -70,7 +74,8 @@ class DeloSession(nn.Module):
         super().__init__()
         self.alpha = cfg.alpha
         self.modality_pools = cfg.modality_pools
-        make = lambda: FactorPool(d_in, d_out, cfg.experts, cfg.rank, cfg.factor_rank,  # noqa: E731
+        rows = cfg.factor_rank if cfg.factor_rank is not None else cfg.rank
+        make = lambda: FactorPool(d_in, d_out, cfg.experts, cfg.rank, rows,  # noqa: E731
                                   cfg.a_init_std)
         if cfg.modality_pools:
             self.visual, self.textual = make(), make()
@@ -100,5 +105,87 @@ def gathered_product(x: torch.Tensor, routes: list, alpha: float) -> torch.Tenso
     return torch.bmm(z, b.transpose(2, 3).reshape(n_b, k * f, -1))  # (B, N, d_out)
 
 
-def method(cfg):
-    return MethodSpec(lambda i, o: DeloSession(i, o, cfg), modality_routed=cfg.modality_pools)
+@dataclass
+class DeloSettings:
+    """method.delo.*: the paper's E, r, alpha and loss weights, the reference code's targets."""
+    experts: int = 16                       # E: factor pairs per pool
+    rank: int = 4                           # r: factor pairs selected per sample
+    # rows of each factor: null = r, the official code's block shape (Table 5's counts);
+    # 1 = the paper's rank-one pairs of Eq. 2 and 4 (an ablation row)
+    factor_rank: Optional[int] = None
+    alpha: float = 2.0
+    a_init_std: Optional[float] = None      # None: 1/sqrt(d_in), LoRA-like scale
+    modality_pools: bool = True             # False: ablation "w/o modality-specific pool"
+    cross_modal_guide: bool = True          # False: ablation "w/o cross-modal guide"
+    lambda_align: float = 0.1
+    lambda_con: float = 0.1
+
+    def validate(self, check) -> None:
+        check(self.experts >= 1, "experts", "an int >= 1", self.experts)
+        check(1 <= self.rank <= self.experts, "rank",
+              f"an int in [1, experts={self.experts}] (r <= E)", self.rank)
+        check(self.factor_rank is None or self.factor_rank >= 1, "factor_rank",
+              "null (= rank) or an int >= 1", self.factor_rank)
+        check(self.lambda_align >= 0, "lambda_align", "a non-negative weight", self.lambda_align)
+        check(self.lambda_con >= 0, "lambda_con", "a non-negative weight", self.lambda_con)
+
+
+class Delo(Method):
+    """DeLo: per session, a visual and a textual factor pool around each adapted linear,
+    routed per sample by its modality queries (the other modality's when one is missing);
+    L = L_c + lambda_align L_align + lambda_con L_con (paper, Eq. 10)."""
+    name = "delo"
+    Settings = DeloSettings
+    guide_queries = True      # the pools route by both modalities' queries
+    bench = {"method.delo.experts": 16, "method.delo.rank": 4}
+
+    @property
+    def routed(self) -> bool:
+        return self.cfg.modality_pools   # the unified-pool ablation routes by the sequence mean
+
+    def describe(self) -> str:
+        c = self.cfg
+        rows = c.factor_rank if c.factor_rank is not None else c.rank
+        return f"E={c.experts}, r={c.rank}, factor_rank={rows}"
+
+    def attach(self, model) -> None:
+        model.ctx.cross_modal_guide = self.cfg.cross_modal_guide
+        super().attach(model)
+
+    def make_session(self, d_in, d_out, **_):
+        return DeloSession(d_in, d_out, self.cfg)
+
+    def forward(self, model, batch, session, epoch=0, aux=True):
+        """L_con's proxy pass rides in the main forward: one pass over [batch; its complete
+        samples with a simulated missing modality] (ctx.proxy per row). The backbone is frozen
+        and in eval mode, so each row's output is what a separate pass would give (up to float
+        reduction order), and the step pays for one larger batch instead of a second forward."""
+        c = self.cfg
+        use_align = aux and self.routed and c.lambda_align > 0
+        use_con = aux and self.routed and c.lambda_con > 0 and c.cross_modal_guide
+        complete = ~(batch["missing_text"] | batch["missing_image"])
+        n = len(complete)
+        idx = complete.nonzero().squeeze(1) if use_con else complete.new_zeros(0, dtype=torch.long)
+        out = {"complete": complete, "proxy_idx": idx}
+        if len(idx):
+            proxy = proxy_choice([batch["keys"][i] for i in idx.tolist()], epoch).to(complete.device)
+            both = model.session_forward(batch, session, record=use_align, proxy_rows=(idx, proxy))
+            out["logits"], out["logits_proxy"] = both[:n], both[n:]
+        else:
+            out["logits"] = model.session_forward(batch, session, record=use_align)
+        if use_align:  # queries of the main rows only
+            out["queries"] = [(q_v[:n].float(), q_t[:n].float()) for q_v, q_t in model.ctx.queries]
+        return out
+
+    def loss_terms(self, model, batch, out, session):
+        """Auxiliary terms on complete samples: this rank's sum / (global count / world)."""
+        c, terms = self.cfg, {}
+        scale = complete_scale(batch, out["complete"])
+        if "queries" in out:
+            terms["align"] = (c.lambda_align, alignment_sum(out["queries"], out["complete"]) * scale)
+        if self.routed and c.lambda_con > 0 and c.cross_modal_guide:
+            idx, logits = out["proxy_idx"], out["logits"].float()
+            con = (consistency_sum(logits[idx], out["logits_proxy"].float(), model.multilabel) * scale
+                   if len(idx) else logits.new_zeros(()))
+            terms["con"] = (c.lambda_con, con)
+        return terms

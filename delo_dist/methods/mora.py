@@ -28,18 +28,20 @@ Defaults (MoRA code's model config): key and value projections of both encoders 
 10 of 12 on (`method.mora.layers_from`; null: the top ceil(L/6) layers, i.e. 10-11 of 12 and
 the upper layer of a 2-layer tiny model), rank 8 for the shared and specific factors, alpha
 0.1, dropout 0.1. Not modality-routed: no routers, so DeLo's L_align / L_con do not apply.
-Continual use: `mora` (one set per session, chosen by the task-key memory) and `seq_mora`
+Continual use: `mora` (one set per session, chosen by the task identifier) and `seq_mora`
 (one set fine-tuned across sessions).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from delo_dist.models.methods import MethodSpec
+from delo_dist.models.method import Method
 
 EPS = 1e-5  # norm clamp, as the MoRA code
 
@@ -144,32 +146,61 @@ class MoraSession(nn.Module):
         return F.linear(x, self._merged_cache[1], base.bias)
 
 
-def _keep_upper_layers(layers_from):
-    def keep(site) -> bool:
-        start = layers_from if layers_from is not None else site.num_layers - math.ceil(site.num_layers / 6)
-        return site.modality in ("text", "image") and site.layer >= start
-    return keep
+@dataclass
+class MoraSettings:
+    """method.mora.* (also seq_mora's): the MoRA code's defaults."""
+    rank: int = 8                           # shared and modality-specific factors
+    alpha: float = 0.1
+    dropout: float = 0.1
+    layers_from: Optional[int] = None       # first adapted layer; null: the top ceil(L/6) layers
+
+    def validate(self, check) -> None:
+        check(self.rank >= 1, "rank", "an int >= 1", self.rank)
+        check(0.0 <= self.dropout < 1.0, "dropout", "a float in [0, 1)", self.dropout)
+        check(self.layers_from is None or self.layers_from >= 0, "layers_from",
+              "null or an int >= 0", self.layers_from)
 
 
-def _spec(cfg, shared_across_sessions: bool) -> MethodSpec:
-    m = cfg.mora
-    factors: dict[tuple, SharedFactors] = {}  # (layer, session) -> the pair both encoders use
+class Mora(Method):
+    """MoRA: one set of Gram-coupled updates per session, chosen per sample by the task
+    identifier; inference merged when a batch routes to one session."""
+    name = "mora"
+    Settings = MoraSettings
+    needs = {"two_encoders": "MoRA couples a text and an image encoder's linears of the same "
+                             "layer through shared factors"}
+    mergeable = True
+    targets = ("k_proj", "v_proj")
+    bench = {"method.mora.rank": 8}
 
-    def make_session(d_in, d_out, site, base, session):
-        if site.modality not in ("text", "image"):
-            raise ValueError("method.name=mora needs a two-encoder backbone (backbone.name=clip)")
-        shared = factors.setdefault((site.layer, session), SharedFactors(m.rank))
-        return MoraSession(base, site.modality, shared, m)
-    return MethodSpec(make_session, shared_across_sessions=shared_across_sessions,
-                      targets=("k_proj", "v_proj"), keep=_keep_upper_layers(m.layers_from),
-                      site_aware=True, mergeable=True)
+    def __init__(self, settings=None):
+        super().__init__(settings)
+        self._factors: dict[tuple, SharedFactors] = {}  # (layer, session) -> both encoders' pair
+
+    def describe(self) -> str:
+        return f"r={self.cfg.rank}, alpha={self.cfg.alpha}"
+
+    def select_linears(self, backbone, targets):
+        """The targets (k/v projections), in the upper layers only (as the MoRA code)."""
+        linears = super().select_linears(backbone, targets)
+        start = self.cfg.layers_from
+        keep = {n: m for n, m in linears.items() if backbone.linear_site(n).layer >= (
+            start if start is not None else _upper_start(backbone.linear_site(n).num_layers))}
+        if not keep:
+            raise ValueError(f"method.mora.layers_from={start}: no linear left to adapt")
+        return keep
+
+    def make_session(self, d_in, d_out, *, site, base, session, **_):
+        shared = self._factors.setdefault((site.layer, session), SharedFactors(self.cfg.rank))
+        return MoraSession(base, site.modality, shared, self.cfg)
 
 
-def method(cfg) -> MethodSpec:
-    """mora: one set of MoRA updates per session, chosen per sample by the task-key memory."""
-    return _spec(cfg, shared_across_sessions=False)
+class SeqMora(Mora):
+    """One MoRA set fine-tuned session after session (a new head per session)."""
+    name = "seq_mora"
+    section = "mora"
+    shared_across_sessions = True
 
 
-def sequential_method(cfg) -> MethodSpec:
-    """seq_mora: one set of MoRA updates fine-tuned session after session."""
-    return _spec(cfg, shared_across_sessions=True)
+def _upper_start(num_layers: int) -> int:
+    """The MoRA code's adapted layers: the top ceil(L/6) (10-11 of 12)."""
+    return num_layers - math.ceil(num_layers / 6)

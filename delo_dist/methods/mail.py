@@ -40,10 +40,14 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from delo_dist.models.method import Method
 
 _LAYER = r"(?P<stack>.*?)(?P<layer>layers?)\.(?P<index>\d+)\."
 TARGET_PATTERNS = {
@@ -136,23 +140,65 @@ class MailSession(nn.Module):
         return self.scaling * (z @ self.B.t())
 
 
-def _spec(cfg, shared: bool):
-    """The method: MAIL's linears for cfg.mail.variant, each with its layer's expert count."""
-    from delo_dist.models.methods import MethodSpec
-    maker = lambda e: lambda i, o: MailSession(i, o, cfg.mail, e)  # noqa: E731
-    targets = lambda backbone: {n: maker(e) for n, e in mail_targets(backbone, cfg.mail).items()}  # noqa: E731
-    return MethodSpec(maker(cfg.mail.experts), shared_across_sessions=shared,
-                      select_linears=targets)
+@dataclass
+class MailSettings:
+    """method.mail.* (also seq_mail's): the paper's design space; see the module docstring."""
+    variant: Literal["linear", "attention", "both"] = "both"   # MAIL-l, MAIL-a, MAIL-b
+    experts: int = 5                        # mean experts per adapted linear
+    rank: int = 4
+    alpha: float = 8.0                      # update scaled by alpha / rank
+    dropout: float = 0.05                   # LoRA dropout on the expert input
+    routing: Literal["top_k", "soft_merge"] = "top_k"
+    top_k: int = 2
+    allocation: Literal["square", "increasing", "decreasing"] = "square"
+    router_input: Literal["sample", "token"] = "sample"   # the paper is silent: see above
+    balance: float = 0.0                    # load-balancing loss weight (the paper has none)
+    # a missing image: zeros after normalisation, as the paper's example (DeLo and MoRA keep
+    # their backbone's convention); a missing text is the empty string for every method
+    dummy_image: Literal["zeros", "ones", "white", "backbone"] = "zeros"
+
+    def validate(self, check) -> None:
+        check(self.experts >= 1, "experts", "an int >= 1", self.experts)
+        check(self.rank >= 1, "rank", "an int >= 1", self.rank)
+        check(1 <= self.top_k <= self.experts, "top_k", f"an int in [1, experts={self.experts}]",
+              self.top_k)
+        check(0.0 <= self.dropout < 1.0, "dropout", "a float in [0, 1)", self.dropout)
+        check(self.balance >= 0, "balance", "a non-negative weight", self.balance)
 
 
-def mail_spec(cfg):
-    """method.name: mail (one mixture per session)."""
-    return _spec(cfg, shared=False)
+class Mail(Method):
+    """MAIL: one mixture of LoRA experts per session around the variant's linears, chosen at
+    inference by the task identifier."""
+    name = "mail"
+    Settings = MailSettings
+    bench = {"method.mail.experts": 5}
+
+    def describe(self) -> str:
+        c = self.cfg
+        k = c.top_k if c.routing == "top_k" else "soft"
+        return f"MAIL-{c.variant[0]}, E={c.experts} ({c.allocation}), r={c.rank}, top-{k}"
+
+    def select_linears(self, backbone, targets):
+        """The variant decides the linears (backbone.targets is not used), each with its
+        layer's expert count."""
+        self._experts = mail_targets(backbone, self.cfg)
+        return backbone.adapted_linears(list(self._experts))
+
+    def make_session(self, d_in, d_out, *, name, **_):
+        return MailSession(d_in, d_out, self.cfg, self._experts[name])
+
+    def loss_terms(self, model, batch, out, session):
+        if self.cfg.balance <= 0:
+            return {}
+        balance = balance_loss(model, session)
+        return {} if balance is None else {"balance": (self.cfg.balance, balance)}
 
 
-def seq_mail_spec(cfg):
-    """method.name: seq_mail (one mixture fine-tuned across sessions)."""
-    return _spec(cfg, shared=True)
+class SeqMail(Mail):
+    """One MAIL mixture fine-tuned session after session (a new head per session)."""
+    name = "seq_mail"
+    section = "mail"
+    shared_across_sessions = True
 
 
 def balance_loss(model, k: int) -> torch.Tensor | None:

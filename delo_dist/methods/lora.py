@@ -8,11 +8,13 @@ the benchmark times it against.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
-from delo_dist.models.methods import MethodSpec
+from delo_dist.models.method import Method
 
 
 class LoraSession(nn.Module):
@@ -31,11 +33,33 @@ class LoraSession(nn.Module):
         return self.alpha * (x @ self.A.t()) @ self.B.t()
 
 
-def method(cfg):
-    """DeLo-LoRA: a static rank-r LoRA per session, still task-partitioned and key-routed."""
-    return MethodSpec(lambda i, o: LoraSession(i, o, cfg))
+@dataclass
+class LoraSettings:
+    """method.lora.* (also seq_lora's): DeLo's scale convention, delta = alpha B A x."""
+    rank: int = 4
+    alpha: float = 2.0
+    a_init_std: Optional[float] = None      # None: 1/sqrt(d_in), LoRA-like scale
+
+    def validate(self, check) -> None:
+        check(self.rank >= 1, "rank", "an int >= 1", self.rank)
 
 
-def sequential_method(cfg):
-    """Lower bound: one LoRA fine-tuned session after session."""
-    return MethodSpec(lambda i, o: LoraSession(i, o, cfg), shared_across_sessions=True)
+class Lora(Method):
+    """DeLo-LoRA: a static rank-r LoRA per session, still task-partitioned and routed by the
+    task identifier."""
+    name = "lora"
+    Settings = LoraSettings
+    bench = {"method.lora.rank": 4}
+
+    def describe(self) -> str:
+        return f"r={self.cfg.rank}"
+
+    def make_session(self, d_in, d_out, **_):
+        return LoraSession(d_in, d_out, self.cfg)
+
+
+class SeqLora(Lora):
+    """Lower bound: one LoRA fine-tuned session after session (a new head per session)."""
+    name = "seq_lora"
+    section = "lora"
+    shared_across_sessions = True

@@ -1,0 +1,1 @@
+"""Method plug-ins: one module per method (the protocol: delo_dist/models/method.py)."""
