@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{k}: {','.join(v)}" for k, v in PRESETS.items()))
     p.add_argument("--seeds", type=int, default=1,
                    help="train each variant with seeds seed .. seed+N-1 (the recipe's seed first)")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)   # overrides may come after the options
     if a.seeds < 1:
         p.error("--seeds wants an int >= 1")
     if a.only and a.preset:
