@@ -28,12 +28,12 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import statistics
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from delo_dist.ablations import mean_std
 from delo_dist.config import result_neutral
 
 TYPE_ORDER = {"text": 0, "image": 1, "both": 2}
@@ -83,10 +83,7 @@ class Cell:
 
     def stats(self, metric: str) -> tuple[float | None, float | None, int]:
         """(mean, sample std, n) in percent over the finished runs; std None when n < 2."""
-        vals = [100 * getattr(r, metric) for r in self.done]
-        if not vals:
-            return None, None, 0
-        return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None, len(vals)
+        return mean_std(100 * getattr(r, metric) for r in self.done)
 
     def others(self) -> str:
         counts = Counter(r.status for r in self.runs if r.status != "finished")

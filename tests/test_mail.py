@@ -99,12 +99,20 @@ def test_top_k_uses_exactly_k_experts_and_soft_merge_all(router_input):
     assert torch.allclose(s.delta(x, None, None, q, naive=True), by_hand, atol=1e-4)
 
 
+ROUTINGS = {"top1": {"method.mail.top_k": 1}, "top2": {"method.mail.top_k": 2},
+            "soft_merge": {"method.mail.routing": "soft_merge"}}
+
+
 @pytest.mark.parametrize("router_input", ["sample", "token"])
-def test_routers_get_gradient_and_move(recipe_for, shards, router_input):
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_routers_get_gradient_and_move(recipe_for, shards, routing, router_input):
     """B starts at zero, so step 1 gives the routers no gradient; from step 2 each router of
-    each adapted linear learns (lr constant: no warmup)."""
+    each adapted linear learns (lr constant: no warmup), at every k. At top-1 the gate is
+    p / p = 1 forwards: without the straight-through its gradient is 0 per sample and
+    rounding noise (~1e-9) per token, far below the bound here."""
     recipe, m, model = build(recipe_for, **{"train.warmup_ratio": 0.0,
-                                            "method.mail.router_input": router_input})
+                                            "method.mail.router_input": router_input,
+                                            **ROUTINGS[routing]})
     params = model.set_trainable(0)
     engine = TorchEngine(model, params, recipe.train, total_steps=100)
     routers = {n: p for n, p in params.items() if n.endswith("router.weight")}
@@ -118,8 +126,35 @@ def test_routers_get_gradient_and_move(recipe_for, shards, router_input):
         grads.append({n: p.grad.abs().sum().item() for n, p in routers.items()})
         engine.step()
     assert all(g == 0 for g in grads[0].values())
-    assert all(g > 0 for g in grads[2].values()), "a router got no gradient at step 3"
+    low = min(grads[2].values())
+    assert low > 1e-4, f"a router got (almost) no gradient at step 3: {low:.2e}"
     assert all(not torch.equal(p.detach(), before[n]) for n, p in routers.items())
+
+
+def test_top1_gate_is_one_forwards_and_carries_the_router_probability_backwards():
+    """The forward value of the top-1 gate is exactly 1 (Eq. 5-6 with one chosen expert);
+    its gradient is that of p, so d loss / d W_r equals the gradient of the same loss
+    written with g = p (checked against that form)."""
+    torch.manual_seed(0)
+    x, q = torch.randn(6, 7, 16), torch.randn(6, 16)
+    s = MailSession(16, 12, mail_cfg(top_k=1), 5)
+    torch.nn.init.normal_(s.B)
+    g = s.gates(x, q)
+    assert torch.equal(g.max(-1).values, torch.ones(6)) and ((g > 0).sum(-1) == 1).all()
+    s.delta(x, None, None, q).square().sum().backward()
+    straight_through = s.router.weight.grad.clone()
+    assert straight_through.abs().sum() > 1e-2
+    # the same gradient by hand: gate p_e on the chosen expert e, value held at 1 forwards
+    s.router.weight.grad = None
+    p = s.router(q).softmax(-1)
+    e = p.argmax(-1)
+    A, B = s.A.view(5, 4, 16), s.B.view(12, 5, 4)
+    expert_out = torch.stack([x @ A[i].t() @ B[:, i].t() for i in range(5)], 1) * 2.0  # (B, E, N, o)
+    chosen = expert_out[torch.arange(6), e]                                     # (B, N, o)
+    pe = p.gather(1, e[:, None])[:, :, None]
+    out = chosen * (pe - pe.detach() + 1.0)
+    out.square().sum().backward()
+    assert torch.allclose(s.router.weight.grad, straight_through, rtol=1e-4, atol=1e-6)
 
 
 def test_balance_loss_enters_the_objective(recipe_for, shards):
@@ -129,6 +164,33 @@ def test_balance_loss_enters_the_objective(recipe_for, shards):
     loss, parts = objective(model, model, batch, 0, epoch=0)
     assert loss.item() == pytest.approx(parts["ce"] + 0.5 * 1.0, abs=0.5)   # E sum f P ~ 1
     assert loss.item() > parts["ce"] + 0.5 * 0.99                           # >= 1 (Cauchy-Schwarz)
+
+
+@pytest.mark.parametrize("routing", ["top_k", "soft_merge"])
+def test_balance_loss_measures_imbalance_under_every_routing(routing):
+    """Soft merge gives every expert every unit, so a share of the top-k slots would be 1/E
+    for each whatever the router (the loss constant at 1). Its slot shares are the gates:
+    the loss is E sum_e P_e^2 = 1 + E sum_e (P_e - 1/E)^2, and it moves with the router."""
+    torch.manual_seed(0)
+    x, q = torch.randn(6, 7, 16), torch.randn(6, 16)
+    values = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        s = MailSession(16, 12, mail_cfg(routing=routing, balance=1.0), 5)
+        s.gates(x, q)
+        loss = s.balance_loss
+        loss.backward()
+        assert s.router.weight.grad.abs().sum() > 1e-4
+        assert loss.item() >= 1.0 - 1e-6
+        if routing == "soft_merge":
+            P = s.router(q).softmax(-1).mean(0)
+            assert loss.item() == pytest.approx(1 + 5 * ((P - 0.2) ** 2).sum().item(), rel=1e-5)
+        values.append(loss.item())
+    assert len({round(v, 6) for v in values}) == 3          # different routers, different losses
+    with torch.no_grad():   # a router that gives every unit the same uniform gates: exactly 1
+        s.router.weight.zero_()
+    s.gates(x, q)
+    assert s.balance_loss.item() == pytest.approx(1.0, abs=1e-6)
 
 
 def predictions(model, batch, session):

@@ -122,6 +122,33 @@ def test_magnitudes_start_at_the_frozen_column_norms_and_learn(recipe_for, shard
                for n, p in params.items() if n.endswith(("m_shared", "m_specific")))
 
 
+def test_mora_starts_one_full_weight_away_from_the_frozen_model(recipe_for, shards):
+    """MoRA's documented start (the MoRA code's initialisation): with B = 0 the specific term
+    m_p dir(W0) is W0 itself, and the shared term adds m_s dir(W0 + alpha S), a second copy of
+    W0's column norms in the direction of W0 + alpha S: W' - W0 = ||W0||_col dir(W0 + alpha S),
+    whose Frobenius norm is ||W0||_F exactly, whatever S. So the relative change is 1 in every
+    adapted linear (about 2 W0 when alpha S is small beside W0), and the model's output moves
+    (pooled features by 0.25 of their norm on this tiny CLIP)."""
+    _, m, model = build(recipe_for)
+    for s in sessions_of(model, 0).values():
+        w0 = s._base[0].weight
+        ws = w0 + s.alpha * s.shared_update().t()
+        with torch.no_grad():
+            change = s.merged_weight() - w0
+        assert torch.allclose(change, w0.norm(dim=0) * ws / ws.norm(dim=0), atol=1e-6)
+        assert (change.norm() / w0.norm()).item() == pytest.approx(1.0, abs=1e-5)
+    batch = batch_of(model, m, shards, 0)
+    model.eval()
+    model.set_batch(batch)
+    model.ctx.uniform_session, model.ctx.session = 0, None
+    with torch.no_grad():
+        adapted = model.backbone(batch)
+        model.ctx.enabled = False
+        frozen = model.backbone(batch)
+        model.ctx.enabled = True
+    assert (adapted - frozen).norm() / frozen.norm() > 0.05
+
+
 def test_merged_inference_equals_unmerged(recipe_for, shards):
     """Merged weights (one F.linear per adapted linear) and the activation path agree for each
     session; a batch mixing sessions (activation path, per-session sub-batches inside each

@@ -224,13 +224,3 @@ def test_content_classes_need_both_modalities(content):
     assert patterns[0] == patterns[2] != patterns[1] and flavours[0] == flavours[1] != flavours[2]
     later = {n.rsplit("-", 1)[0] for n in m["class_names"][4:]}
     assert not later & set(patterns)                                   # sessions differ by content
-
-
-def test_task_id_table_reports_mean_and_std_over_seeds():
-    from delo_dist.task_id_table import table
-    rows = [{"benchmark": "content", "source": "analytic", "seed": s, "ap": ap, "oracle_ap": 0.5,
-             "routing": 0.8, "complete": 1.0, "text_only": None, "image_only": 0.6}
-            for s, ap in ((0, 0.2), (1, 0.4))]
-    line = table(rows).splitlines()[2]
-    assert line == ("| content | analytic | 2 | 30.0 +/- 10.0 | 50.0 +/- 0.0 | 80.0 +/- 0.0 | "
-                    "100.0 +/- 0.0 | - | 60.0 +/- 0.0 |")

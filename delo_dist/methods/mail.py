@@ -5,8 +5,18 @@ Per adapted linear, E_l experts (A_e in R^{r x d_in}, B_e in R^{d_out x r}) and 
 W_r in R^{E_l x d_in}; per routed unit with router input u:
     p = softmax(W_r u)
     top_k:      g = p on the k largest entries, renormalised to sum 1, 0 elsewhere
-    soft_merge: g = p (every expert, weighted: Zadouri et al.'s soft merging)
+    soft_merge: g = p (every expert, weighted: Zadouri et al.'s soft merging; = top-E)
     delta h = (alpha / r) * sum_e g_e B_e A_e dropout(h)
+Why these gates. Eq. 6 makes R(x) "a probability distribution over experts ... enabling soft
+selection or sparse routing", citing Shazeer et al. (2017), whose sparse gate is the softmax
+over the kept logits: p renormalised over the chosen experts. That is the forward pass at
+every k. At k = 1 it is identically 1, and the router would get no gradient from the task
+(it would stay at its random initialisation, and the Top-1 ablation with it), so there the
+chosen gate is g = p - stop_grad(p) + 1: exactly 1 forwards (Eq. 5-6 unchanged), d g / d p
+= 1 backwards (a straight-through estimator, as DeLo's adapters here). Using p itself as the
+top-1 gate (the Switch Transformer's choice) would learn too, but changes the forward pass
+and would make Top-1 differ from Top-2 in the gate's scale, not only in k. At k >= 2 the
+renormalised gate has a gradient of its own and is used as it is.
 The experts act on activations: (B, N, d_in) -> (B, N, E r) -> (B, N, d_out), with the gates
 spread over each expert's r columns; no d_out x d_in matrix is formed. Every expert's columns
 are computed (unselected ones gated to 0): one dense matmul with static shapes whatever the
@@ -17,9 +27,17 @@ Where the paper is silent (recipe keys under `method.mail`):
     tokens at that linear's input (`q_all`, dummy tokens of a missing modality included, so
     the routing sees the missingness), matching the paper's "fixed combination of experts"
     per instance; "token": every token routed by itself (the classic MoE layer of Eq. 5-6).
-  - balance: weight of the Switch Transformer load-balancing loss E * sum_e f_e P_e (f_e: share
-    of top-k slots, P_e: mean router probability), averaged over the adapted linears; 0 (the
+  - balance: weight of the Switch Transformer load-balancing loss E * sum_e f_e P_e (P_e: mean
+    router probability over the routed units; f_e: expert e's share of the top-k slots;
+    under soft_merge, where every expert gets every unit, f_e = P_e, its share of the merge
+    weight, so the loss is E * sum_e P_e^2 = 1 + E * sum_e (P_e - 1/E)^2, still differentiable,
+    1 only when the mean gates are uniform), averaged over the adapted linears; 0 (the
     default, as the paper mentions none) turns it off.
+  - A's initial scale: Gaussian as the paper says (Sec. 3.3, B zero), std 1 / sqrt(d_in)
+    (the paper gives none): A x then keeps the scale of one coordinate of x, and it is the
+    scale of this repository's LoRA and DeLo A factors (`method.a_init_std`'s default), so
+    the low-rank methods compared here start alike. (peft's default is Kaiming-uniform,
+    std 1 / sqrt(3 d_in); its "gaussian" option has std 1 / r.)
   - LoRA dropout is active when gradients are (the training forward): the frozen backbone
     keeps every submodule in eval mode, adapters included, so `self.training` cannot tell.
 
@@ -103,27 +121,30 @@ class MailSession(nn.Module):
         # the wrapper gives a per-sample router the sequence mean only (no modality queries,
         # which a two-encoder backbone sizes for its attention linears); per token: nothing
         self.uses_queries = "sequence" if not self.per_token else False
-        # peft's LoRA init: A Kaiming-uniform (a = sqrt 5), B zero: each expert starts at 0
-        self.A = nn.Parameter(torch.empty(experts * cfg.rank, d_in))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        # A Gaussian (std 1 / sqrt(d_in), see the module docstring), B zero: each expert's
+        # update, and so the adapted model, starts at exactly 0 (tests/test_init_identity.py)
+        self.A = nn.Parameter(torch.randn(experts * cfg.rank, d_in) / math.sqrt(d_in))
         self.B = nn.Parameter(torch.zeros(d_out, experts * cfg.rank))
         self.router = nn.Linear(d_in, experts, bias=False)   # W_r of Eq. 6
         self.track_balance = cfg.balance > 0
         self.balance_loss: torch.Tensor | None = None          # set by each training forward
 
     def gates(self, x: torch.Tensor, q_all: torch.Tensor | None) -> torch.Tensor:
-        """(B, E) per sample, or (B, N, E) per token; rows sum to 1."""
+        """(B, E) per sample, or (B, N, E) per token; rows sum to 1 (forward values)."""
         p = self.router(x if self.per_token else q_all).softmax(-1)
         if self.top_k is None:
-            g = p
+            g, slots = p, p                                          # every expert, weighted
         else:
             top = p.topk(self.top_k, dim=-1)
-            g = torch.zeros_like(p).scatter(-1, top.indices, top.values)
-            g = g / g.sum(-1, keepdim=True)
+            if self.top_k == 1:  # p / p == 1 has no gradient: straight-through (docstring)
+                kept = top.values - top.values.detach() + 1.0
+            else:
+                kept = top.values / top.values.sum(-1, keepdim=True)
+            g = torch.zeros_like(p).scatter(-1, top.indices, kept)
+            slots = torch.zeros_like(p).scatter(-1, top.indices, 1.0 / self.top_k)
         if self.track_balance and torch.is_grad_enabled():
-            chosen = (g > 0).to(p.dtype).reshape(-1, self.experts)
-            f = chosen.mean(0) / chosen.sum(-1).mean()               # share of the routing slots
-            self.balance_loss = self.experts * (f * p.reshape(-1, self.experts).mean(0)).sum()
+            self.balance_loss = load_balance(p.reshape(-1, self.experts),
+                                             slots.reshape(-1, self.experts))
         return g
 
     def delta(self, x, q_v=None, q_t=None, q_all=None, naive: bool = False):
@@ -138,6 +159,16 @@ class MailSession(nn.Module):
         z = h @ self.A.t()                                           # (B, N, E r)
         z = z * g.repeat_interleave(self.rank, dim=-1)               # expert e's r columns * g_e
         return self.scaling * (z @ self.B.t())
+
+
+def load_balance(p: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """E * sum_e f_e P_e over routed units: p (U, E) router probabilities, slots (U, E) each
+    unit's share of its routing given to expert e (rows sum to 1). f_e = mean slot share,
+    P_e = mean probability; 1 when balanced, larger as routing concentrates. Top-k:
+    slots are 1/k on the chosen experts (constant: the gradient flows through P, as in the
+    Switch Transformer); soft merge: slots = p, so the loss is E * sum_e P_e^2."""
+    experts = p.shape[-1]
+    return experts * (slots.mean(0) * p.mean(0)).sum()
 
 
 @dataclass

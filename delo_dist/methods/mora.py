@@ -10,8 +10,11 @@ adapted linear also has its own LoRA P = A_m B_m (rank r) and two magnitude vect
 style, one per update, over the input columns (norms over dim 0, as the MoRA code):
     W' = m_s * (W0 + alpha S^T) / ||W0 + alpha S^T||_col
        + m_p * (W0 + alpha P^T) / ||W0 + alpha P^T||_col
-Initialisation as the MoRA code: A, B, A_m ~ N(0, 1/r), B_m = 0, m_s = m_p = ||W0||_col (so
-the adapted weight starts near W0 + ||W0|| dir(W0 + alpha S), not at W0).
+Initialisation as the MoRA code: A, B, A_m ~ N(0, 1/r), B_m = 0, m_s = m_p = ||W0||_col. So
+the model does NOT start as the frozen one: with B_m = 0 the specific term is W0 itself and
+the shared term adds a second copy of W0's column norms, W' = W0 + ||W0||_col dir(W0 + alpha S),
+a relative Frobenius change ||W' - W0|| / ||W0|| of exactly 1 in every adapted linear
+(about 2 W0 when alpha S is small beside W0; pinned in tests/test_mora.py).
 
 Training applies W' to activations, never forming a d x d matrix: with c = m / n per column,
     x W'^T = (x * (c_s + c_p)) W0^T + alpha (x * c_s) S + alpha (x * c_p) A_m B_m
