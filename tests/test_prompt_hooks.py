@@ -296,14 +296,16 @@ def test_per_sample_prompts_follow_their_rows():
     assert torch.allclose(same[0], same[1], atol=1e-5) and torch.allclose(same[0], out[0], atol=1e-5)
 
 
-def test_delo_adapters_act_beside_prompts():
+@pytest.mark.parametrize("kind", ["vilt", "clip"])
+def test_delo_adapters_act_beside_prompts(kind):
     """DeLo's routers average real tokens only: the prompt positions are masked out of the
     modality queries, so layer 0's queries equal the prompt-free ones; and the adapters still
     change the output with prompts on."""
+    clip = ["backbone.name=clip", "backbone.tiny.text_hidden_size=24"] if kind == "clip" else []
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [
         "backbone.image_size=32", "backbone.max_text_len=12", "backbone.tiny.hidden_size=32",
         "backbone.tiny.intermediate_size=64", "backbone.tiny.num_attention_heads=2",
-        "method.experts=4", "method.rank=2", "task_id.source=first_layer"])
+        "method.experts=4", "method.rank=2", "task_id.source=first_layer", *clip])
     torch.manual_seed(0)
     model = ContinualModel(recipe, [[0, 1], [2, 3]], 4).eval()
     g = torch.Generator().manual_seed(0)
@@ -312,8 +314,10 @@ def test_delo_adapters_act_beside_prompts():
             for p in a.sessions.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     batch = batch_for(model.backbone)
-    d = model.backbone.hidden_size
-    prompts = Prompts(input={("joint", 0): rand(2, 3, d)}, prefix={("joint", 1): (rand(2, 2, d), rand(2, 2, d))})
+    sites = model.backbone.prompt_sites()
+    prompts = Prompts(input={(s.encoder, s.layer): rand(2, 3, s.width) for s in sites if s.layer == 0},
+                      prefix={(s.encoder, s.layer): (rand(2, 2, s.width), rand(2, 2, s.width, seed=1))
+                              for s in sites if s.layer == 1})
 
     def forward(p):
         with use_prompts(model.ctx, p):
