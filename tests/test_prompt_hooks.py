@@ -189,9 +189,10 @@ def test_input_prompts_are_removed_before_pooling(kind):
         assert prompts.outputs[enc].shape == (2, kept, d)
     if kind == "clip":  # EOS pooling reads the same position of the prompt-free sequence
         eos = (batch["input_ids"] == bb.clip.config.text_config.eos_token_id).int().argmax(1)
-        h = out["text"].last_hidden_state
-        assert torch.equal(out["text"].pooler_output, h[torch.arange(2), eos])
-        assert not torch.allclose(h[torch.arange(2), eos], plain["text"].last_hidden_state[torch.arange(2), eos])
+        rows = torch.arange(2)
+        h, h_plain = out["text"].last_hidden_state, plain["text"].last_hidden_state
+        assert torch.equal(out["text"].pooler_output, h[rows, eos])
+        assert not torch.allclose(h[rows, eos], h_plain[rows, eos])   # and the prompts acted
 
 
 @pytest.mark.parametrize("kind", ["vilt", "clip"])
@@ -217,7 +218,8 @@ def test_vilt_attention_sees_prompts_and_prefix_never_padding():
     bb = backbone("vilt", "eager")
     batch = batch_for(bb)
     d = bb.hidden_size
-    prompts = Prompts(input={("joint", 0): rand(2, 3, d)}, prefix={("joint", 1): (rand(2, 4, d), rand(2, 4, d))})
+    prompts = Prompts(input={("joint", 0): rand(2, 3, d)},
+                      prefix={("joint", 1): (rand(2, 4, d), rand(2, 4, d))})
     with use_prompts(bb.ctx, prompts):
         torch.manual_seed(0)
         out = bb.vilt(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -270,7 +272,8 @@ def test_extend_mask_patterns():
                          [1, 1, 1, 1, 1, 0]])              # padding row; padded key masked
     assert torch.equal(m, want)
     no_padding = extend_mask(None, 2, 1, True, 3, "cpu")[0, 0].int()   # SDPA's is_causal case
-    assert torch.equal(no_padding[:, 1:], torch.ones(5, 5, dtype=torch.int).tril()) and no_padding[:, 0].all()
+    assert torch.equal(no_padding[:, 1:], torch.ones(5, 5, dtype=torch.int).tril())
+    assert no_padding[:, 0].all()
     low = torch.finfo(torch.float32).min
     pad = torch.zeros(2, 1, 3, 3)
     pad[1, ..., 2] = low                                   # row 1: key 2 padded
@@ -378,6 +381,9 @@ def test_bad_prompt_shapes_name_the_site():
         run(bb, batch, Prompts(input={("joint", 1): torch.zeros(2, 3, 16)}))
     with pytest.raises(ValueError, match=r"prompts.prefix\[\('joint', 0\)\]: keys and values differ"):
         run(bb, batch, Prompts(prefix={("joint", 0): (torch.zeros(2, 3, 32), torch.zeros(2, 2, 32))}))
+    for site in (("joint", 2), ("text", 0)):               # 2 layers; ViLT has one encoder
+        with pytest.raises(ValueError, match=r"no such site; encoders \['joint'\], layers 0..1"):
+            run(bb, batch, Prompts(input={site: torch.zeros(2, 3, 32)}))
     assert run(bb, batch)[0].shape == (2, 32)              # the next forward is clean
 
 

@@ -155,7 +155,8 @@ class ClipBackbone(Backbone):
                 layer.self_attn.__class__ = ClipPrefixAttention  # same parameters, + prefix
             hooks.append(PromptHooks(ctx, name, model.encoder, layers,
                                      [layer.self_attn for layer in layers],
-                                     model.config.hidden_size, causal=name == "text"))
+                                     model.config.hidden_size, causal=name == "text",
+                                     encoders=("text", "image")))
         return hooks
 
     @staticmethod

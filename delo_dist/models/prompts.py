@@ -132,8 +132,9 @@ class PromptHooks:
     for their prefix rows (they hold `prompt_hooks` and `prompt_layer` for that)."""
 
     def __init__(self, ctx, encoder: str, encoder_module: nn.Module, layers, attentions,
-                 width: int, causal: bool = False):
+                 width: int, causal: bool = False, encoders: tuple = ()):
         self.ctx, self.encoder, self.width, self.causal = ctx, encoder, width, causal
+        self.encoders = tuple(encoders) or (encoder,)   # every encoder of the backbone
         self.n = 0                     # prompt tokens now in the sequence (after the first token)
         self._saved = None             # the context's token masks at the encoder's input
         self._masks, self._mask_src = {}, None   # prompted masks of this pass, by (n, n_pre)
@@ -171,6 +172,7 @@ class PromptHooks:
         if p is None:
             return None
         if i == 0:  # a new pass through this encoder
+            self._check_sites(p)
             self.n, self._masks, self._mask_src = 0, {}, None
             self._saved = (self.ctx.text_tokens, self.ctx.image_tokens)
             p.outputs.pop(self.encoder, None)
@@ -186,7 +188,8 @@ class PromptHooks:
             hidden = torch.cat([hidden[:, :at], batched(new, b, hidden.dtype), hidden[:, at:]], 1)
             self.n += new.shape[-2]
             text, image = self._saved
-            self.ctx.text_tokens, self.ctx.image_tokens = _insert_false(text, self.n), _insert_false(image, self.n)
+            self.ctx.text_tokens = _insert_false(text, self.n)
+            self.ctx.image_tokens = _insert_false(image, self.n)
         kv, n_pre = p.prefix.get(site), 0
         if kv is not None:
             n_pre = _check("prefix", site, kv[0], b, self.width)
@@ -201,6 +204,17 @@ class PromptHooks:
         if positional:
             return (hidden, mask, *args[2:]), kwargs
         return (hidden, *args[1:]), {**kwargs, "attention_mask": mask}
+
+    def _check_sites(self, p: Prompts) -> None:
+        layers = len(self._attentions)
+        for what, sites in (("input", p.input), ("prefix", p.prefix)):
+            for site in sites:
+                encoder, layer = site
+                mine = encoder == self.encoder
+                if encoder not in self.encoders or (mine and not 0 <= layer < layers):
+                    raise ValueError(f"prompts.{what}[{site}]: no such site; encoders "
+                                     f"{list(self.encoders)}, layers 0..{layers - 1} of "
+                                     f"{self.encoder!r}")
 
     def _mask(self, mask, n_pre: int, hidden: torch.Tensor):
         if mask is not self._mask_src:  # transformers passes one mask object to every layer

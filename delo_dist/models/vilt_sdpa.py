@@ -40,7 +40,8 @@ class ViltEagerSelfAttention(ViltSelfAttention):
         if prefix is not None:  # rows already in key / value space, (B, P, d)
             k = torch.cat([batched(prefix[0], b, k.dtype), k], 1)
             v = torch.cat([batched(prefix[1], b, v.dtype), v], 1)
-        split = lambda t: t.view(b, t.shape[1], -1, self.attention_head_size).transpose(1, 2)  # noqa: E731
+        hd = self.attention_head_size
+        split = lambda t: t.view(b, t.shape[1], -1, hd).transpose(1, 2)  # noqa: E731
         return split(q), split(k), split(v)
 
     def forward(self, hidden_states, attention_mask=None, output_attentions=False, *args, **kwargs):
@@ -65,7 +66,7 @@ class ViltSdpaSelfAttention(ViltEagerSelfAttention):
             return super().forward(hidden_states, attention_mask, output_attentions, *args, **kwargs)
         b, n, _ = hidden_states.shape
         q, k, v = self.heads(hidden_states, self.prefix())  # (B, heads, N or P + N, hd)
-        if attention_mask is not None:  # ViLT's additive mask, (B, 1, N, N); with prompts (B, 1, N, P + N)
+        if attention_mask is not None:  # ViLT's additive mask (B, 1, N, N); prefix: (B, 1, N, P + N)
             attention_mask = attention_mask.to(q.dtype)
         p = self.dropout.p if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=p)
@@ -78,7 +79,8 @@ def install_attention(model: nn.Module, implementation: str = "sdpa") -> int:
     copies are untouched. Returns how many modules it switched."""
     classes = {"sdpa": ViltSdpaSelfAttention, "eager": ViltEagerSelfAttention}
     if implementation not in classes:
-        raise ValueError(f"backbone.attention: expected one of {sorted(classes)}, got {implementation!r}")
+        raise ValueError(f"backbone.attention: expected one of {sorted(classes)}, "
+                         f"got {implementation!r}")
     count = 0
     for module in model.modules():
         if isinstance(module, ViltSelfAttention):
