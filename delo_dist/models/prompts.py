@@ -19,7 +19,8 @@ encoders; layer is 0-based; `Backbone.prompt_sites()` lists them with their widt
           they are removed: pooled features, last_hidden_state's length, CLIP's EOS pooling
           index and ViLT's text position table are untouched (prompts are added after the
           embeddings, so they consume no position). Their final hidden states (before the
-          final norm) are left in `prompts.outputs[encoder]`, (B, n, d).
+          final norm) are left in `prompts.outputs[encoder]`, (B, n, d). Intermediate hidden
+          states that transformers returns on request (output_hidden_states) keep them.
   prefix  {(encoder, layer): (keys (B, P, d), values (B, P, d))}: rows prepended to that
           layer's self-attention keys and values (prefix tuning, MAP's "attention" prompts,
           DualPrompt, CODA-Prompt). d is the model's hidden width: the rows are already in key
