@@ -40,7 +40,7 @@ def test_sdpa_attention_equals_eager_with_adapters_and_padding(recipe_for, shard
     sdpa = model.predict_with(batch, sessions)
     pooled_sdpa = model.backbone(batch)
     assert install_attention(model, "eager") == len(attn)
-    assert type(attn[0]).__name__ == "ViltSelfAttention"
+    assert type(attn[0]).__name__ == "ViltEagerSelfAttention"   # transformers' forward + prefix
     pooled_eager = model.backbone(batch)
     assert torch.allclose(pooled_sdpa, pooled_eager, atol=1e-5, rtol=1e-4)
     assert torch.equal(sdpa, model.predict_with(batch, sessions))

@@ -48,6 +48,7 @@ class RoutingContext:
     text_query: Optional[torch.Tensor] = None     # (B, d_in): given when the sequence has no
     image_query: Optional[torch.Tensor] = None    # tokens of that modality (two encoders)
     merged: Optional[int] = None                  # all samples on this session, run merged
+    prompts: Optional[object] = None              # prompts.Prompts for one forward (None: off)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

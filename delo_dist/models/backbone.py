@@ -22,12 +22,27 @@ targets). Methods never import ViLT or CLIP. A backbone tells them:
     averages: the model then identifies the task inside the main forward pass, no second pass;
   - `linear_site(name)`: where an adapted linear sits (modality of its encoder, layer, role),
     for methods that couple linears across encoders (MoRA);
-  - `query_dim`: the width of the task-key queries.
+  - `query_dim`: the width of the task-key queries;
+  - prompts (`delo_dist/models/prompts.py`), for prompt methods: `prompt_sites()` lists
+    (encoder, layer, width) where prompts can go (encoder "joint" for ViLT, "text" / "image"
+    for CLIP); a method sets `ctx.prompts = Prompts(input=..., prefix=...)` for one forward
+    and the backbone's hooks insert input tokens after the first token (removed before
+    pooling) and prepend prefix rows, in the hidden width, to self-attention keys and values.
+    Off (`ctx.prompts` None, `ctx.enabled` False, zero-length prompts), outputs are
+    bit-identical to the frozen backbone. Backbones that do this declare the capabilities
+    "prompt_input" and "prompt_prefix" (`capabilities`);
+  - `frozen_query(batch)`: the features prompt methods query their pools with, from an
+    adapter-free and prompt-free pass (ViLT: "cls" = the final first token after the last
+    layer norm, "text_cls", "image_cls"; CLIP: "image", "text" and their projected pair
+    "cls"; both: "pooled"). The pass is the backbone's `forward` with `ctx.enabled` False: a
+    frozen `forward` of the same batch just before (e.g. identification's pooled feature)
+    is reused, not run again.
 Two-encoder models (CLIP) implement the same calls; their encoders never see each other's
 tokens, so each gives its adapters the other modality's query from outside (clip.py).
 """
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -47,6 +62,8 @@ class Backbone(Plugin, nn.Module):
     capabilities: frozenset = frozenset()
     hidden_size: int   # width of the pooled feature the heads eat
     query_dim: int     # width of first_layer_queries' outputs (task keys)
+    prompt_hooks: tuple = ()   # prompts.PromptHooks, one per encoder, if it takes prompts
+    _frozen = None     # (batch tensors, features) of the last frozen forward: frozen_query
     # What a missing image becomes (the method chooses, `Method.dummies`): "ones" / "zeros"
     # after normalisation, "white" through it, "backbone": this backbone's own convention.
     default_dummy_image: str = "ones"
@@ -107,6 +124,31 @@ class Backbone(Plugin, nn.Module):
         """The module whose output (B, N, d) `first_layer_queries` averages per modality, or
         None. The model hooks it to identify the task inside the main forward pass."""
         return None
+
+    # ------------------------------------------------------------ prompts (prompts.py)
+    def prompt_sites(self) -> list:
+        """[PromptSite(encoder, layer, width)]: where `ctx.prompts` may put prompts."""
+        return [site for hooks in self.prompt_hooks for site in hooks.sites()]
+
+    @torch.no_grad()
+    def frozen_query(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Features of an adapter-free, prompt-free pass, (B, width) each (see the module
+        docstring). A frozen `forward` of this same batch, if it was the last one, is reused."""
+        kept = self._frozen
+        if kept is None or kept[0]() is not batch["input_ids"] or kept[1]() is not batch["pixel_values"]:
+            enabled, self.ctx.enabled = self.ctx.enabled, False
+            try:
+                self(batch)  # its forward records the features (_remember_frozen)
+            finally:
+                self.ctx.enabled = enabled
+            kept = self._frozen
+        return dict(kept[2])
+
+    def _remember_frozen(self, batch: dict, feats: dict) -> None:
+        """Called by `forward` in a frozen pass: keep its queries (copies, so the pass's
+        activations are freed), keyed by the batch's tensors (weakly: no batch kept alive)."""
+        feats = {k: v.detach().clone() for k, v in feats.items()}
+        self._frozen = (weakref.ref(batch["input_ids"]), weakref.ref(batch["pixel_values"]), feats)
 
 
 def build_backbone(cfg, ctx) -> Backbone:

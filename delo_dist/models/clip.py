@@ -33,29 +33,68 @@ joint space keeps CLIP's own alignment. The cross-modal guide then works as on V
 sample missing its image routes the visual pools (in both encoders) with the text query, one
 missing its text routes the textual pools with the image query. Task keys: both first-layer
 queries projected into the joint space (query_dim = projection_dim).
+
+Prompts (prompts.py) go into either encoder, sites ("text", l) and ("image", l): input tokens
+after [BOS] / [CLS] (the text encoder's mask stays causal: a prompt sees [BOS] and the prompts
+before it, text tokens see all prompts; EOS pooling is unchanged), prefix rows before the keys
+and values of `ClipPrefixAttention` (SDPA or eager, as the config says). `frozen_query`:
+"image" = the vision [CLS] after post_layernorm (B, d_v), "text" = the EOS token's final
+hidden state after final_layer_norm (B, d_t), "cls" = their projected pair, the pooled
+feature [image_embeds, text_embeds] (B, 2 x projection_dim): CLIP's joint space, where the two
+modalities are comparable.
 """
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+from transformers.models.clip import modeling_clip
 
 from delo_dist.models.adapters import masked_mean
 from delo_dist.models.backbone import Backbone, LinearSite, select_targets
 from delo_dist.models.inputs import decode_image, labels_tensor
 from delo_dist.models.offline_vocab import offline_tokenizer
+from delo_dist.models.prompts import PromptHooks, batched
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)   # CLIPImageProcessor's defaults
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _SITE = re.compile(r"(text|vision)_model\.encoder\.layers\.(\d+)\.(.+)$")
 
 
-def _features(out) -> torch.Tensor:
-    """get_*_features returns a tensor (transformers 4) or an output with pooler_output (5)."""
-    return out if torch.is_tensor(out) else out.pooler_output
+class ClipPrefixAttention(modeling_clip.CLIPAttention):
+    """CLIPAttention (its SDPA or eager interface, as the config says), plus prefix keys and
+    values (prompts.py): rows (B, P, d) prepended to the projected keys and values before the
+    head split. Without a prefix it is transformers' forward itself."""
+    prompt_hooks = None   # PromptHooks of the encoder (set by the backbone), and this layer
+    prompt_layer = -1
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        prefix = None if self.prompt_hooks is None else self.prompt_hooks.prefix(self.prompt_layer)
+        if prefix is None:
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        b, n, _ = hidden_states.shape
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        k = torch.cat([batched(prefix[0], b, k.dtype), k], 1)               # (B, P + N, d)
+        v = torch.cat([batched(prefix[1], b, v.dtype), v], 1)
+        split = lambda t: t.view(b, t.shape[1], -1, self.head_dim).transpose(1, 2)  # noqa: E731
+        attend = modeling_clip.ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, modeling_clip.eager_attention_forward)
+        # the prompt hooks gave an explicit (B, 1, N, P + N) mask: no is_causal shortcut
+        out, weights = attend(self, split(q), split(k), split(v), attention_mask,
+                              scaling=self.scale, dropout=self.dropout if self.training else 0.0,
+                              **{**kwargs, "is_causal": False})
+        return self.out_proj(out.reshape(b, n, -1).contiguous()), weights
+
+
+def _unified_attention() -> bool:
+    """Whether this transformers' CLIP layers pass one mask to an attention interface (5.x);
+    older ones pass a separate causal mask, which the prompt hooks do not rebuild."""
+    return (hasattr(modeling_clip, "ALL_ATTENTION_FUNCTIONS") and "causal_attention_mask"
+            not in inspect.signature(modeling_clip.CLIPEncoderLayer.forward).parameters)
 
 
 @dataclass
@@ -70,7 +109,7 @@ class ClipBackbone(Backbone):
     name = "clip"
     Settings = ClipSettings
     # two encoders, one modality each; the other modality's query given from outside
-    capabilities = frozenset({"two_encoders"})
+    capabilities = frozenset({"two_encoders", "prompt_input", "prompt_prefix"})
     default_dummy_image = "white"  # a white image through CLIP's normalisation (the MoRA code)
 
     def __init__(self, cfg, ctx):
@@ -117,6 +156,23 @@ class ClipBackbone(Backbone):
             for i, layer in enumerate(model.encoder.layers):
                 layer.register_forward_pre_hook(
                     lambda mod, args, e=encoder, i=i: self._set_guide(mod, args, e, i))
+        self.prompt_hooks = self._install_prompts(ctx) if _unified_attention() else []
+        if not self.prompt_hooks:
+            # an older transformers: no prompts (prompts.py)
+            self.capabilities = self.capabilities - {"prompt_input", "prompt_prefix"}
+
+    def _install_prompts(self, ctx) -> list[PromptHooks]:
+        """Prompt hooks on each encoder (prompts.py); the text encoder's masks are causal."""
+        hooks = []
+        for name, model in (("text", self.clip.text_model), ("image", self.clip.vision_model)):
+            layers = model.encoder.layers
+            for layer in layers:
+                layer.self_attn.__class__ = ClipPrefixAttention  # same parameters, + prefix
+            hooks.append(PromptHooks(ctx, name, model.encoder, layers,
+                                     [layer.self_attn for layer in layers],
+                                     model.config.hidden_size, causal=name == "text",
+                                     encoders=("text", "image")))
+        return hooks
 
     @staticmethod
     def tiny_config(cfg, tokenizer) -> CLIPConfig:
@@ -234,16 +290,21 @@ class ClipBackbone(Backbone):
             ctx.cached_input = ctx.cached_queries = None
             ctx.image_tokens = torch.ones(B, n_v, dtype=torch.bool, device=pixels.device)
             ctx.text_tokens = ctx.image_query = None
-            image = _features(self.clip.get_image_features(pixel_values=pixels))
+            vision = self.clip.vision_model(pixel_values=pixels)   # pooled: [CLS], post-norm
+            image = self.clip.visual_projection(vision.pooler_output)
             ctx.cached_input = ctx.cached_queries = None
             ctx.text_tokens, ctx.image_tokens, ctx.text_query = mask.bool(), None, None
-            text = _features(self.clip.get_text_features(input_ids=batch["input_ids"],
-                                                         attention_mask=mask))
+            words = self.clip.text_model(input_ids=batch["input_ids"], attention_mask=mask)
+            text = self.clip.text_projection(words.pooler_output)  # pooled: EOS, final norm
         finally:
             self._guide = None
             ctx.text_query = ctx.image_query = None
             ctx.cached_input = ctx.cached_queries = None
-        return torch.cat([image, text], dim=-1)
+        pooled = torch.cat([image, text], dim=-1)
+        if not ctx.enabled:  # a frozen pass: keep its queries for frozen_query
+            self._remember_frozen(batch, {"image": vision.pooler_output, "text": words.pooler_output,
+                                          "cls": pooled, "pooled": pooled})
+        return pooled
 
     @torch.no_grad()
     def first_layer_queries(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,10 @@ random config is built with an offline WordPiece vocabulary (special tokens, the
 benchmark's words, and single characters so that any text still tokenizes).
 Tokens are laid out [text (max_text_len), image (1 + patches)]; the combined mask ViLT's
 embeddings return tells us which positions are real tokens of which modality.
+Prompts (prompts.py) go into its one encoder, sites ("joint", l): input tokens after the text
+[CLS] (pooling at [CLS] and the text position table untouched), prefix rows in either attention
+(vilt_sdpa.py). `frozen_query`: "cls" = "text_cls" = the final [CLS] after the last layer norm
+(the pooler's input), "image_cls" = the image [CLS] of the same sequence, (B, d) each.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from transformers import AutoTokenizer, ViltConfig, ViltModel
 from delo_dist.models.backbone import Backbone, LinearSite, select_targets
 from delo_dist.models.inputs import labels_tensor
 from delo_dist.models.offline_vocab import offline_tokenizer
+from delo_dist.models.prompts import PromptHooks
 from delo_dist.models.vilt_sdpa import install_attention
 
 IMAGE_MEAN = IMAGE_STD = 0.5  # ViLT's image processor normalisation
@@ -38,7 +43,8 @@ class ViltBackbone(Backbone):
     name = "vilt"
     Settings = ViltSettings
     # one stream holding both modalities' tokens (masks per modality); layer 0's input norm
-    capabilities = frozenset({"single_stream", "modality_tokens", "first_layer_module"})
+    capabilities = frozenset({"single_stream", "modality_tokens", "first_layer_module",
+                              "prompt_input", "prompt_prefix"})
     default_dummy_image = "ones"  # all ones after normalisation: the MAP convention DeLo keeps
 
     def __init__(self, cfg, ctx):
@@ -69,6 +75,10 @@ class ViltBackbone(Backbone):
         self.targets = list(cfg.targets or ["query", "key", "value"])
         self.vilt.embeddings.register_forward_hook(self._capture_token_masks)
         self._text_len = 0
+        layers = self.vilt.encoder.layer  # prompts.py: input prompts and prefixes, one encoder
+        self.prompt_hooks = [PromptHooks(ctx, "joint", self.vilt.encoder, layers,
+                                         [layer.attention.attention for layer in layers],
+                                         self.hidden_size)]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -140,6 +150,11 @@ class ViltBackbone(Backbone):
         out = self.vilt(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         pixel_values=batch["pixel_values"],
                         pixel_mask=torch.ones_like(batch["pixel_values"][:, 0], dtype=torch.long))
+        if not self.ctx.enabled:  # a frozen pass: keep its queries for frozen_query
+            h = out.last_hidden_state  # (B, N, d) after the last layer norm; text first
+            self._remember_frozen(batch, {"cls": h[:, 0], "text_cls": h[:, 0],
+                                          "image_cls": h[:, self._text_len],
+                                          "pooled": out.pooler_output})
         return out.pooler_output
 
     def first_layer_module(self) -> torch.nn.Module:

@@ -1,0 +1,245 @@
+"""Prompts in the backbone protocol: input-level prompt tokens and attention-level prefixes.
+
+A prompt method (MAP, MSP, L2P, DualPrompt, CODA-Prompt, RebQ) never edits a transformer. It
+puts a `Prompts` on the routing context for one forward pass,
+
+    with use_prompts(model.ctx, Prompts(input={("joint", 0): p})):   # p: (B, P, d)
+        pooled = model.backbone(batch)
+
+and hooks the backbone installed at build time (`PromptHooks`, one per encoder) do the rest.
+Sites are (encoder, layer): encoder "joint" for ViLT, "text" / "image" for CLIP's two
+encoders; layer is 0-based; `Backbone.prompt_sites()` lists them with their widths.
+
+  input   {(encoder, layer): (B, P, d)}: learned tokens inserted into the sequence at that
+          layer's input, after the first token ([CLS] / [BOS]) and after the prompts that
+          earlier layers inserted. They stay in the sequence for the following layers (MAP:
+          a prompt in each of the first layers, accumulating; L2P: layer 0 only), unless
+          `replace_input` (VPT-deep, RebQ's memory prompts: a layer's prompts replace the
+          ones before them). At the end of the encoder, before its final norm and pooling,
+          they are removed: pooled features, last_hidden_state's length, CLIP's EOS pooling
+          index and ViLT's text position table are untouched (prompts are added after the
+          embeddings, so they consume no position). Their final hidden states (before the
+          final norm) are left in `prompts.outputs[encoder]`, (B, n, d). Intermediate hidden
+          states that transformers returns on request (output_hidden_states) keep them.
+  prefix  {(encoder, layer): (keys (B, P, d), values (B, P, d))}: rows prepended to that
+          layer's self-attention keys and values (prefix tuning, MAP's "attention" prompts,
+          DualPrompt, CODA-Prompt). d is the model's hidden width: the rows are already in key
+          and value space (the layer's key / value projections, and adapters wrapping them,
+          do not act on them) and are split into heads like the projected keys. Every query
+          attends to them; they are never masked.
+A tensor may also be (1, P, d) or (P, d): one prompt shared by every sample.
+
+Masks. The hooks rebuild the attention mask of a prompted layer from transformers' own, in
+its own form (ViLT's additive padding mask; CLIP text's causal + padding mask, boolean under
+SDPA, additive under eager): padded keys stay masked; every token attends to the prompts,
+except that in a causal encoder (CLIP text) [BOS] precedes them; a prompt attends to what the
+first token attends to (causal: [BOS] only, never later text) and to the prompts before it and
+itself (bidirectional: all prompts); prefix keys are visible to all. Causality among text
+tokens is kept: a text token's output depends on the text before it, the prompts and the prefix.
+While input prompts are in the sequence, the context's token masks (`ctx.text_tokens`,
+`ctx.image_tokens`) carry False at their positions, so modality queries (DeLo's routers,
+MAIL's) still average the real tokens: adapters and prompts coexist.
+
+Off costs nothing: with `ctx.prompts` None, `ctx.enabled` False (an adapter-free pass is also
+prompt-free) or only zero-length prompts, every hook returns at once and the forward runs
+transformers' own code: outputs are bit-identical to the frozen backbone.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class PromptSite(NamedTuple):
+    encoder: str   # "joint" (ViLT), "text" or "image" (CLIP)
+    layer: int     # 0-based layer of that encoder
+    width: int     # d: hidden width of that encoder (input tokens and prefix rows)
+
+
+@dataclass
+class Prompts:
+    input: dict = field(default_factory=dict)    # {(encoder, layer): (B, P, d)}
+    prefix: dict = field(default_factory=dict)   # {(encoder, layer): ((B, P, d), (B, P, d))}
+    replace_input: bool = False                  # a layer's input prompts replace earlier ones
+    outputs: dict = field(default_factory=dict)  # filled: {encoder: (B, n, d)} final prompt states
+
+
+@contextmanager
+def use_prompts(ctx, prompts: Prompts | None):
+    """Set `ctx.prompts` for the calls inside the block, and restore what was there after."""
+    before, ctx.prompts = ctx.prompts, prompts
+    try:
+        yield prompts
+    finally:
+        ctx.prompts = before
+
+
+def batched(t: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, P, d), (1, P, d) or (P, d) -> (B, P, d) in dtype (a view when shared)."""
+    return (t if t.dim() == 3 else t.unsqueeze(0)).to(dtype).expand(batch, -1, -1)
+
+
+def _check(what: str, site, t: torch.Tensor, batch: int, width: int) -> int:
+    if t.dim() not in (2, 3) or t.shape[-1] != width or (t.dim() == 3 and t.shape[0] not in (1, batch)):
+        raise ValueError(f"prompts.{what}[{site}]: expected (B={batch} or 1, P, {width}) or "
+                         f"(P, {width}), got {tuple(t.shape)}")
+    return t.shape[-2]
+
+
+def _insert_false(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """(B, N) token mask -> (B, N + n): n False columns after the first token."""
+    if mask is None or n == 0:
+        return mask
+    return torch.cat([mask[:, :1], mask.new_zeros(mask.shape[0], n), mask[:, 1:]], 1)
+
+
+def extend_mask(mask: torch.Tensor | None, n: int, n_pre: int, causal: bool,
+                length: int, device) -> torch.Tensor | None:
+    """transformers' self-attention mask for a sequence of `length` tokens (None; bool, True =
+    attend; or additive float; shape (B or 1, 1, N or 1, N)) -> the mask for that sequence with
+    n prompt tokens after its first token, and n_pre prefix keys in front of all keys."""
+    if mask is None:
+        if not causal:
+            return None  # nothing to mask: prompts and prefixes are seen by all
+        mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+    yes, no = (True, False) if mask.dtype == torch.bool else (0.0, torch.finfo(mask.dtype).min)
+    b, _, q, k = mask.shape
+    if n:
+        cols = mask.new_full((b, 1, q, n), yes)           # every token sees the prompts ...
+        if causal:
+            cols[:, :, 0] = no                            # ... but [BOS], which precedes them
+        mask = torch.cat([mask[..., :1], cols, mask[..., 1:]], -1)
+        if q > 1:  # a prompt sees what the first token sees, and the prompts (causal: up to itself)
+            rows = mask[..., :1, :].expand(b, 1, n, k + n).clone()
+            block = mask.new_full((n, n), yes)
+            if causal:
+                block.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1), no)
+            rows[..., 1:1 + n] = block
+            mask = torch.cat([mask[..., :1, :], rows, mask[..., 1:, :]], -2)
+    if n_pre:
+        mask = torch.cat([mask.new_full((b, 1, mask.shape[2], n_pre), yes), mask], -1)
+    return mask
+
+
+class PromptHooks:
+    """The prompt hooks of one encoder: a forward pre-hook on each layer inserts that layer's
+    input prompts and gives it the mask for prompts and prefix; a forward hook on the encoder
+    removes the prompts from its output; the encoder's attention modules ask `prefix(layer)`
+    for their prefix rows (they hold `prompt_hooks` and `prompt_layer` for that)."""
+
+    def __init__(self, ctx, encoder: str, encoder_module: nn.Module, layers, attentions,
+                 width: int, causal: bool = False, encoders: tuple = ()):
+        self.ctx, self.encoder, self.width, self.causal = ctx, encoder, width, causal
+        self.encoders = tuple(encoders) or (encoder,)   # every encoder of the backbone
+        self.n = 0                     # prompt tokens now in the sequence (after the first token)
+        self._saved = None             # the context's token masks at the encoder's input
+        self._masks, self._mask_src = {}, None   # prompted masks of this pass, by (n, n_pre)
+        self._handles = [encoder_module.register_forward_hook(self._after_encoder)]
+        for i, (layer, attention) in enumerate(zip(layers, attentions)):
+            self._handles.append(layer.register_forward_pre_hook(
+                partial(self._before_layer, i), with_kwargs=True))
+            attention.prompt_hooks, attention.prompt_layer = self, i
+        self._attentions = list(attentions)
+
+    def sites(self) -> list[PromptSite]:
+        return [PromptSite(self.encoder, i, self.width) for i in range(len(self._attentions))]
+
+    def detach(self) -> None:
+        """Remove every hook (the encoder runs as if prompts never existed)."""
+        for h in self._handles:
+            h.remove()
+        for a in self._attentions:
+            a.prompt_hooks = None
+
+    def active(self) -> Prompts | None:
+        p = self.ctx.prompts
+        return p if p is not None and self.ctx.enabled else None
+
+    def prefix(self, layer: int):
+        """(keys, values) for that layer's attention, or None (no prefix: transformers' path)."""
+        p = self.ctx.prompts
+        if p is None or not p.prefix or not self.ctx.enabled:
+            return None
+        kv = p.prefix.get((self.encoder, layer))
+        return None if kv is None or kv[0].shape[-2] == 0 else kv
+
+    def _before_layer(self, i: int, module, args, kwargs):
+        p = self.active()
+        if p is None:
+            return None
+        if i == 0:  # a new pass through this encoder
+            self._check_sites(p)
+            self.n, self._masks, self._mask_src = 0, {}, None
+            self._saved = (self.ctx.text_tokens, self.ctx.image_tokens)
+            p.outputs.pop(self.encoder, None)
+        site = (self.encoder, i)
+        hidden = args[0]
+        b = hidden.shape[0]
+        new = p.input.get(site)
+        if new is not None and _check("input", site, new, b, self.width):
+            if p.replace_input and self.n:
+                hidden = torch.cat([hidden[:, :1], hidden[:, 1 + self.n:]], 1)
+                self.n = 0
+            at = 1 + self.n
+            hidden = torch.cat([hidden[:, :at], batched(new, b, hidden.dtype), hidden[:, at:]], 1)
+            self.n += new.shape[-2]
+            text, image = self._saved
+            self.ctx.text_tokens = _insert_false(text, self.n)
+            self.ctx.image_tokens = _insert_false(image, self.n)
+        kv, n_pre = p.prefix.get(site), 0
+        if kv is not None:
+            n_pre = _check("prefix", site, kv[0], b, self.width)
+            if _check("prefix", site, kv[1], b, self.width) != n_pre:
+                raise ValueError(f"prompts.prefix[{site}]: keys and values differ in length "
+                                 f"({n_pre} and {kv[1].shape[-2]})")
+        if self.n == 0 and n_pre == 0:
+            return None
+        positional = len(args) > 1
+        mask = args[1] if positional else kwargs.get("attention_mask")
+        mask = self._mask(mask, n_pre, hidden)
+        if positional:
+            return (hidden, mask, *args[2:]), kwargs
+        return (hidden, *args[1:]), {**kwargs, "attention_mask": mask}
+
+    def _check_sites(self, p: Prompts) -> None:
+        layers = len(self._attentions)
+        for what, sites in (("input", p.input), ("prefix", p.prefix)):
+            for site in sites:
+                encoder, layer = site
+                mine = encoder == self.encoder
+                if encoder not in self.encoders or (mine and not 0 <= layer < layers):
+                    raise ValueError(f"prompts.{what}[{site}]: no such site; encoders "
+                                     f"{list(self.encoders)}, layers 0..{layers - 1} of "
+                                     f"{self.encoder!r}")
+
+    def _mask(self, mask, n_pre: int, hidden: torch.Tensor):
+        if mask is not self._mask_src:  # transformers passes one mask object to every layer
+            self._masks, self._mask_src = {}, mask
+        key = (self.n, n_pre)
+        if key not in self._masks:
+            self._masks[key] = extend_mask(mask, self.n, n_pre, self.causal,
+                                           hidden.shape[1] - self.n, hidden.device)
+        return self._masks[key]
+
+    def _after_encoder(self, module, args, output):
+        p = self.active()
+        if p is None:
+            return None
+        n, self.n, self._masks, self._mask_src = self.n, 0, {}, None
+        if self._saved is not None:
+            self.ctx.text_tokens, self.ctx.image_tokens = self._saved
+            self._saved = None
+        if n == 0:
+            return None
+        h = output[0]                                      # (B, 1 + n + N - 1, d)
+        p.outputs[self.encoder] = h[:, 1:1 + n]
+        h = torch.cat([h[:, :1], h[:, 1 + n:]], 1)         # (B, N, d): the encoder's own tokens
+        if isinstance(output, tuple):
+            return (h, *output[1:])
+        output.last_hidden_state = h
+        return output
