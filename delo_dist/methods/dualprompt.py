@@ -66,7 +66,8 @@ class DualPrompt(nn.Module):
         self.key_dim = query_dims[self.query]
         self.g_sites = select_sites(sites, cfg.g_layers, "g_layers") if cfg.g_length else []
         self.e_sites = select_sites(sites, cfg.e_layers, "e_layers")
-        self.g = nn.ParameterDict({site_name(e, l): nn.Parameter(uniform_(torch.empty(self._rows(cfg.g_length), w)))
+        g_rows = self._rows(cfg.g_length)
+        self.g = nn.ParameterDict({site_name(e, l): nn.Parameter(uniform_(torch.empty(g_rows, w)))
                                    for e, l, w in self.g_sites})
         self.e_prompts = nn.ModuleList()            # per session: ParameterDict by site
         self.e_keys = nn.ParameterList()            # per session: (d_q,)
@@ -102,7 +103,7 @@ class DualPrompt(nn.Module):
             out.add(site, rows, "prefix")
 
     def forward(self, query, missing_text, missing_image, session=None, task_ids=None) -> PromptOutput:
-        q = query[self.query].detach()
+        q = query[self.query].detach().float()
         b = q.shape[0]
         losses, routed = {}, None
         if session is not None:                     # training: the known session's E-prompt

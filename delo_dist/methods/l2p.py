@@ -10,7 +10,7 @@ Forward: frozen query pass -> top-N prompts -> prompted pass -> the shared head.
 query pass is a full forward of the backbone without prompts (no backward): at training and at
 inference L2P costs about one forward more than a prompt-free method.
 
-Defaults (the paper's and its code's): pool 10, length 5, top-N 5, layer 0, input position,
+Defaults (the paper's, as its PyTorch port configures them): pool 10, length 5, top-N 5, layer 0, input position,
 lambda 0.1, keys and prompts uniform in [0, 1), query "cls".
 Our choices: selection is per sample at inference too (the code's `batchwise_prompt`
 majority vote over a test batch assumes one task per batch: google-research/l2p#28);

@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -115,23 +116,18 @@ def prompts_take_masks() -> bool:
 
 
 class PromptSet:
-    """Collects one forward's prompts; several sources at one site are concatenated."""
+    """Collects one forward's prompts; several sources at one site are concatenated (in the
+    order added), with a per-row mask where some source gave one."""
 
     def __init__(self):
-        self.input: dict = {}
-        self.prefix: dict = {}
-        self.input_mask: dict = {}
-        self.prefix_mask: dict = {}
+        self.input: dict = defaultdict(list)     # site -> [(rows (B, P, d), mask (B, P) or None)]
+        self.prefix: dict = defaultdict(list)    # site -> [(keys, values, mask or None)]
 
     def add_input(self, site: tuple[str, int], x: torch.Tensor, mask=None) -> None:
-        self._put(self.input, self.input_mask, site, x, mask)
+        self.input[site].append((x, mask))
 
     def add_prefix(self, site: tuple[str, int], k: torch.Tensor, v: torch.Tensor, mask=None) -> None:
-        old = self.prefix.get(site)
-        if mask is not None or site in self.prefix_mask:
-            self.prefix_mask[site] = _cat_mask(self.prefix_mask.get(site), None if old is None else old[0],
-                                               mask, k.shape[1], k)
-        self.prefix[site] = (k, v) if old is None else (torch.cat([old[0], k], 1), torch.cat([old[1], v], 1))
+        self.prefix[site].append((k, v, mask))
 
     def add(self, site: tuple[str, int], rows: torch.Tensor, position: str, mask=None) -> None:
         """rows (B, L, d): input tokens, or split in half into prefix keys and values."""
@@ -139,28 +135,23 @@ class PromptSet:
             self.add_input(site, rows, mask)
         else:
             k, v = split_half(rows)
-            half = None if mask is None else mask[:, : k.shape[1]]
-            self.add_prefix(site, k, v, half)
-
-    def _put(self, rows: dict, masks: dict, site, x, mask) -> None:
-        old = rows.get(site)
-        if mask is not None or site in masks:
-            masks[site] = _cat_mask(masks.get(site), old, mask, x.shape[1], x)
-        rows[site] = x if old is None else torch.cat([old, x], 1)
+            self.add_prefix(site, k, v, None if mask is None else mask[:, : k.shape[1]])
 
     def build(self):
-        return build_prompts(self.input, self.prefix, self.input_mask or None,
-                             self.prefix_mask or None)
+        input = {s: torch.cat([x for x, _ in parts], 1) for s, parts in self.input.items()}
+        prefix = {s: (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1))
+                  for s, parts in self.prefix.items()}
+        input_mask = {s: _row_mask([(x, m) for x, m in parts])
+                      for s, parts in self.input.items() if any(m is not None for _, m in parts)}
+        prefix_mask = {s: _row_mask([(k, m) for k, _, m in parts])
+                       for s, parts in self.prefix.items() if any(p[2] is not None for p in parts)}
+        return build_prompts(input, prefix, input_mask, prefix_mask)
 
 
-def _cat_mask(old_mask, old_rows, new_mask, new_len: int, like: torch.Tensor) -> torch.Tensor:
-    """Masks of rows concatenated: rows that came without a mask are all present."""
-    b = like.shape[0]
-    if old_mask is None and old_rows is not None:
-        old_mask = torch.ones(b, old_rows.shape[1], dtype=torch.bool, device=like.device)
-    if new_mask is None:
-        new_mask = torch.ones(b, new_len, dtype=torch.bool, device=like.device)
-    return new_mask if old_mask is None else torch.cat([old_mask, new_mask], 1)
+def _row_mask(parts: list) -> torch.Tensor:
+    """(B, P) of concatenated rows; rows that came without a mask are all there."""
+    return torch.cat([m if m is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+                      for x, m in parts], 1)
 
 
 def cosine_matrix(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -213,7 +204,7 @@ class KeyedPool(nn.Module):
         """(B, top_n) prompt ids with the largest cosine to the query, and the surrogate
         loss mean_b sum_n (1 - cos(q_b, k_{id_bn})) (L2P Eq. 5's matching term; only the keys
         get its gradient: the query is frozen)."""
-        sim = cosine_matrix(q.detach(), self.keys)                   # (B, M)
+        sim = cosine_matrix(q.detach().to(self.keys.dtype), self.keys)   # (B, M)
         idx = sim.topk(top_n, dim=1).indices                         # (B, N)
         loss = (1.0 - sim.gather(1, idx)).sum(1).mean()
         return idx, loss
@@ -254,14 +245,15 @@ class ComponentPool(nn.Module):
         if last >= self.sessions:
             raise RuntimeError(f"session {last} has no pool slice: call start_session({last}) first")
         def cat(params):
-            parts = [p if session is None or i == session else p.detach() for i, p in enumerate(params[: last + 1])]
-            return torch.cat(parts)
+            return torch.cat([p if session is None or i == session else p.detach()
+                              for i, p in enumerate(params[: last + 1])])
         return cat(self.K), cat(self.A), cat(self.P)
 
     def forward(self, q: torch.Tensor, session: Optional[int], penalty: bool = False):
         """q (B, d_q) -> the prompt (B, L, d), and (if asked) the orthogonality penalty of K, A
         and the flattened P (as CODA-Prompt's: earlier slices enter detached), else None."""
         K, A, P = self.stacked(session)
+        q = q.to(A.dtype)                                             # a bf16 query pass, fp32 pool
         aq = F.normalize(q.unsqueeze(1) * A.unsqueeze(0), dim=-1)    # (B, c, d_q)
         w = torch.einsum("bcd,cd->bc", aq, F.normalize(K, dim=-1))    # (B, c) in [-1, 1]
         prompt = torch.einsum("bc,cld->bld", w, P)                     # (B, L, d)

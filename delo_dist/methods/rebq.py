@@ -33,10 +33,10 @@ pool, length 8, 8 layers (0-7) for the text and image pools in prefix position, 
 pool 8 layers (0-7), length 8, input position, reconstruction weight 0.01 (ALPHA), no
 orthogonality loss (`ortho_weight` 0, as the code; the key is there).
 Our choices and where we differ from the code:
-  - every session's slice is initialised by Gram-Schmidt against the earlier slices (the
-    paper's CODA-style pool); the code's default REINIT: False keeps the init of the
-    construction, which orthonormalises only the first task's slice and leaves the later
-    slices at zero;
+  - every session's slice is initialised by Gram-Schmidt against the earlier slices, as
+    CODA-Prompt re-initialises each new task's components; the code's default REINIT: False
+    keeps the init of the construction, which orthonormalises only the first task's slice
+    and leaves the later slices at zero (where, with K = A = P = 0, they get no gradient);
   - memory prompts in input position accumulate through `memory_layers` (the hooks' input
     prompts stay to the encoder's end); the code replaces the memory tokens at each layer;
   - `reconstruction_target` "frozen" (default): the complete original's frozen query - what
@@ -44,7 +44,8 @@ Our choices and where we differ from the code:
     for; "memory": the code's, the original's memory-pass output. That target moves with the
     memory prompts it trains: where the memory prompts act additively it holds the same
     memory(other modality) term as the prediction, which cancels, and the loss cannot fall
-    (tests/test_prompt_methods.py's stand-in pass shows it rising under SGD and Adam);
+    (the unit tests' additive stand-in for the memory pass: 20 Adam steps take the frozen
+    target's loss to under 0.3x its start, the memory target's up);
   - on two encoders (CLIP) the reconstruction crosses encoders as described in step 2.
 
 Per session: slice k of each layer's text, image and memory pools (K, A, P), separate tensors,
@@ -216,7 +217,7 @@ class RebQ(nn.Module):
     def reconstruction_loss(self, query: dict, memory: Optional[dict], b: int, augmented) -> torch.Tensor:
         source, dropped = augmented
         if len(source) == 0:
-            return torch.zeros((), device=missing_device(query))
+            return torch.zeros((), device=source.device)   # no complete sample in this batch
         target = memory if self.cfg.reconstruction_target == "memory" else query
         rows = b + torch.arange(len(source), device=source.device)
         terms = []
@@ -226,7 +227,3 @@ class RebQ(nn.Module):
                 pred, tgt = memory[name][rows[pick]], target[name][source[pick]].detach()
                 terms.append(((pred - tgt) ** 2).mean(-1))          # per row, as the code
         return torch.cat(terms).mean()
-
-
-def missing_device(query: dict) -> torch.device:
-    return next(iter(query.values())).device
