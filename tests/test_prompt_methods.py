@@ -70,7 +70,7 @@ def batch(dims, b=6, seed=1):
     return query, missing_text, missing_image
 
 
-def memory_pass(method: RebQ, prompts, query, readers):
+def memory_pass(prompts, query, readers):
     """Stand-in for the backbone's prompted query pass: each query entry moves by a fixed
     linear read of the memory prompts of the encoder that produces it."""
     out = {k: v.clone() for k, v in query.items()}
@@ -102,7 +102,7 @@ def rebq_step_inputs(method, backbone, session):
     for name, missing in ((method.text_q, mt_all), (method.image_q, mi_all)):
         rows[name] = torch.where(missing[:, None], torch.full_like(rows[name], 0.5), rows[name])
     readers = make_readers(method, backbone)
-    memory = memory_pass(method, method.memory_prompts(rows, mt_all, mi_all, session).prompts, rows, readers)
+    memory = memory_pass(method.memory_prompts(rows, mt_all, mi_all, session).prompts, rows, readers)
     return rows, mt_all, mi_all, memory, (source, dropped)
 
 
