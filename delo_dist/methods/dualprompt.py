@@ -1,0 +1,129 @@
+"""DualPrompt ("DualPrompt: Complementary Prompting for Rehearsal-free Continual Learning",
+Wang et al., ECCV 2022, arXiv 2204.04799; read: its PyTorch port JH-LEE-KR/dualprompt-pytorch
+and GT-RIPL/CODA-Prompt's zoo).
+
+A G(eneral)-prompt shared by all sessions in the first layers, and one E(xpert)-prompt per
+session with its key in the next layers, both by prefix tuning. Training session k uses
+E-prompt k for every sample (the session is known) and adds the E-key matching loss
+lambda * mean_b (1 - cos(q_b, key_k)), which pulls key k to its session's queries (the
+frozen backbone's [CLS]). At inference each sample takes the E-prompt of the session whose
+key is nearest (cosine) to its query - `routed` returns that session so routing accuracy can
+be reported - or, with `routing: task_id`, the session the product's task identification
+gives (`task_ids`).
+Forward: frozen query pass -> E-prompt by key (or task id) -> prompted pass -> the shared
+head. The frozen query pass is one more prompt-free forward at training (for the key loss) and
+at inference (for the choice); with `routing: task_id` the identifier's cost replaces it.
+
+Defaults (the paper's and its code's CIFAR-100 setting): G-prompt length 5 at layers 0-1,
+E-prompt length 5 at layers 2-4, prefix position with `length` key rows and `length` value
+rows (the code's prefix shape; its ImageNet-R setting uses E length 20), lambda 1.0, prompts
+and keys uniform in [0, 1), query "cls". `position: input` is offered (prompt tuning: length
+tokens per layer). One E-prompt per session: the pool size is the number of sessions.
+
+Per session: E-prompt k (every E layer) and key k, separate tensors; earlier sessions' are not
+in session k's training forward at all. Shared: the G-prompt, trained in every session.
+session_parameters(k): the G-prompt, E-prompt k and key k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from delo_dist.methods.prompt_pools import (PromptOutput, PromptSet, check_choice, check_layers,
+                                            cosine_matrix, query_name, select_sites, site_name,
+                                            uniform_)
+
+
+@dataclass
+class DualPromptSettings:
+    g_length: int = 5
+    g_layers: list[int] = field(default_factory=lambda: [0, 1])
+    e_length: int = 5
+    e_layers: list[int] = field(default_factory=lambda: [2, 3, 4])
+    position: str = "prefix"         # prefix | input
+    key_weight: float = 1.0          # lambda of the E-key matching loss
+    routing: str = "keys"            # keys (the paper's) | task_id (the product's identifier)
+    query: str = "cls"
+
+    def validate(self, check) -> None:
+        check(self.g_length >= 0, "g_length", "an int >= 0 (0: no G-prompt)", self.g_length)
+        check(self.e_length >= 1, "e_length", "an int >= 1", self.e_length)
+        if self.g_length:
+            check_layers(check, "g_layers", self.g_layers)
+        check_layers(check, "e_layers", self.e_layers)
+        check_choice(check, "position", self.position, ("prefix", "input"))
+        check(self.key_weight >= 0, "key_weight", "a non-negative weight", self.key_weight)
+        check_choice(check, "routing", self.routing, ("keys", "task_id"))
+
+
+class DualPrompt(nn.Module):
+    def __init__(self, cfg: DualPromptSettings, sites, query_dims: dict, sessions: int = 1):
+        super().__init__()
+        self.cfg = cfg
+        self.query = query_name(query_dims, cfg.query, "query")
+        self.key_dim = query_dims[self.query]
+        self.g_sites = select_sites(sites, cfg.g_layers, "g_layers") if cfg.g_length else []
+        self.e_sites = select_sites(sites, cfg.e_layers, "e_layers")
+        g_rows = self._rows(cfg.g_length)
+        self.g = nn.ParameterDict({site_name(e, l): nn.Parameter(uniform_(torch.empty(g_rows, w)))
+                                   for e, l, w in self.g_sites})
+        self.e_prompts = nn.ModuleList()            # per session: ParameterDict by site
+        self.e_keys = nn.ParameterList()            # per session: (d_q,)
+        self.register_buffer("anchor", torch.empty(0), persistent=False)
+
+    def _rows(self, length: int) -> int:
+        return 2 * length if self.cfg.position == "prefix" else length
+
+    @property
+    def sessions(self) -> int:
+        return len(self.e_keys)
+
+    def start_session(self, k: int) -> None:
+        if k != self.sessions:
+            raise RuntimeError(f"start_session({k}) after {self.sessions} sessions: call them in order")
+        dev = self.anchor.device
+        self.e_prompts.append(nn.ParameterDict({
+            site_name(e, l): nn.Parameter(uniform_(torch.empty(self._rows(self.cfg.e_length), w, device=dev)))
+            for e, l, w in self.e_sites}))
+        self.e_keys.append(nn.Parameter(uniform_(torch.empty(self.key_dim, device=dev))))
+
+    def session_parameters(self, k: int) -> list[nn.Parameter]:
+        return [*self.g.values(), *self.e_prompts[k].values(), self.e_keys[k]]
+
+    def route(self, q: torch.Tensor) -> torch.Tensor:
+        """(B,) the session whose E-key is nearest (cosine) to each query."""
+        return cosine_matrix(q, torch.stack(list(self.e_keys))).argmax(1)
+
+    def _add(self, out: PromptSet, site, rows: torch.Tensor) -> None:
+        if self.cfg.position == "input":
+            out.add_input(site, rows)
+        else:   # L key rows, then L value rows
+            out.add(site, rows, "prefix")
+
+    def forward(self, query, missing_text, missing_image, session=None, task_ids=None) -> PromptOutput:
+        q = query[self.query].detach().float()
+        b = q.shape[0]
+        losses, routed = {}, None
+        if session is not None:                     # training: the known session's E-prompt
+            chosen = torch.full((b,), session, dtype=torch.long, device=q.device)
+            key_loss = (1.0 - cosine_matrix(q, self.e_keys[session].unsqueeze(0))[:, 0]).mean()
+            losses["dualprompt_key"] = (self.cfg.key_weight, key_loss)
+        elif self.cfg.routing == "task_id":
+            if task_ids is None:
+                raise ValueError("method.dualprompt.routing=task_id: the forward needs task_ids")
+            chosen = routed = task_ids.long()
+        else:
+            chosen = routed = self.route(q)
+        out = PromptSet()
+        for e, l, _ in self.g_sites:
+            self._add(out, (e, l), self.g[site_name(e, l)].unsqueeze(0).expand(b, -1, -1))
+        for e, l, _ in self.e_sites:
+            name = site_name(e, l)
+            if session is not None:
+                rows = self.e_prompts[session][name].unsqueeze(0).expand(b, -1, -1)
+            else:   # per sample: a batch may mix sessions
+                rows = torch.stack([self.e_prompts[j][name] for j in range(self.sessions)])[chosen]
+            self._add(out, (e, l), rows)
+        return PromptOutput(out.build(), losses, routed=routed)
