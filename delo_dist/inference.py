@@ -174,6 +174,8 @@ class InferenceModel:
         self.class_names = info.class_names
         self.seen = info.seen
         self.multilabel = info.multilabel
+        # global class id -> position in its session's head, per session
+        self._local = [{c: i for i, c in enumerate(cls)} for cls in info.session_classes]
         self._head_out: dict | None = None   # head index -> logits, while predict runs
         for k, head in enumerate(model.heads):
             head.register_forward_hook(lambda mod, args, out, k=k: self._on_head(k, out))
@@ -257,22 +259,29 @@ class InferenceModel:
         scores = conf = None
         if calls and routed is not None:
             scores, conf = identifier_scores(self.model.identifier, *calls[-1])
-        logits = self._rows_logits(heads, routed, len(batch["missing_text"]))
-        avail = availability(batch).tolist()
+            scores, conf = scores.cpu().tolist(), conf.cpu().tolist()
+        n = len(batch["missing_text"])
+        probs = self._row_probs(heads, routed, n)
+        sessions = [None] * n if routed is None else routed.cpu().tolist()
+        pred = pred.cpu()
+        ids = ([r.nonzero().squeeze(1).tolist() for r in pred] if self.multilabel
+               else [[c] for c in pred.tolist()])
         results = []
-        for j in range(len(avail)):
-            k = None if routed is None else int(routed[j])
-            res = {"availability": AVAILABILITY[avail[j]], "session": k,
-                   "session_confidence": None if conf is None else float(conf[j, k]),
-                   "session_scores": None if scores is None else [float(v) for v in scores[j]]}
-            res.update(self._classes(pred[j], None if logits is None else logits[j], k))
-            results.append(res)
+        for j, (a, k) in enumerate(zip(availability(batch).tolist(), sessions)):
+            local = None if probs is None else self._local[k]
+            results.append({
+                "availability": AVAILABILITY[a], "session": k,
+                "session_confidence": None if conf is None else conf[j][k],
+                "session_scores": None if scores is None else scores[j],
+                "classes": [self.class_names[c] for c in ids[j]], "class_ids": ids[j],
+                "scores": None if probs is None else [probs[j][local[c]] for c in ids[j]]})
         return results
 
-    def _rows_logits(self, heads: dict, routed, n: int):
-        """(B, classes of the row's session) logits of each row's head, from the head calls
-        of ContinualModel.predict_with (rows of session k in batch order); None if they do
-        not map onto the rows (e.g. a method without per-session routing)."""
+    def _row_probs(self, heads: dict, routed, n: int) -> list | None:
+        """Per row, the probabilities of its session's classes (softmax, or sigmoid when
+        multi-label, of its head's logits), from the head calls of
+        ContinualModel.predict_with (the rows routed to session k, in batch order); None if
+        they do not map onto the rows (e.g. a method without per-session routing)."""
         if routed is None or not heads:
             return None
         rows = [None] * n
@@ -280,24 +289,11 @@ class InferenceModel:
             idx = (routed == k).nonzero().squeeze(1).tolist()
             if len(idx) != len(out):
                 return None
-            for pos, j in enumerate(idx):
-                rows[j] = out[pos].float()
+            out = out.float()
+            probs = out.sigmoid() if self.multilabel else out.softmax(-1)
+            for j, p in zip(idx, probs.cpu().tolist()):
+                rows[j] = p
         return None if any(r is None for r in rows) else rows
-
-    def _classes(self, pred: torch.Tensor, logits, k) -> dict:
-        names = self.class_names
-        if self.multilabel:
-            ids = pred.nonzero().squeeze(1).tolist()
-            scores = None
-            if logits is not None:
-                local = self.model.local_index[k]
-                scores = [float(logits[local[c]].sigmoid()) for c in ids]
-        else:
-            ids = [int(pred)]
-            scores = None
-            if logits is not None:
-                scores = [float(logits.softmax(-1)[self.model.local_index[k, ids[0]]])]
-        return {"classes": [names[c] for c in ids], "class_ids": ids, "scores": scores}
 
     def predict_iter(self, pairs: Iterable[tuple], mode: str = "task_agnostic",
                      session: int | None = None) -> Iterator[dict]:

@@ -219,14 +219,14 @@ def test_incompatible_checkpoints_stop_with_one_line(trained, tmp_path, capsys):
         __import__("delo_dist").load(old)
 
 
-def test_a_folder_that_is_not_a_checkpoint_stops_with_what_was_expected(tmp_path):
+def test_a_folder_that_is_not_a_checkpoint_stops_with_what_was_expected(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "delo_dist.predict", str(tmp_path), "--text", "x"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.strip().count("\n") == 0
-    assert "not a checkpoint; expected a training checkpoint folder holding state.json" in done.stderr
+    assert predict_main([str(tmp_path), "--text", "x"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().count("\n") == 0 and err.startswith("error: ")
+    assert "not a checkpoint; expected a training checkpoint folder holding state.json" in err
+    assert predict_main([str(tmp_path / "absent"), "--text", "x"]) == 2
+    assert "no such folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # a 2-session multi-label run (cmml-json layout, multi-hot labels)
