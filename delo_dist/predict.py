@@ -113,14 +113,14 @@ class Progress:
         long = total is None or total > every
         self.bar = tqdm(total=total, desc="predict", unit="sample", file=sys.stderr,
                         disable=not (self.tty and long), leave=False)
-        self.plain = long and not self.tty
-        self._next = every * 10
+        self.plain = long and not self.tty    # a log: one line every `every` samples
+        self._next = every
 
     def update(self, n: int) -> None:
         self.done += n
         self.bar.update(n)
         if self.plain and self.done >= self._next:
-            self._next += self.every * 10
+            self._next += self.every
             rate = self.done / max(time.time() - self.t0, 1e-9)
             total = f"/{self.total}" if self.total else ""
             print(f"predict: {self.done}{total} samples ({rate:.1f}/s)", file=sys.stderr,
@@ -324,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.shards:
+        import delo_dist.data.stream, delo_dist.training.evaluation  # noqa: F401,E401 - before the clock
     writer = Writer(args.out)
     t0 = time.time()
     summary: dict = {}
