@@ -77,27 +77,23 @@ def test_tiny_backbone_grows_its_table_too():
 
 # ----------------------------------------------------------------------------- multi-label metric
 def _scorer(mode: str):
-    from delo_dist.config import Recipe
-    from delo_dist.training.trainer import Trainer
-    t = Trainer.__new__(Trainer)            # scoring only: no setup, no model
-    t.recipe = Recipe()
-    t.recipe.eval.multilabel_classes = mode
-    t.multilabel = True
-    t.manifest = {"num_classes": 4, "sessions": [{"classes": [0, 1]}, {"classes": [2, 3]}]}
-    return t
+    from delo_dist.training.evaluation import Scoring, score
+    scoring = Scoring(multilabel=True, num_classes=4, session_classes=((0, 1), (2, 3)),
+                      multilabel_classes=mode)
+    return lambda rows, session, seen: score(rows, session, seen, scoring)
 
 
 def test_macro_f1_over_seen_or_session_classes():
     # session 0's test set after 2 sessions: (key, labels, pred, oracle pred, routed session)
     rows = [("a", [0, 2], [0], [0], 0), ("b", [1], [1, 2], [1], 1), ("c", [0], [], [], 0)]
     # class 0: tp 1 fn 1 -> 2/3; class 1: tp 1 -> 1; class 2: fp 1 fn 1 -> 0; class 3: empty -> 0
-    perf, oracle, routing = _scorer("session")._score(rows, 0, 2)
+    perf, oracle, routing = _scorer("session")(rows, 0, 2)
     assert perf == pytest.approx((2 / 3 + 1) / 2) and oracle == pytest.approx((2 / 3 + 1) / 2)
     assert routing == pytest.approx(2 / 3)
-    perf, oracle, _ = _scorer("seen")._score(rows, 0, 2)
+    perf, oracle, _ = _scorer("seen")(rows, 0, 2)
     assert perf == pytest.approx((2 / 3 + 1 + 0 + 0) / 4)
     assert oracle == pytest.approx((2 / 3 + 1 + 0 + 0) / 4)  # oracle: class 2 missed (fn)
-    assert _scorer("seen")._score(rows, 0, 1)[0] == pytest.approx(5 / 6)  # only session 0 seen
+    assert _scorer("seen")(rows, 0, 1)[0] == pytest.approx(5 / 6)  # only session 0 seen
 
 
 @pytest.mark.slow  # two tiny training runs (~15 s with the first import)

@@ -33,11 +33,11 @@ from delo_dist.data.shards import check_sizes, has_file_records, manifest_sha256
 from delo_dist.data.stream import SessionStream, make_loader
 from delo_dist.models.continual import ContinualModel, parameter_summary
 from delo_dist.models.inputs import concat_batches
-from delo_dist.models.task_id import AVAILABILITY, availability
 from delo_dist.plots import accuracy_heatmap
 from delo_dist.tracking import Tracker, TrackingUnreachable, probe, resolve_uri
-from delo_dist.training import checkpoint, run_identity, stopping
+from delo_dist.training import checkpoint, evaluation, run_identity, stopping
 from delo_dist.training.engines import DeepSpeedEngine, TorchEngine, autocast, resolve_precision
+from delo_dist.training.evaluation import _availability_line, _availability_scalars, to_device
 from delo_dist.training.objective import objective, observe_task_id
 from delo_dist.training.run_identity import RunIdentityError
 from delo_dist.training.run_lock import RunLock, RunLockError
@@ -47,10 +47,6 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, relaunch to resume
 
 class LaunchError(RuntimeError):
     """The launch (processes, devices) and the recipe disagree."""
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def rss_mb() -> float:
@@ -432,47 +428,26 @@ class Trainer:
     # ================================================================ evaluation
     def evaluate_checkpoint(self, path: Path) -> None:
         """Evaluate a checkpoint on every session it has seen; write eval.json (no training)."""
-        checkpoint.load_model(path, self.model)
-        seen = json.loads((path / "state.json").read_text())["session"]
-        row, oracle_row, routing_row, by_availability = self.evaluate(seen)
-        if self.main:
-            out = {"checkpoint": str(path), "seen": seen, "performance": row,
-                   "oracle_performance": oracle_row, "routing_accuracy": routing_row,
-                   "routing_by_availability": by_availability, "world_size": self.world}
-            (self.out / "eval.json").write_text(json.dumps(out, indent=1))
-            print(f"evaluated {path} on {seen} sessions: " +
-                  " ".join(f"{100 * p:.2f}" for p in row), flush=True)
+        evaluation.evaluate_checkpoint(
+            path, self.model, self._test_loader, self._scoring(), device=self.device,
+            precision=self.precision, oracle=self.recipe.eval.oracle,
+            progress=self.main and sys.stderr.isatty(), out_dir=self.out if self.main else None)
 
-    @torch.no_grad()
-    def evaluate(self, seen: int) -> tuple[list, list, list, dict]:
-        """Task-agnostic, oracle and routing accuracy on the test split of sessions < seen,
-        and routing accuracy by availability (`routing_by_availability`)."""
-        self.model.eval()
-        oracle = self.recipe.eval.oracle
-        row, oracle_row, routing_row, routed_rows = [], [], [], []
-        for i in range(seen):
-            _, loader = self._stream(i, "test", train=False)
-            local = []
-            for batch in tqdm(loader, desc=f"eval S{i} of {seen}", leave=False,
-                              disable=not (self.main and sys.stderr.isatty())):
-                batch = to_device(batch, self.device)
-                with autocast(self.precision, self.device):
-                    out = self.model.predict(batch, seen, oracle)
-                labels, avail = batch["labels"], availability(batch)
-                local += [(key, _plain(labels, j), _plain(out["pred"], j),
-                           _plain(out.get("oracle_pred"), j), int(out["routed"][j]), int(avail[j]))
-                          for j, key in enumerate(batch["keys"])]
-            gathered = sorted((x for part in dist.all_gather_objects(local) for x in part))
-            perf, oracle_perf, routing = self._score(gathered, i, seen)
-            row.append(perf)
-            oracle_row.append(oracle_perf)
-            routing_row.append(routing)
-            routed_rows.append([(r[4], r[5]) for r in gathered])
-        return row, oracle_row, routing_row, routing_by_availability(routed_rows)
+    def evaluate(self, seen: int) -> evaluation.EvalRow:
+        return evaluation.evaluate(self.model, self._test_loader, seen, self._scoring(),
+                                   device=self.device, precision=self.precision,
+                                   oracle=self.recipe.eval.oracle,
+                                   progress=self.main and sys.stderr.isatty())
+
+    def _test_loader(self, k: int):
+        return self._stream(k, "test", train=False)[1]
+
+    def _scoring(self) -> evaluation.Scoring:
+        return evaluation.Scoring.of(self.manifest, self.recipe.eval.multilabel_classes)
 
     def evaluate_session(self, k: int) -> None:
         """After session k: evaluate sessions 0..k, extend the matrices, log."""
-        row, oracle_row, routing_row, by_availability = self.evaluate(k + 1)
+        row, oracle_row, routing_row, by_availability, _ = self.evaluate(k + 1)
         res = self.result
         res["accuracy_matrix"].append(row)
         res["oracle_matrix"].append(oracle_row)
@@ -500,21 +475,6 @@ class Trainer:
             found += [b for b in json.loads(path.read_text())
                       if session is None or b["session"] == session]
         return found
-
-    def _score(self, rows: list, session: int, seen: int) -> tuple[float, float, float]:
-        """rows: (key, label, pred, oracle pred, routed) -> performance, oracle, routing."""
-        if self.multilabel:
-            n = self.manifest["num_classes"]
-            classes = M.scored_classes([s["classes"] for s in self.manifest["sessions"]], session,
-                                       seen, self.recipe.eval.multilabel_classes)
-            as_tensor = lambda col: M.multi_hot(col, n)                    # noqa: E731
-            metric = lambda pred, y: M.macro_f1(pred, y, classes)         # noqa: E731
-        else:
-            as_tensor, metric = torch.tensor, M.accuracy
-        column = lambda j: as_tensor([r[j] for r in rows])                # noqa: E731
-        labels = column(1)
-        oracle = metric(column(3), labels) if rows and rows[0][3] is not None else float("nan")
-        return metric(column(2), labels), oracle, float(np.mean([r[4] == session for r in rows]))
 
     def _log_session(self, k: int, info: dict) -> None:
         scalars = {n: v for n, v in info.items() if isinstance(v, (int, float)) and n != "session"}
@@ -583,40 +543,3 @@ class Trainer:
               f"routing {100 * summary['routing_accuracy']:.1f}%{chance})  wall {wall:.0f}s\n"
               f"wrote {self.out / 'metrics.json'}", flush=True)
 
-
-def routing_by_availability(routed_rows: list[list[tuple[int, int]]]) -> dict:
-    """routed_rows[i]: (routed session, availability) of each test sample of session i ->
-    routing accuracy by availability (complete, text_only, image_only; None: no sample),
-    per session and over all samples, with the counts."""
-    per_session, hits, totals = [], np.zeros(3), np.zeros(3)
-    for i, rows in enumerate(routed_rows):
-        h, n = np.zeros(3), np.zeros(3)
-        for routed, a in rows:
-            n[a] += 1
-            h[a] += routed == i
-        per_session.append({name: (h[a] / n[a] if n[a] else None) for a, name in enumerate(AVAILABILITY)})
-        hits, totals = hits + h, totals + n
-    overall = {name: (hits[a] / totals[a] if totals[a] else None) for a, name in enumerate(AVAILABILITY)}
-    return {"overall": overall, "per_session": per_session,
-            "count": {name: int(totals[a]) for a, name in enumerate(AVAILABILITY)}}
-
-
-def _availability_scalars(b: dict) -> dict:
-    out = {f"routing_acc_{n}": v for n, v in b["overall"].items() if v is not None}
-    for i, row in enumerate(b["per_session"]):
-        out.update({f"routing_acc_s{i}_{n}": v for n, v in row.items() if v is not None})
-    return out
-
-
-def _availability_line(b: dict) -> str:
-    return ", ".join(f"{n.replace('_', '-')} {'-' if v is None else f'{100 * v:.1f}'}"
-                     for n, v in b["overall"].items())
-
-
-def _plain(t, j):
-    if t is None:
-        return None
-    v = t[j]
-    if torch.is_tensor(v):
-        return v.nonzero().squeeze(1).tolist() if v.dtype == torch.bool else int(v)
-    return v
