@@ -56,7 +56,7 @@ class ContinualModel(nn.Module):
         self.heads = nn.ModuleList([nn.Linear(d, len(c)) for c in session_classes])
         self.identifier = (build_task_identifier(recipe.task_id, session_classes, num_classes,
                                                  self.backbone)
-                           if self.method.head == "session" else None)
+                           if self.method.uses_identifier else None)
         n = self.n_sessions
         # global class id -> index inside its session's head (-1: not in this session)
         local = torch.full((n, num_classes), -1, dtype=torch.long)

@@ -21,6 +21,7 @@ and implements what differs from the defaults below (adapters around frozen line
   make_session(...)        one session's adapter for one linear (None: no adapters)
   attach(model)            wrap linears / add the method's own modules
   session_parameters(model, k)  what trains in session k (earlier sessions' parts never)
+  start_session(model, k)  before session k trains (initialise its parts from the trained past)
   forward(model, batch, session, epoch, aux) -> {"logits": (B, classes of `session`), ...}
   loss_terms(model, batch, out, session) -> {name: (weight, scalar)}: added to the supervised
                            loss by the shared objective (training/objective.py)
@@ -49,6 +50,13 @@ class Method(Plugin):
 
     def __init__(self, settings: Any = None):
         self.cfg = settings if settings is not None else self.Settings()
+
+    @property
+    def uses_identifier(self) -> bool:
+        """Whether the model builds the task identifier (`task_id.*`): methods with a head per
+        session route by it; a shared-head method may still ask for it (to pick its own
+        per-session parts by it)."""
+        return self.head == "session"
 
     def dummies(self) -> dict:
         """What a missing modality becomes at collate time (the backbone applies it)."""
@@ -95,6 +103,10 @@ class Method(Plugin):
         return {n: p for n, p in model.named_parameters() if id(p) in wanted}
 
     # ------------------------------------------------------------ training
+    def start_session(self, model, k: int) -> None:
+        """Before session k trains (not on a mid-session resume, whose checkpoint holds its
+        state): e.g. initialise session k's slice orthogonally to the trained earlier ones."""
+
     def forward(self, model, batch: dict, session: int, epoch: int = 0, aux: bool = True) -> dict:
         """Logits of the batch over session `session`'s classes, and what `loss_terms` reads
         (aux=False: the terms will not be taken; skip what only they need)."""

@@ -319,12 +319,15 @@ class Trainer:
     def train_session(self, k: int) -> bool:
         """Train session k; False if a stop signal interrupted it (checkpoint written)."""
         t = self.recipe.train
+        mid_session = bool(self.resume and self.resume["session"] == k and self.resume.get("mid_session"))
+        if not mid_session:  # a mid-session checkpoint holds what this would initialise
+            self.model.method.start_session(self.model, k)
         params = self.model.set_trainable(k)  # before the engine: it only sees these
         n_train = self.manifest["sessions"][k]["splits"]["train"]["count"]
         steps_per_epoch = n_train // self.global_batch  # optimizer steps
         engine = self._build_engine(params, steps_per_epoch * t.epochs)
         epoch0, step0 = 0, 0
-        if self.resume and self.resume["session"] == k and self.resume.get("mid_session"):
+        if mid_session:
             checkpoint.load_engine(Path(self.resume["path"]), engine)
             epoch0, step0 = self.resume["epoch"], self.resume["step_in_epoch"]
             self.session_losses = self.resume["session_losses"]
