@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from delo_dist.methods.mail import MailSettings as MailConfig
+from delo_dist.methods.mail import MailSettings
 from delo_dist.data.missing import MissingSpec, missing_table
 from delo_dist.data.shards import read_manifest
 from delo_dist.data.stream import SessionStream
@@ -74,8 +74,8 @@ def test_parameter_counts_per_allocation_shape(recipe_for, allocation, counts):
         "decreasing": [8, 7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2]}[allocation]
 
 
-def mail_cfg(**kw) -> MailConfig:
-    return MailConfig(**{"dropout": 0.0, **kw})
+def mail_cfg(**kw) -> MailSettings:
+    return MailSettings(**{"dropout": 0.0, **kw})
 
 
 @pytest.mark.parametrize("router_input", ["sample", "token"])
@@ -287,3 +287,24 @@ def test_mail_on_clip_routes_its_mlp_linears_by_the_sequence_mean(recipe_for, sh
     loss.backward()
     routers = [p for n, p in params.items() if "router" in n]
     assert routers and all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers)
+
+
+@pytest.mark.parametrize("backbone, method, expected", [
+    ("vilt", "mail", "zeros"), ("vilt", "delo", "ones"),     # MAIL's paper; DeLo keeps MAP's
+    ("clip", "mail", "zeros"), ("clip", "mora", "white"),    # MoRA's code: a white image
+])
+def test_missing_image_is_the_methods_dummy(recipe_for, shards, backbone, method, expected):
+    """The dummy of a missing image is the method's (MAIL: zeros after normalisation, as the
+    paper's example), the backbone applying it; a missing text is "" for every method."""
+    _, m, model = build(recipe_for, **{"backbone.name": backbone, "method.name": method})
+    batch = batch_of(model, m, shards, 0)
+    missing = batch["missing_image"]
+    assert missing.any() and (~missing).any()
+    dummy = batch["pixel_values"][missing]
+    ones = torch.ones_like(dummy[0])
+    want = {"zeros": torch.zeros_like(ones), "ones": ones,
+            "white": model.backbone.normalize_pixels(ones)}[expected]
+    assert all(torch.equal(d, want) for d in dummy)
+    assert not torch.equal(batch["pixel_values"][~missing][0], want)
+    # MAIL routes by its own input: a two-encoder backbone computes no guide query for it
+    assert model.backbone.guide_queries == (method == "delo")
