@@ -19,8 +19,8 @@ from delo_dist.methods.delo import FactorPool
 from delo_dist.models.task_id import TaskKeyMemory
 from delo_dist.training.engines import TorchEngine
 from delo_dist.training.objective import observe_task_id
-from delo_dist.training.losses import (alignment_sum, consistency_sum, proxy_choice,
-                                       supervised_loss)
+from delo_dist.methods.delo import alignment_sum, consistency_sum, proxy_choice
+from delo_dist.training.losses import supervised_loss
 
 
 def build(recipe_for, **extra):

@@ -14,8 +14,8 @@ from delo_dist.models.continual import ContinualModel
 from delo_dist.models.inputs import subset
 from delo_dist.methods.delo import DeloSession
 from delo_dist.models.vilt_sdpa import ViltSdpaSelfAttention, install_attention
-from delo_dist.training.losses import (alignment_sum, consistency_sum, proxy_choice,
-                                       supervised_loss)
+from delo_dist.methods.delo import alignment_sum, consistency_sum, proxy_choice
+from delo_dist.training.losses import supervised_loss
 from delo_dist.training.objective import objective, observe_task_id
 from tests.test_delo import batch_of, build
 

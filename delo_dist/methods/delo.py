@@ -19,15 +19,16 @@ to check the fast path and to be timed against it.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from delo_dist.models.method import Method
-from delo_dist.training.losses import (alignment_sum, complete_scale, consistency_sum,
-                                       proxy_choice)
+from delo_dist.models.adapters import PROXY_IMAGE, PROXY_TEXT
+from delo_dist.models.method import Method, complete_scale
 
 
 class FactorPool(nn.Module):
@@ -103,6 +104,39 @@ def gathered_product(x: torch.Tensor, routes: list, alpha: float) -> torch.Tenso
     z = torch.bmm(x, a.reshape(n_b, k * f, d_in).transpose(1, 2))  # (B, N, P*r*f)
     z = z * gate.repeat_interleave(f, 1).unsqueeze(1)
     return torch.bmm(z, b.transpose(2, 3).reshape(n_b, k * f, -1))  # (B, N, d_out)
+
+
+# ------------------------------------------------------------ losses (paper, Eq. 9 and 10)
+# L_align = 1 - cos(q_v, q_t), on complete samples, averaged over the adapted linears.
+# L_con: KL(p_true || p_proxy) on complete samples, where p_proxy comes from a pass in which one
+#   modality's pools are routed by the other modality's query, as they would be if that
+#   modality were missing. Which one is simulated is drawn per sample from its key (so the
+#   choice does not depend on the number of ranks). p_true is the target and is detached: the
+#   proxy path is taught to reason like the real one, not the reverse.
+# Both are sums over this rank's complete samples times `complete_scale`: after the ranks'
+# gradients are averaged, each is the mean over the global batch's complete samples.
+
+def alignment_sum(queries: list, complete: torch.Tensor) -> torch.Tensor:
+    """Sum over complete samples of mean over linears of (1 - cos(q_v, q_t))."""
+    per_sample = torch.stack([1 - F.cosine_similarity(qv, qt, dim=-1) for qv, qt in queries]).mean(0)
+    return per_sample[complete].sum()
+
+
+def proxy_choice(keys: list[str], epoch: int) -> torch.Tensor:
+    """Per sample, which modality the consistency pass pretends is missing."""
+    return torch.tensor([PROXY_TEXT if zlib.crc32(f"{k}/{epoch}".encode()) % 2 == 0 else PROXY_IMAGE
+                         for k in keys])
+
+
+def consistency_sum(logits_true: torch.Tensor, logits_proxy: torch.Tensor,
+                    multilabel: bool) -> torch.Tensor:
+    target = logits_true.detach()
+    if multilabel:  # KL between per-class Bernoulli distributions, summed over classes
+        p, lp, lq = target.sigmoid(), F.logsigmoid(target), F.logsigmoid(logits_proxy)
+        l1p, l1q = F.logsigmoid(-target), F.logsigmoid(-logits_proxy)
+        return (p * (lp - lq) + (1 - p) * (l1p - l1q)).sum(-1).sum()
+    return F.kl_div(logits_proxy.log_softmax(-1), target.log_softmax(-1), log_target=True,
+                    reduction="sum")
 
 
 @dataclass

@@ -33,8 +33,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Optional
 
+import torch
 from torch import nn
 
+from delo_dist import dist
 from delo_dist.plugins import Plugin
 
 
@@ -120,3 +122,16 @@ class Method(Plugin):
         """Task-agnostic prediction: each sample routed by the task identifier to a session's
         adapters and head (the continual model's default path)."""
         return model.predict_routed(batch, seen, oracle)
+
+
+def complete_scale(batch: dict, complete: torch.Tensor) -> float:
+    """world / (complete samples per micro-step over all ranks): a term summed over this rank's
+    complete samples, times this, averages over the global batch's complete samples once the
+    ranks' gradients are averaged. With gradient accumulation the stream counted the optimizer
+    step's whole global batch (/ accum), so the micro-steps' terms, each divided by accum in
+    backward, add up to the step's mean."""
+    if "complete_per_micro" in batch:
+        n_global = float(batch["complete_per_micro"][0])
+    else:
+        n_global = dist.all_reduce_sum(complete.sum().float().cpu()).item()
+    return dist.world() / n_global if n_global > 0 else 0.0  # n may be < 1 with accumulation
