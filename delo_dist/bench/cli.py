@@ -3,7 +3,6 @@ round-robin, print the table, write the JSON (see delo_dist/bench/__init__.py)."
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -99,7 +98,8 @@ def run(args) -> dict:
     backbone = args.backbone or defaults.backbone.name
     reference = args.reference or defaults.method.name
     bb_entry = plugins.bench_entry(plugins.get("backbone", backbone)) or plugins.BenchEntry()
-    shape = {"backbone.tiny.hidden_size": args.hidden, "backbone.tiny.num_hidden_layers": args.layers,
+    shape = {"backbone.tiny.hidden_size": args.hidden,
+             "backbone.tiny.num_hidden_layers": args.layers,
              "backbone.tiny.num_attention_heads": args.heads,
              "backbone.tiny.intermediate_size": args.intermediate or 4 * args.hidden,
              "backbone.tiny.patch_size": args.patch, "backbone.image_size": args.image_size,
@@ -112,8 +112,8 @@ def run(args) -> dict:
     harness = Harness(Timer(args.device, precision, args.clock), args.warmup)
     builder = RowBuilder(setup, harness)
     rss0, specs, loader = rss_mb(), dict(bb_entry.ratios), None
-    with contextlib.ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="delo-dist-bench-")))
+    with tempfile.TemporaryDirectory(prefix="delo-dist-bench-") as folder:
+        tmp = Path(folder)   # the loader's shards and the prediction rows' export
         say(f"bench: backbone {backbone} ({', '.join(f'{k}={v}' for k, v in shape.items())})")
         frozen = builder.backbone(backbone, bb_entry, args.variants)
         if args.loader_samples > 0:
@@ -144,7 +144,7 @@ def run(args) -> dict:
     cf = builder.complete_fraction
     ratio_values, ratio_skipped = ratios(specs, rows, backbone)
     return {
-        "meta": meta(args, backbone, setup, methods, skipped, reference, defaults, cf, rss0),
+        "meta": meta(args, backbone, setup, methods, skipped, reference, cf, rss0),
         "rows": rows, "ratios": ratio_values, "ratios_skipped": ratio_skipped,
         "targets": {n: target_value(s[2], cf) for n, s in specs.items() if s[2] is not None},
         "comparison": comparison(rows, methods, reference),
@@ -183,7 +183,7 @@ def prediction(rows: dict, method: str) -> dict:
             "same_predictions": e.get("same_predictions")}
 
 
-def meta(args, backbone, setup, methods, skipped, reference, defaults, cf, rss0) -> dict:
+def meta(args, backbone, setup, methods, skipped, reference, cf, rss0) -> dict:
     import peft
     import transformers
     cuda = str(args.device).startswith("cuda")
@@ -213,9 +213,9 @@ def meta(args, backbone, setup, methods, skipped, reference, defaults, cf, rss0)
 def table(result: dict) -> str:
     m = result["meta"]
     shape = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in m["shape"].items())
-    lines = [f"# {m['device_name']}, {m['dtype']}, torch {m['versions']['torch']}, {m['date']}, "
-             f"load {m['machine']['load_avg'][0]:.1f} -- {m['note']}" if m['machine']['load_avg']
-             else f"# {m['device_name']}, {m['dtype']}, {m['date']}",
+    load = m["machine"]["load_avg"]
+    lines = [f"# {m['device_name']}, {m['dtype']}, torch {m['versions']['torch']}, {m['date']}"
+             + (f", load {load[0]:.1f}" if load else "") + f" -- {m['note']}",
              f"# {m['backbone']}: {shape}; batch {m['batch']}, {m['sessions']} sessions, complete "
              f"fraction {m['complete_fraction']:.2f}, task_id {m['task_id']}"
              + (f", --set {' '.join(m['overrides'])}" if m["overrides"] else "")
@@ -233,10 +233,12 @@ def table(result: dict) -> str:
             lines.append(f"# {name}: routed to {r['routed_sessions']} sessions (true "
                          f"{r['true_sessions']}), routing accuracy {r['routing_accuracy']:.2f}")
     if m["methods_left_out"]:
-        lines.append("# left out: " + "; ".join(f"{k} ({v})" for k, v in m["methods_left_out"].items()))
+        left = m["methods_left_out"]
+        lines.append("# left out: " + "; ".join(f"{k} ({v})" for k, v in left.items()))
     lo = result.get("loader")
     if lo:
-        rates = [(n, r["samples_per_s"]) for n, r in result["rows"].items() if n.startswith("loader/")]
+        rates = [(n, r["samples_per_s"]) for n, r in result["rows"].items()
+                 if n.startswith("loader/")]
         lines.append(f"# loader, {lo['samples']} JPEGs {lo['raw_image']} -> {lo['image_size']}, "
                      f"batch {lo['batch']}, one thread, samples/s: " + "; ".join(
                          f"{n} {s['mean']:.1f} +/- {s['std']:.1f}" for n, s in rates))
@@ -259,22 +261,19 @@ def comparison_lines(comp: dict) -> list[str]:
     ref, methods = comp["reference"], comp["methods"]
     if not methods:
         return []
-    lines = ["", f"methods against {ref}: median ms, x {ref} (ratio of medians / of minima), "
-                 "fwd eq" + ("" if ref in methods else f" ({ref} did not run)"), f"{'method':<16}{'train ms':>10}{'x ' + ref:>14}{'fwd':>6}"
-                           f"{'agnostic ms':>13}{'x ' + ref:>14}{'fwd':>6}"]
+    head = (f"methods against {ref}: median ms; x {ref}, ratio of medians / of minima; fwd, "
+            "frozen forwards a call" + ("" if ref in methods else f" ({ref} did not run)"))
+    lines = ["", head, f"{'method':<20}{'train ms':>10}{'x ' + ref:>14}{'fwd':>6}"
+                       f"{'agnostic ms':>13}{'x ' + ref:>14}{'fwd':>6}"]
     for m, kinds in methods.items():
-        cells = []
-        for kind in ("train", "agnostic"):
-            k = kinds.get(kind)
-            if k is None:
-                cells.append(f"{'':>{10 if kind == 'train' else 13}}{'':>14}{'':>6}")
-                continue
-            o = k.get("over_reference")
-            x = f"{o['median']:.2f} / {o['min']:.2f}" if o else ""
-            f = k.get("frozen_forwards")
-            cells.append(f"{k['median_ms']:>{10 if kind == 'train' else 13}.1f}{x:>14}"
-                         f"{(f'{f:.2f}' if f is not None else ''):>6}")
-        lines.append(f"{m:<16}" + "".join(cells))
+        line = f"{m:<20}"
+        for kind, width in (("train", 10), ("agnostic", 13)):
+            k = kinds.get(kind) or {}
+            o, f = k.get("over_reference"), k.get("frozen_forwards")
+            ratio = f"{o['median']:.2f} / {o['min']:.2f}" if o else ""
+            line += f"{k['median_ms']:>{width}.1f}" if k else " " * width
+            line += f"{ratio:>14}" + (f"{f:>6.2f}" if f is not None else " " * 6)
+        lines.append(line)
     return lines
 
 

@@ -31,8 +31,8 @@ class Row:
     before: Optional[Callable[[], None]] = None          # untimed, before every call
     threads: Optional[int] = None              # torch threads while it runs (None: as set)
     autocast: bool = True                      # run under --dtype's autocast
-    probe: Optional[Callable[[], Any]] = None  # a context manager around the first warm-up
-    inspect: Optional[Callable[[Any], dict]] = None      # first warm-up's return -> info
+    probe: Optional[Callable[[], Any]] = None  # a context manager around the last warm-up
+    inspect: Optional[Callable[[Any], dict]] = None      # last warm-up's return -> info
     info: dict = field(default_factory=dict)   # carried into the JSON beside the times
     times_ms: list = field(default_factory=list)
 
@@ -80,7 +80,7 @@ class Timer:
 
 class Harness:
     def __init__(self, timer: Timer, warmup: int):
-        self.timer, self.warmup = timer, max(warmup, 1)   # the first warm-up also probes
+        self.timer, self.warmup = timer, max(warmup, 1)   # the last warm-up also probes
         self.rows: dict[str, Row] = {}
 
     def add(self, rows: list[Row], rss_start: float, resident: int = 0) -> None:
@@ -91,11 +91,11 @@ class Harness:
             if row.name in self.rows:
                 raise ValueError(f"bench: two rows named {row.name!r}")
             peaks = []
-            for i in range(self.warmup):
-                probe = row.probe() if (i == 0 and row.probe) else contextlib.nullcontext()
-                with probe:
+            for i in range(self.warmup):  # the last one probes: caches as warm as when timed
+                last = i == self.warmup - 1
+                with row.probe() if (last and row.probe) else contextlib.nullcontext():
                     _, mb, out = self.timer(row)
-                if i == 0 and row.inspect is not None:
+                if last and row.inspect is not None:
                     row.info.update(row.inspect(out))
                 peaks.append(mb)
             extra[row.name] = max(peaks)

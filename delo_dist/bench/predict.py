@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 
 from delo_dist.bench.harness import Row
-from delo_dist.bench.rows import LinearWork, Setup, build_model, fit_identifier, to_device
+from delo_dist.bench.rows import (LinearWork, Setup, build_model, fit_identifier, fresh,
+                                  to_device)
 from delo_dist.plugins import BenchEntry
 from delo_dist.training.engines import autocast
 
@@ -60,7 +61,7 @@ def prediction_rows(setup: Setup, name: str, entry: BenchEntry, batch_size: int,
 
     def evaluate():
         with autocast(m.precision, m.device):
-            return m.model.predict(batch, m.seen, oracle=False)
+            return m.model.predict(fresh(batch), m.seen, oracle=False)
 
     def predicted(results: list) -> dict:
         seen["predict"] = [r["class_ids"] for r in results]
@@ -71,7 +72,7 @@ def prediction_rows(setup: Setup, name: str, entry: BenchEntry, batch_size: int,
         ids = ([r.nonzero().squeeze(1).tolist() for r in pred] if m.multilabel
                else [[c] for c in pred.tolist()])
         return {"same_predictions": ids == seen.get("predict")}
-    rows = [Row(f"predict/{name}", lambda: m.predict_batch(batch), batch_size, autocast=False,
+    rows = [Row(f"predict/{name}", lambda: m.predict_batch(fresh(batch)), batch_size, autocast=False,
                 inspect=predicted),
             Row(f"evaluate/{name}", evaluate, batch_size, autocast=False, inspect=evaluated)]
     for row in rows:
