@@ -114,6 +114,9 @@ def test_bench_clip_mora_merged_and_unmerged(capsys):
     # encoders (without the final projections: 2 - 0.5 %)
     assert rows["oracle/delo"]["frozen_forwards"] == pytest.approx(2.0, rel=0.01)
     assert rows["one_session/mora"]["frozen_forwards"] == pytest.approx(1.0)
+    trains = {m: c["trainable_params"] for m, c in result["comparison"]["methods"].items()}
+    assert trains["head_only"] == 64 * 4 + 4        # the session's head: (2 x 32 projection) x 4
+    assert trains["mora"] > trains["head_only"] and trains["delo"] > trains["mora"]
     assert result["meta"]["backbone"] == "clip" and result["prediction"] is None
     assert "train_delo_over_peft_lora" in result["ratios_skipped"]   # peft rows: ViLT's run
     assert "one_session/mora_unmerged" in capsys.readouterr().out

@@ -168,6 +168,8 @@ def comparison(rows: dict, methods: list, reference: str) -> dict:
                 continue
             out[m][kind] = {"median_ms": r["median_ms"], "min_ms": r["min_ms"],
                             "frozen_forwards": r.get("frozen_forwards")}
+            if "trainable_params" in r:
+                out[m]["trainable_params"] = r["trainable_params"]
             if ref is not None:
                 out[m][kind]["over_reference"] = {"median": r["median_ms"] / ref["median_ms"],
                                                   "min": r["min_ms"] / ref["min_ms"]}
@@ -263,10 +265,10 @@ def comparison_lines(comp: dict) -> list[str]:
         return []
     head = (f"methods against {ref}: median ms; x {ref}, ratio of medians / of minima; fwd, "
             "frozen forwards a call" + ("" if ref in methods else f" ({ref} did not run)"))
-    lines = ["", head, f"{'method':<20}{'train ms':>10}{'x ' + ref:>14}{'fwd':>6}"
+    lines = ["", head, f"{'method':<20}{'trains':>10}{'train ms':>10}{'x ' + ref:>14}{'fwd':>6}"
                        f"{'agnostic ms':>13}{'x ' + ref:>14}{'fwd':>6}"]
     for m, kinds in methods.items():
-        line = f"{m:<20}"
+        line = f"{m:<20}{kinds.get('trainable_params', ''):>10}"
         for kind, width in (("train", 10), ("agnostic", 13)):
             k = kinds.get(kind) or {}
             o, f = k.get("over_reference"), k.get("frozen_forwards")

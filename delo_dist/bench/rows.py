@@ -197,11 +197,13 @@ def frozen_forwards(rows: dict, frozen_row: str) -> None:
 # ------------------------------------------------------------------ one model's rows
 
 def train_step(model: ContinualModel, batch: dict, k: int, full: bool, extra: dict):
+    """The step, and the number of tensors' elements it trains (by identity)."""
     params = dict(model.set_trainable(k))
     for p in extra.values():  # a reference implementation's tensors (BenchVariant.reference)
         p.requires_grad_(True)
     params.update(extra)
-    opt = torch.optim.AdamW(list(params.values()), lr=1e-4, betas=(0.9, 0.98), eps=1e-8)
+    unique = list({id(p): p for p in params.values()}.values())
+    opt = torch.optim.AdamW(unique, lr=1e-4, betas=(0.9, 0.98), eps=1e-8)
 
     def step():
         model.train()
@@ -213,7 +215,7 @@ def train_step(model: ContinualModel, batch: dict, k: int, full: bool, extra: di
         opt.step()
         if full:
             observe_task_id(model, b, k)
-    return step
+    return step, sum(p.numel() for p in unique)
 
 
 def routing(batch: dict):
@@ -249,7 +251,8 @@ def model_rows(stem: str, kinds: tuple, model: ContinualModel, batch: dict, seen
     for kind in kinds:
         name = f"{kind}/{stem}"
         if kind in ("train", "train_ce"):
-            rows.append(Row(name, train_step(model, trained, k, kind == "train", extra), B))
+            step, n = train_step(model, trained, k, kind == "train", extra)
+            rows.append(Row(name, step, B, info={"trainable_params": n}))
         elif kind in ("oracle", "one_session"):
             b = batch if kind == "oracle" else relabel(batch, 0)
             rows.append(Row(name, infer(b, lambda b: model.predict_with(b, b["session"])), B))
