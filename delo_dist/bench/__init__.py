@@ -13,13 +13,13 @@ entries (`bench` of a method or backbone class, delo_dist.plugins.BenchEntry; ro
     reference pipeline);
   - every method registered (or those of --methods) whose needs the backbone meets:
     `train/<m>` (the trainer's step), `oracle/<m>`, `agnostic/<m>` (task-agnostic
-    inference), and its entry's variants (DeLo: naive dW, rank-one factors, first-layer
-    identification, 1 and 10 sessions; LoRA: peft's LoRA; MoRA: unmerged);
+    inference), and the models its entry adds (`<kind>/<m>_<variant>`: a naive path, other
+    settings, other session counts, a reference implementation, ...);
   - the prediction rows (predict.py): `delo_dist.load(...)`'s predict path next to the
     evaluation path, samples/s at batch 64.
-Ratios are declared by the entries with their targets (the performance targets: DeLo's and
-ViLT's entries); `comparison` sets each method's training step and task-agnostic inference against
-the reference method's (the recipe's default), with each call's cost in frozen forwards.
+Ratios are declared by the entries, with their targets; `comparison` sets each method's
+training step and task-agnostic inference against the reference method's (the recipe's
+default), with each call's trainable parameters and its cost in frozen forwards.
 """
 from __future__ import annotations
 
