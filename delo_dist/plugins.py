@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -69,6 +69,43 @@ class Plugin:
     @classmethod
     def section_name(cls) -> str:
         return cls.section or cls.name
+
+
+@dataclass(frozen=True)
+class BenchVariant:
+    """One more model `python -m delo_dist.bench` builds for a plug-in; its rows are named
+    `<kind>/<plug-in>_<variant>` (row kinds: delo_dist/bench/rows.py)."""
+    overrides: dict = field(default_factory=dict)  # recipe overrides (they win over --set)
+    rows: tuple = ("train",)
+    naive: bool = False              # adapters materialise the per-sample d_out x d_in update
+    merged: Optional[bool] = None    # False: a mergeable method predicts without merging
+    sessions: Optional[int] = None   # a model of this many sessions, the batch all the newest's
+    # "module:function" (model, the entry's recipe) -> extra trainable parameters by name: a
+    # reference implementation (e.g. peft's) put into the freshly built model
+    reference: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class BenchEntry:
+    """How the benchmark times a plug-in: the `bench` of a method or backbone class. A plain
+    dict there is BenchEntry(overrides=that dict); None leaves a method out of the default
+    run (it still runs when named)."""
+    overrides: dict = field(default_factory=dict)  # recipe overrides at the bench's shape
+    rows: Optional[tuple] = None                   # the base model's rows (None: by head mode)
+    variants: dict = field(default_factory=dict)   # name -> BenchVariant
+    # name -> (numerator row, denominator row, target (op, bound) or None); "{backbone}" in a
+    # row name is the run's backbone, bound "1 + cf" is 1 + the batch's complete fraction
+    ratios: dict = field(default_factory=dict)
+    full: dict = field(default_factory=dict)       # backbones: the paper's shape (--full)
+    # backbones: "module:function" (raw food101-layout folder, backbone, batch size) -> a call
+    # that reads every sample the reference way and returns the count (the loader rows)
+    loader_reference: Optional[str] = None
+
+
+def bench_entry(cls: Any) -> Optional[BenchEntry]:
+    """The plug-in's BenchEntry (see above), or None."""
+    entry = getattr(cls, "bench", None)
+    return entry if entry is None or isinstance(entry, BenchEntry) else BenchEntry(dict(entry))
 
 
 class PluginError(ValueError):

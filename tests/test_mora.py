@@ -233,22 +233,3 @@ def test_food101_clip_recipe_has_the_papers_trainable_share(shards):
     assert counts["adapter_params_per_session"] == 2 * per_layer == 61_440
     head_101 = 1024 * 101 + 101
     assert round(100 * (61_440 + head_101) / counts["backbone_params"], 2) == 0.11
-
-
-def test_bench_clip_rows(tmp_path):
-    """`python -m delo_dist.bench --clip` (a smoke test, never a timing assertion)."""
-    import json
-    import math
-
-    from delo_dist import bench
-    out = tmp_path / "clip.json"
-    result = bench.main(["--clip", "--hidden", "32", "--layers", "2", "--heads", "2",
-                         "--batch", "4", "--text-len", "12", "--image-size", "32", "--patch", "16",
-                         "--experts", "4", "--rank", "2", "--sessions", "3", "--repeats", "1",
-                         "--warmup", "1", "--json", str(out)])
-    assert json.loads(out.read_text())["ratios"] == result["ratios"]
-    assert {"train/clip_delo", "train/clip_mora", "infer/clip_mora/merged/one_session",
-            "infer/clip_mora/unmerged/one_session", "infer/clip_mora/mixed"} <= set(result["rows"])
-    assert all(math.isfinite(r["median_ms"]) and r["trainable_params"] > 0
-               for r in result["rows"].values())
-    assert "infer one session: mora merged / unmerged" in result["ratios"]["median"]

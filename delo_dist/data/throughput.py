@@ -5,8 +5,8 @@
 Makes <samples> photo-like JPEGs (smooth colour fields with fine grain, as large as real
 512x384 photos, not flat colours that decode for free), times `prepare` (decode, resize to
 --image-size, re-encode, write tars), then times reading every split of every session
-through SessionStream + make_loader with the ViLT backbone's `collate` (JPEG decode,
-tensors normalised for the model, tokenised text), the way the trainer reads. Images are
+through SessionStream + make_loader with the default backbone's `collate` (ViLT: JPEG
+decode, tensors normalised for the model, tokenised text), the way the trainer reads. Images are
 all present when read (no missing table): the most decoding work. Prints JSON and a table.
 """
 from __future__ import annotations
@@ -29,6 +29,19 @@ WORDS = "crispy golden baked fresh sweet spicy sauce plate with served homemade 
         "cheese tomato garlic butter cream chocolate rice noodles soup salad grilled".split()
 
 
+def photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A photo-like image: a smooth colour field with fine grain (it costs a real photo's
+    decoding time; flat colours would decode for free)."""
+    coarse = rng.integers(0, 256, (max(height // 32, 1), max(width // 32, 1), 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.int16)
+    img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(img)
+
+
+def sentence(rng: np.random.Generator) -> str:
+    return " ".join(rng.choice(WORDS, size=int(rng.integers(8, 30))))
+
+
 def make_raw(root: Path, samples: int, classes: int, width: int, height: int, seed: int = 0) -> int:
     """A food101-layout folder: `classes` classes, samples split 80/5/15 train/val/test."""
     rng = np.random.default_rng(seed)
@@ -40,19 +53,41 @@ def make_raw(root: Path, samples: int, classes: int, width: int, height: int, se
         frac = (i * 0.6180339887) % 1.0  # spread splits over classes
         split = "train" if frac < 0.80 else "val" if frac < 0.85 else "test"
         name = f"{cls}_{n}.jpg"
-        coarse = rng.integers(0, 256, (height // 32, width // 32, 3), dtype=np.uint8)
-        img = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.int16)
-        img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
         path = root / "images" / ("test" if split == "test" else "train") / cls / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(path, format="JPEG", quality=90)
+        photo(rng, width, height).save(path, format="JPEG", quality=90)
         raw_bytes += path.stat().st_size
-        texts[name] = " ".join(rng.choice(WORDS, size=int(rng.integers(8, 30))))
+        texts[name] = sentence(rng)
         splits[split].append(name)
     (root / "text.json").write_text(json.dumps(texts))
     (root / "split.json").write_text(json.dumps(splits))
     (root / "class_idx.json").write_text(json.dumps({c: k for k, c in enumerate(names)}))
     return raw_bytes
+
+
+def make_prepared(root: Path, samples: int, classes: int, width: int, height: int,
+                  image_size: int, sessions: int, workers: int = 0, seed: int = 0) -> dict:
+    """The set-up this command and the benchmark's loader rows share: a raw food101-layout
+    folder `root/raw` prepared into shards `root/shards` (timed)."""
+    raw, shards = Path(root) / "raw", Path(root) / "shards"
+    raw_bytes = make_raw(raw, samples, classes, width, height, seed=seed)
+    t0 = time.perf_counter()
+    summary = prepare("food101", raw, shards, image_size=image_size, workers=workers,
+                      sessions=sessions, classes_per_session=classes // sessions, progress=False)
+    return {"raw": raw, "shards": shards, "raw_bytes": raw_bytes,
+            "seconds": time.perf_counter() - t0,
+            "prepared": sum(sum(c.values()) for c in summary["counts"])}
+
+
+def reading_backbone(image_size: int, max_text_len: int, overrides: list[str] = ()):
+    """The recipe's backbone (the default one unless overrides say) as the trainer reads
+    with it: its `collate` decodes, normalises and tokenises."""
+    from delo_dist.config import load_recipe
+    from delo_dist.models.adapters import RoutingContext
+    from delo_dist.models.backbone import build_backbone
+    recipe = load_recipe(None, ["data.make_synthetic=true", f"backbone.image_size={image_size}",
+                                f"backbone.max_text_len={max_text_len}", *overrides])
+    return build_backbone(recipe.backbone, RoutingContext())
 
 
 def read_all(shards: Path, collate, batch_size: int, workers: int) -> tuple[int, float]:
@@ -82,23 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from delo_dist.config import load_recipe
-    from delo_dist.models.adapters import RoutingContext
-    from delo_dist.models.vilt import ViltBackbone
-
     with tempfile.TemporaryDirectory() as tmp:
-        raw, shards = Path(tmp) / "raw", Path(tmp) / "shards"
-        raw_bytes = make_raw(raw, a.samples, a.classes, a.width, a.height)
-        t0 = time.perf_counter()
-        summary = prepare("food101", raw, shards, image_size=a.image_size, workers=a.prepare_workers,
-                          sessions=2, classes_per_session=a.classes // 2, progress=False)
-        prep_s = time.perf_counter() - t0
-        prepared = sum(sum(c.values()) for c in summary["counts"])
-        shard_bytes = sum(f.stat().st_size for f in shards.rglob("*.tar"))
-        recipe = load_recipe(None, [f"data.shards={shards}", f"backbone.image_size={a.image_size}",
-                                    f"backbone.max_text_len={a.max_text_len}"])
-        backbone = ViltBackbone(recipe.backbone, RoutingContext())
-        read_n, read_s = read_all(shards, backbone.collate, a.batch_size, a.read_workers)
+        made = make_prepared(Path(tmp), a.samples, a.classes, a.width, a.height, a.image_size,
+                             sessions=2, workers=a.prepare_workers)
+        raw_bytes, prep_s, prepared = made["raw_bytes"], made["seconds"], made["prepared"]
+        shard_bytes = sum(f.stat().st_size for f in made["shards"].rglob("*.tar"))
+        backbone = reading_backbone(a.image_size, a.max_text_len)
+        read_n, read_s = read_all(made["shards"], backbone.collate, a.batch_size, a.read_workers)
     result = {
         "samples": a.samples, "raw_image": f"{a.width}x{a.height}", "image_size": a.image_size,
         "raw_kb_per_image": raw_bytes / a.samples / 1024,

@@ -29,6 +29,7 @@ from torch import nn
 
 from delo_dist.models.adapters import PROXY_IMAGE, PROXY_TEXT
 from delo_dist.models.method import Method, complete_scale
+from delo_dist.plugins import BenchEntry, BenchVariant
 
 
 class FactorPool(nn.Module):
@@ -171,7 +172,28 @@ class Delo(Method):
     name = "delo"
     Settings = DeloSettings
     guide_queries = True      # the pools route by both modalities' queries
-    bench = {"method.delo.experts": 16, "method.delo.rank": 4}
+    # python -m delo_dist.bench: the performance targets' ratios and the variant models they
+    # need (row kinds: delo_dist/bench/rows.py)
+    bench = BenchEntry(
+        overrides={"method.delo.experts": 16, "method.delo.rank": 4},
+        rows=("train", "train_ce", "oracle", "agnostic"),
+        variants={"naive": BenchVariant(naive=True, rows=("train", "oracle")),
+                  "fr1": BenchVariant({"method.delo.factor_rank": 1}, rows=("train", "oracle")),
+                  "first_layer": BenchVariant({"task_id.source": "first_layer"},
+                                              rows=("oracle", "agnostic")),
+                  "T1": BenchVariant(sessions=1, rows=("train_ce", "agnostic")),
+                  "T10": BenchVariant(sessions=10, rows=("train_ce", "agnostic"))},
+        ratios={"train_delo_over_peft_lora": ("train_ce/delo", "train/lora_peft", ("<=", 1.05)),
+                "train_full_over_ce": ("train/delo", "train_ce/delo", ("<=", "1 + cf")),
+                "infer_agnostic_over_oracle": ("agnostic/delo_first_layer",
+                                               "oracle/delo_first_layer", ("<=", 1.03)),
+                "infer_agnostic_pooled_over_oracle": ("agnostic/delo", "oracle/delo", None),
+                "train_T10_over_T1": ("train_ce/delo_T10", "train_ce/delo_T1", ("<=", 1.05)),
+                "infer_T10_over_T1": ("agnostic/delo_T10", "agnostic/delo_T1", ("<=", 1.05)),
+                "train: delo / delo naive": ("train/delo", "train/delo_naive", None),
+                "infer oracle: delo / delo naive": ("oracle/delo", "oracle/delo_naive", None),
+                "train: delo factor_rank 1 / r": ("train/delo_fr1", "train/delo", None),
+                "infer oracle: delo factor_rank 1 / r": ("oracle/delo_fr1", "oracle/delo", None)})
 
     @property
     def routed(self) -> bool:

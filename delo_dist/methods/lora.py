@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from delo_dist.models.method import Method
+from delo_dist.plugins import BenchEntry, BenchVariant
 
 
 class LoraSession(nn.Module):
@@ -49,7 +50,12 @@ class Lora(Method):
     task identifier."""
     name = "lora"
     Settings = LoraSettings
-    bench = {"method.lora.rank": 4}
+    bench = BenchEntry(  # against peft's LoRA, the same rank, scale and linears
+        overrides={"method.lora.rank": 4},
+        variants={"peft": BenchVariant({"method.name": "head_only"}, rows=("train", "oracle"),
+                                       reference="delo_dist.bench.references:peft_lora")},
+        ratios={"train: lora (ours) / peft lora": ("train/lora", "train/lora_peft", None),
+                "infer oracle: lora (ours) / peft lora": ("oracle/lora", "oracle/lora_peft", None)})
 
     def describe(self) -> str:
         return f"r={self.cfg.rank}"
@@ -63,3 +69,4 @@ class SeqLora(Lora):
     name = "seq_lora"
     section = "lora"
     shared_across_sessions = True
+    bench = None  # costs what lora costs: the same module under every session's name

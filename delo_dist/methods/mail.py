@@ -230,6 +230,7 @@ class SeqMail(Mail):
     name = "seq_mail"
     section = "mail"
     shared_across_sessions = True
+    bench = None  # costs what mail costs: the same mixture under every session's name
 
 
 def balance_loss(model, k: int) -> torch.Tensor | None:

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from delo_dist.models.method import Method
+from delo_dist.plugins import BenchEntry, BenchVariant
 
 EPS = 1e-5  # norm clamp, as the MoRA code
 
@@ -173,7 +174,14 @@ class Mora(Method):
                              "layer through shared factors"}
     mergeable = True
     targets = ("k_proj", "v_proj")
-    bench = {"method.mora.rank": 8}
+    bench = BenchEntry(  # merged inference (a batch of one session) against unmerged
+        overrides={"method.mora.rank": 8}, rows=("train", "oracle", "one_session", "agnostic"),
+        variants={"unmerged": BenchVariant(merged=False, rows=("one_session",))},
+        ratios={"infer one session: mora merged / unmerged": ("one_session/mora",
+                                                              "one_session/mora_unmerged", None),
+                "infer one session: mora merged / frozen backbone": ("one_session/mora",
+                                                                     "frozen/{backbone}", None),
+                "infer mixed / one session: mora": ("oracle/mora", "one_session/mora", None)})
 
     def __init__(self, settings=None):
         super().__init__(settings)
@@ -202,6 +210,7 @@ class SeqMora(Mora):
     name = "seq_mora"
     section = "mora"
     shared_across_sessions = True
+    bench = None  # costs what mora costs: the same set under every session's name
 
 
 def _upper_start(num_layers: int) -> int:

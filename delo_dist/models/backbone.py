@@ -71,6 +71,9 @@ class Backbone(Plugin, nn.Module):
     # Whether a method routes by the other modality's per-layer query (`Method.guide_queries`):
     # two-encoder backbones then compute it in a frozen pass.
     guide_queries: bool = False
+    # How `python -m delo_dist.bench` times it: plugins.BenchEntry (its variants, ratios, paper
+    # shape, reference loader) or a dict of recipe overrides
+    bench = {}
 
     def normalize_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> what the model eats."""

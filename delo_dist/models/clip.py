@@ -59,6 +59,7 @@ from delo_dist.models.backbone import Backbone, LinearSite, select_targets
 from delo_dist.models.inputs import decode_image, labels_tensor
 from delo_dist.models.offline_vocab import offline_tokenizer
 from delo_dist.models.prompts import PromptHooks, batched
+from delo_dist.plugins import BenchEntry
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)   # CLIPImageProcessor's defaults
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -111,6 +112,12 @@ class ClipBackbone(Backbone):
     # two encoders, one modality each; the other modality's query given from outside
     capabilities = frozenset({"two_encoders", "prompt_input", "prompt_prefix"})
     default_dummy_image = "white"  # a white image through CLIP's normalisation (the MoRA code)
+    bench = BenchEntry(full={  # python -m delo_dist.bench --full: ViT-B/16 and its text encoder
+        "backbone.tiny.hidden_size": 768, "backbone.tiny.num_hidden_layers": 12,
+        "backbone.tiny.num_attention_heads": 12, "backbone.tiny.intermediate_size": 3072,
+        "backbone.image_size": 224, "backbone.tiny.patch_size": 16, "backbone.max_text_len": 77,
+        "backbone.tiny.text_hidden_size": 512, "backbone.tiny.text_num_attention_heads": 8,
+        "backbone.tiny.text_intermediate_size": 2048, "backbone.tiny.projection_dim": 512})
 
     def __init__(self, cfg, ctx):
         super().__init__()

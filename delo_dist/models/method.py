@@ -27,7 +27,9 @@ and implements what differs from the defaults below (adapters around frozen line
                            loss by the shared objective (training/objective.py)
   predict(model, batch, seen, oracle) -> {"pred", "routed" (None: nothing routes), "oracle_pred"}
   describe()               its shape in the start-of-run parameter line
-  bench                    how the benchmark builds it (overrides for its section)
+  bench                    how `python -m delo_dist.bench` times it: recipe overrides for its
+                           section at the bench's shape (a dict), or a plugins.BenchEntry that
+                           adds its rows, variants and ratios; None: out of the default run
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ class Method(Plugin):
     guide_queries: ClassVar[bool] = False
     dummy_image: ClassVar[str] = "backbone"
     targets: ClassVar[Optional[tuple]] = None    # linears to adapt when the recipe names none
-    bench: ClassVar[dict] = {}                   # recipe overrides the benchmark builds it with
+    bench: ClassVar[Any] = {}                    # dict / plugins.BenchEntry / None (above)
 
     def __init__(self, settings: Any = None):
         self.cfg = settings if settings is not None else self.Settings()

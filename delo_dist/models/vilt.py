@@ -26,6 +26,7 @@ from delo_dist.models.inputs import labels_tensor
 from delo_dist.models.offline_vocab import offline_tokenizer
 from delo_dist.models.prompts import PromptHooks
 from delo_dist.models.vilt_sdpa import install_attention
+from delo_dist.plugins import BenchEntry, BenchVariant
 
 IMAGE_MEAN = IMAGE_STD = 0.5  # ViLT's image processor normalisation
 
@@ -46,6 +47,14 @@ class ViltBackbone(Backbone):
     capabilities = frozenset({"single_stream", "modality_tokens", "first_layer_module",
                               "prompt_input", "prompt_prefix"})
     default_dummy_image = "ones"  # all ones after normalisation: the MAP convention DeLo keeps
+    bench = BenchEntry(  # python -m delo_dist.bench: the attention and loader targets
+        variants={"eager": BenchVariant({"backbone.vilt.attention": "eager"}, rows=("frozen",))},
+        ratios={"vilt_sdpa_over_eager": ("frozen/vilt", "frozen/vilt_eager", ("<", 1.0)),
+                "loader_over_reference": ("loader/vilt_reference", "loader/vilt", (">=", 3.0))},
+        full={"backbone.tiny.hidden_size": 768, "backbone.tiny.num_hidden_layers": 12,  # B/32
+              "backbone.tiny.num_attention_heads": 12, "backbone.tiny.intermediate_size": 3072,
+              "backbone.image_size": 384, "backbone.tiny.patch_size": 32},
+        loader_reference="delo_dist.bench.loader:vilt_processor")
 
     def __init__(self, cfg, ctx):
         super().__init__()

@@ -1,0 +1,3 @@
+from delo_dist.bench.cli import main
+
+main()
