@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -32,7 +32,8 @@ class SyntheticConfig:
     image_size: int = 64
     samples_per_shard: int = 200
     seed: int = 0
-    variant: Literal["cue", "content"] = "cue"   # content: sessions differ only by content
+    # content: sessions differ only by content; shared: content shared in proportions
+    variant: Literal["cue", "content", "shared"] = "cue"
 
 
 @dataclass
@@ -124,6 +125,18 @@ class TaskIdConfig:
     # task identification (delo_dist/models/task_id.py): paper = Eq. 7/8 as written
     source: Literal["paper", "first_layer", "frozen_pooled", "class_prototypes",
                     "analytic"] = "analytic"   # routes best on the content benchmark
+    # analytic: encoder layers whose per-modality token means join [q_v, q_t, pooled], read in
+    # the adapter-free pass that yields pooled: all, last, none, or a list of layer indices
+    layers: Union[Literal["all", "last", "none"], list] = "all"
+    # analytic: cap on the ridge's input width D (state ~ 8 D^2 bytes: two packed float64
+    # Grams); null: none. 4096: at ViLT-B/32's shape the last layer's means fit exactly
+    # (D = 3843, state 119 MB). reduce: over the cap, drop the earliest layers first
+    # (layers) or hash every feature to max_dims (sketch: a count sketch drawn from
+    # projection_seed, kept in the state); base features wider than the cap are hashed.
+    max_dims: Optional[int] = 4096
+    reduce: Literal["layers", "sketch"] = "layers"
+    projection_seed: int = 0
+    targets: Literal["session", "class"] = "session"   # analytic: ridge to sessions or classes
 
 
 @dataclass
@@ -380,6 +393,12 @@ def validate(r: Recipe, src: str) -> None:
            "non-negative weights", (m.lambda_align, m.lambda_con))
     _check(0.0 <= r.task_id.momentum < 1.0, src, "task_id.momentum", "a float in [0, 1)",
            r.task_id.momentum)
+    ti = r.task_id
+    _check(not isinstance(ti.layers, list) or (len(ti.layers) >= 1 and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in ti.layers)), src, "task_id.layers",
+        "all, last, none or a non-empty list of layer indices (ints)", ti.layers)
+    _check(ti.max_dims is None or ti.max_dims >= 16, src, "task_id.max_dims",
+           "null or an int >= 16", ti.max_dims)
     _check(t.epochs >= 1, src, "train.epochs", "an int >= 1", t.epochs)
     _check(t.batch_size >= 1, src, "train.batch_size", "an int >= 1", t.batch_size)
     _check(t.global_batch_size is None or t.global_batch_size >= 1, src, "train.global_batch_size",

@@ -47,7 +47,9 @@ def launch(nproc: int, overrides: list[str], timeout: int = 600) -> subprocess.C
 @pytest.fixture(scope="module")
 def runs(shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    common = {"data.sessions": 2, "train.epochs": 2}
+    # the analytic identifier hashed to 128 dims: its count sketch must be the same on each rank
+    common = {"data.sessions": 2, "train.epochs": 2, "task_id.max_dims": 128,
+              "task_id.reduce": "sketch"}
     one = launch(1, tiny_overrides(shards, root / "one", **common, **{"train.batch_size": 16}))
     two = launch(2, tiny_overrides(shards, root / "two", **common, **{"train.batch_size": 8}))
     return root, one, two
@@ -103,6 +105,8 @@ def test_task_identifier_state_of_two_ranks_is_the_one_rank_state(runs):
     for n in names:
         if n.endswith(("gram", "sums", "counts", "keys")):
             assert torch.allclose(one[n], two[n], rtol=1e-5, atol=1e-6), n
+    for n in ("identifier.sketch_bucket", "identifier.sketch_sign", "identifier.layout"):
+        assert torch.equal(one[n], two[n]), n                       # the same projection
     if "identifier.ridge" in one:
         assert one["identifier.ridge"].item() == pytest.approx(two["identifier.ridge"].item(), rel=1e-9)
 

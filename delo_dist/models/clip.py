@@ -42,7 +42,7 @@ import torch
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
 from delo_dist.models.adapters import AdaptedLinear, masked_mean
-from delo_dist.models.backbone import Backbone, LinearSite, select_targets
+from delo_dist.models.backbone import Backbone, IdentificationLayer, LinearSite, select_targets
 from delo_dist.models.inputs import decode_image, labels_tensor
 from delo_dist.models.offline_vocab import offline_tokenizer
 
@@ -242,6 +242,16 @@ class ClipBackbone(Backbone):
             ctx.text_query = ctx.image_query = None
             ctx.cached_input = ctx.cached_queries = None
         return torch.cat([image, text], dim=-1)
+
+    def identification_layers(self) -> list[IdentificationLayer]:
+        """Every layer's output of each encoder, averaged over that encoder's own tokens
+        (image: [CLS] + patches; text: the real tokens): `forward` sets those masks in ctx."""
+        sites = []
+        for encoder, model in (("image", self.clip.vision_model), ("text", self.clip.text_model)):
+            layers, d = model.encoder.layers, model.config.hidden_size
+            sites += [IdentificationLayer(m, encoder, i, len(layers), ((encoder, d),))
+                      for i, m in enumerate(layers)]
+        return sites
 
     @torch.no_grad()
     def first_layer_queries(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,7 +58,8 @@ class ContinualModel(nn.Module):
         d = self.backbone.hidden_size
         self.heads = nn.ModuleList([nn.Linear(d, len(c)) for c in session_classes])
         self.identifier = build_task_identifier(recipe.task_id, session_classes, num_classes,
-                                               self.backbone.query_dim, d)
+                                               self.backbone.query_dim, d,
+                                               self.backbone.identification_layers())
         self.session_classes = [list(c) for c in session_classes]
         # global class id -> index inside its session's head (-1: not in this session)
         local = torch.full((n, num_classes), -1, dtype=torch.long)
@@ -197,7 +198,8 @@ class ContinualModel(nn.Module):
             n = len(batch["input_ids"])
             return {name: q[:n] for name, q in cached[1].items()}
         self._set_batch(batch)
-        return self.backbone.identification_features(batch, pooled=self.identifier.needs_pooled)
+        return self.backbone.identification_features(batch, pooled=self.identifier.needs_pooled,
+                                                     layers=getattr(self.identifier, "layers", ()))
 
     @torch.no_grad()
     def route(self, batch: dict, seen: int) -> torch.Tensor:
