@@ -1,72 +1,205 @@
-"""Every task-identification source on both synthetic benchmarks, over seeds: one table.
+"""Task identification compared on the same trained models: one table over seeds.
 
-    python -m delo_dist.task_id_table --seeds 0,1,2 [key=value ...]
+    python -m delo_dist.task_id_table [key=value ...] --seeds 0,1,2 \
+        [--benchmarks cue,content,shared] [--identifiers sources] [--out outputs/task_id]
 
-For each benchmark recipe (cue: recipes/quickstart.yaml, content:
-recipes/quickstart_content.yaml) and seed, runs the ablations' task-key variants
-(`delo_dist.ablations`, same data and seed for every source) under
-<out>/<benchmark>/seed<s>/, then reports mean +/- std over seeds of AP, oracle AP, routing
-accuracy and routing accuracy by availability (complete, text-only, image-only), as
-Markdown in <out>/table.md and JSON in <out>/results.json.
+Identification reads only adapter-free features and never changes what trains (adapters and
+heads see the true session), so each (benchmark, seed) trains DeLo ONCE (the recipe's own
+identifier, under <out>/<benchmark>/seed<s>/run) and every identifier is then refitted on
+that run's final checkpoint (`refit`): a fresh identifier of the variant's `task_id.*`
+settings replays what training would have given it, session by session (EMA keys: the
+training stream's global batches, in order, every epoch; fitted sources: their
+end-of-session fit), and the model is evaluated after each session as the trainer does.
+Later sessions never change an earlier session's adapters or head (DeLo), so the final
+checkpoint stands for every earlier one: the accuracy, oracle and routing matrices are those
+a training run with that identifier would report (the refit of the run's own identifier
+reproduces the run's routing; a test checks it).
+
+Reported per benchmark and identifier, mean +/- sample std over seeds (n): routing
+accuracy (overall, complete, text-only, image-only), AP, oracle AP, FG, the identifier's
+fit time (all sessions) and its state (MB). Written to <out>/table.md and <out>/results.json;
+each refit keeps <out>/<benchmark>/seed<s>/<identifier>.json, and an existing one is reused
+(rerunning the command after a stop redoes only what is missing).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
-import numpy as np
+BENCHMARKS = {"cue": "recipes/quickstart.yaml", "content": "recipes/quickstart_content.yaml",
+              "shared": "recipes/quickstart_shared.yaml"}
+# identifier name -> task_id overrides (on top of the trained run's recipe)
+IDENTIFIERS: dict[str, list[str]] = {
+    "paper": ["task_id.source=paper"],
+    "first_layer": ["task_id.source=first_layer"],
+    "frozen_pooled": ["task_id.source=frozen_pooled"],
+    "class_prototypes": ["task_id.source=class_prototypes"],
+    "analytic": ["task_id.source=analytic"],                          # the defaults
+    "analytic_no_layers": ["task_id.source=analytic", "task_id.layers=none"],
+    "analytic_last": ["task_id.source=analytic", "task_id.layers=last"],
+    "analytic_all_raw": ["task_id.source=analytic", "task_id.layers=all", "task_id.max_dims=null"],
+    "analytic_class": ["task_id.source=analytic", "task_id.targets=class"],
+}
+GROUPS = {"sources": ["paper", "first_layer", "frozen_pooled", "class_prototypes", "analytic",
+                      "analytic_no_layers"],
+          "analytic": ["analytic_no_layers", "analytic", "analytic_last", "analytic_all_raw",
+                       "analytic_class"]}
+COLUMNS = ["routing", "complete", "text_only", "image_only", "ap", "oracle_ap", "fg"]
 
-BENCHMARKS = {"cue": "recipes/quickstart.yaml", "content": "recipes/quickstart_content.yaml"}
-VARIANTS = {"paper": "keys_paper", "first_layer": "keys_first_layer",
-            "frozen_pooled": "pooled_keys", "class_prototypes": "keys_prototypes",
-            "analytic": "keys_analytic"}
-COLUMNS = ["ap", "oracle_ap", "routing", "complete", "text_only", "image_only"]
+
+def train_once(recipe: str, overrides: list[str], root: Path) -> Path:
+    """Train the recipe into root (nothing is redone if it finished there): its run folder."""
+    from delo_dist.config import load_recipe
+    from delo_dist.training.trainer import Trainer
+    uri = "sqlite:///" + str(root.parent.parent.resolve() / "mlflow.db")
+    r = load_recipe(recipe, overrides + [f"output_dir={root}", f"tracking.uri={uri}"])
+    if Trainer(r).run() != 0:
+        raise SystemExit(f"{recipe} ({' '.join(overrides)}) stopped before the end")
+    return root
 
 
-def run(seeds: list[int], overrides: list[str], out: Path, benchmarks: list[str]) -> list[dict]:
-    from delo_dist import ablations
+def refit(run: Path, overrides: list[str], out: Path) -> dict:
+    """Refit an identifier (`overrides`: task_id.* keys) on the finished run in `run` and
+    evaluate it after every session; returns the metrics (fractions) with the matrices."""
+    import time
+
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from delo_dist import metrics as M
+    from delo_dist.config import load_recipe
+    from delo_dist.models.inputs import concat_batches
+    from delo_dist.training import checkpoint
+    from delo_dist.training.objective import observe_task_id
+    from delo_dist.training.trainer import Trainer, to_device
+
+    ckpt = checkpoint.latest(run)
+    if ckpt is None or not (run / "metrics.json").is_file():
+        raise SystemExit(f"{run}: no finished run (metrics.json and a checkpoint) to refit on")
+    recipe = load_recipe(run / "recipe.resolved.yaml",
+                         overrides + [f"output_dir={out}", f"eval.checkpoint={ckpt}"])
+    tr = Trainer(recipe)
+    tr.setup()   # evaluation mode: no run record, no tracking; the model with this identifier
+    try:
+        model = tr.model
+        tensors = load_file(str(ckpt / "model.safetensors"))   # all but the identifier's state
+        own = dict(model.named_parameters()) | dict(model.named_buffers())
+        with torch.no_grad():
+            for name, t in tensors.items():
+                if not name.startswith(("identifier.", "task_keys.")):
+                    own[name].copy_(t)
+        ident, epochs = model.identifier, recipe.train.epochs
+        acc, oracle, routing, fit_s = [], [], [], 0.0
+        for k in range(tr.n_sessions):
+            t0 = time.time()
+            if not ident.fits_per_session:   # EMA keys: every optimizer step's global batch
+                with torch.no_grad():
+                    for epoch in range(epochs):
+                        micro = []
+                        for batch in tr._stream(k, "train", True, epoch)[1]:
+                            micro.append(to_device(batch, tr.device))
+                            if len(micro) == tr.accum:
+                                observe_task_id(model, concat_batches(micro), k)
+                                micro = []
+            info = tr.fit_task_identifier(k)
+            fit_s += time.time() - t0
+            row, oracle_row, routing_row, by_availability = tr.evaluate(k + 1)
+            acc.append(row)
+            oracle.append(oracle_row)
+            routing.append(routing_row)
+        return {"overrides": overrides, "checkpoint": str(ckpt),
+                "accuracy_matrix": acc, "oracle_matrix": oracle, "routing_matrix": routing,
+                "ap": M.average_performance(acc), "fg": M.forgetting(acc),
+                "oracle_ap": M.average_performance(oracle),
+                "routing": float(np.mean(routing[-1])),
+                **{n: by_availability["overall"][n] for n in ("complete", "text_only", "image_only")},
+                "fit_s": fit_s, "state_mb": ident.state_bytes() / 2 ** 20,
+                "describe": ident.describe(), "last_fit": info}
+    finally:
+        tr.lock.release()
+
+
+def run(seeds: list[int], overrides: list[str], out: Path, benchmarks: list[str],
+        identifiers: dict[str, list[str]]) -> list[dict]:
     rows = []
     for bench in benchmarks:
         for seed in seeds:
             root = out / bench / f"seed{seed}"
-            ablations.run(BENCHMARKS[bench], overrides + [f"seed={seed}", f"output_dir={root}"],
-                          only=list(VARIANTS.values()))
-            for source, variant in VARIANTS.items():
-                m = json.loads((root / "ablations" / variant / "metrics.json").read_text())
-                avail = m["routing_by_availability"]["overall"]
-                rows.append({"benchmark": bench, "source": source, "seed": seed, "ap": m["ap"],
-                             "oracle_ap": m["oracle_ap"], "routing": m["routing_accuracy"],
-                             **{k: avail[k] for k in ("complete", "text_only", "image_only")}})
+            trained = train_once(BENCHMARKS[bench], overrides + [f"seed={seed}"], root / "run")
+            for name, extra in identifiers.items():
+                cached = root / f"{name}.json"
+                if cached.is_file() and json.loads(cached.read_text())["overrides"] == extra:
+                    res = json.loads(cached.read_text())
+                else:
+                    res = refit(trained, extra, root / "refit" / name)
+                    cached.write_text(json.dumps(res, indent=1))
+                print(f"{bench} seed {seed} {name}: routing {100 * res['routing']:.1f}% "
+                      f"AP {100 * res['ap']:.2f} (oracle {100 * res['oracle_ap']:.2f})", flush=True)
+                rows.append({"benchmark": bench, "identifier": name, "seed": seed,
+                             **{c: res[c] for c in COLUMNS + ["fit_s", "state_mb"]}})
     return rows
 
 
+def _cell(vals: list, scale: float = 100, digits: int = 1) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "-"
+    spread = f" +/- {scale * statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else ""
+    return f"{scale * statistics.fmean(vals):.{digits}f}" + spread
+
+
 def table(rows: list[dict]) -> str:
-    def cell(vals):
-        vals = [v for v in vals if v is not None]
-        if not vals:
-            return "-"
-        return f"{100 * np.mean(vals):.1f} +/- {100 * np.std(vals):.1f}"
-    lines = ["| benchmark | source | seeds | AP | oracle AP | routing | complete | text-only | image-only |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """Markdown: mean +/- sample std over the seeds (n) of each benchmark x identifier."""
+    lines = ["| benchmark | identifier | n | routing | complete | text-only | image-only | AP | "
+             "oracle AP | FG | fit (s) | state (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for bench in dict.fromkeys(r["benchmark"] for r in rows):
-        for source in VARIANTS:
-            group = [r for r in rows if r["benchmark"] == bench and r["source"] == source]
+        for name in dict.fromkeys(r["identifier"] for r in rows):
+            group = [r for r in rows if r["benchmark"] == bench and r["identifier"] == name]
             if group:
-                lines.append(f"| {bench} | {source} | {len(group)} | " +
-                             " | ".join(cell([r[c] for r in group]) for c in COLUMNS) + " |")
+                lines.append(f"| {bench} | {name} | {len(group)} | "
+                             + " | ".join(_cell([r[c] for r in group]) for c in COLUMNS)
+                             + f" | {_cell([r['fit_s'] for r in group], 1, 1)}"
+                             + f" | {_cell([r['state_mb'] for r in group], 1, 2)} |")
     return "\n".join(lines) + "\n"
+
+
+def parse_identifiers(spec: str, custom: list[str]) -> dict[str, list[str]]:
+    """--identifiers a,b or a group (sources, analytic); --identifier NAME:key=v,key=v adds one."""
+    names = [n for part in spec.split(",") if part for n in GROUPS.get(part, [part])]
+    unknown = [n for n in names if n not in IDENTIFIERS]
+    if unknown:
+        raise SystemExit(f"--identifiers: unknown {unknown}; known: {list(IDENTIFIERS)} "
+                         f"or groups {list(GROUPS)}")
+    chosen = {n: IDENTIFIERS[n] for n in names}
+    for item in custom:
+        name, _, keys = item.partition(":")
+        if not name or not keys:
+            raise SystemExit(f"--identifier {item!r}: expected NAME:task_id.key=value[,key=value]")
+        chosen[name] = keys.split(",")
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. train.epochs=8")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--benchmarks", default="cue,content")
+    p.add_argument("--benchmarks", default="cue,content,shared")
+    p.add_argument("--identifiers", default="sources",
+                   help=f"names or groups: {list(IDENTIFIERS)}; groups {GROUPS}")
+    p.add_argument("--identifier", action="append", default=[],
+                   help="one more: NAME:task_id.key=value[,task_id.key=value]")
     p.add_argument("--out", default="outputs/task_id")
     a = p.parse_args(argv)
+    unknown = set(a.benchmarks.split(",")) - set(BENCHMARKS)
+    if unknown:
+        p.error(f"--benchmarks: unknown {sorted(unknown)}; known: {list(BENCHMARKS)}")
     out = Path(a.out)
-    rows = run([int(s) for s in a.seeds.split(",")], a.overrides, out, a.benchmarks.split(","))
+    rows = run([int(s) for s in a.seeds.split(",")], a.overrides, out, a.benchmarks.split(","),
+               parse_identifiers(a.identifiers, a.identifier))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     (out / "table.md").write_text(table(rows))
