@@ -15,12 +15,15 @@ later session can change what an earlier session's statistics were computed from
     session's training samples that have that modality; a sample goes to the session of
     its nearest prototype (cosine, averaged over the modalities it has).
   - `analytic` (ours, in the spirit of RanPAC and analytic class-incremental learning): a
-    ridge regressor from phi = [q_v, q_t, pooled (each L2-normalised, a missing
-    modality's query zeroed), one-hot availability] to the one-hot session. It keeps only
-    G = sum phi phi^T and S_k = sum_{i in k} phi_i (float64), so the solution
+    ridge regressor from phi = [q_v, q_t, pooled, per-modality token means of the chosen
+    layers (`task_id.layers`, read by hooks in the adapter-free pass that yields pooled:
+    no extra forward), each block L2-normalised, a missing modality's blocks zeroed, then
+    the one-hot availability] to the one-hot session (or class, `task_id.targets`). It
+    keeps only G = sum phi phi^T and S_k = sum_{i in k} phi_i (float64), so the solution
     W = (G + lambda I)^-1 [S_0 .. S_k] is exact without storing a sample. lambda: the value of
     a log grid that minimises the squared error on the validation split, computed exactly
-    from the same statistics of the val split (Gram, per-session sums, count).
+    from the same statistics of the val split (Gram, per-session sums, count). Its width
+    is capped by `task_id.max_dims` (see AnalyticRouter).
 
 EMA sources update at every training step (`observe`, from all-reduced sums). Statistics
 sources fit at the end of each session (`fit`): one adapter-free pass over the session's
