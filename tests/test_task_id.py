@@ -135,7 +135,8 @@ def test_analytic_equals_a_direct_ridge_solve_with_the_val_chosen_lambda(recipe_
             x = ridge_features(f, b, ident.layer_modalities).numpy()
             if ident.sketch_bucket is not None:   # the count sketch by hand: bucket h_i, sign s_i
                 hashed = np.zeros((len(x), ident.width - 3))
-                for i_raw, (h, sgn) in enumerate(zip(ident.sketch_bucket.tolist(), ident.sketch_sign.tolist())):
+                pairs = zip(ident.sketch_bucket.tolist(), ident.sketch_sign.tolist())
+                for i_raw, (h, sgn) in enumerate(pairs):
                     hashed[:, h] += sgn * x[:, i_raw]
                 x = np.concatenate([hashed, x[:, -3:]], 1)
             P.append(x)
@@ -144,7 +145,8 @@ def test_analytic_equals_a_direct_ridge_solve_with_the_val_chosen_lambda(recipe_
     X, Y, XV, YV = map(np.concatenate, (phi, y, vphi, vy))
     cols = ident.row_session.numpy() < 2                                # rows seen so far
     Y, YV = Y[:, cols], YV[:, cols]
-    assert X.shape[1] == ident.width == (100 if "task_id.max_dims" in extra else 227)  # 3 x 32 + 2 x 2 x 32 + 3
+    # 3 x 32 + 2 layers x 2 modalities x 32 + 3, or hashed to 100
+    assert X.shape[1] == ident.width == (100 if "task_id.max_dims" in extra else 227)
     scale = np.trace(X.T @ X) / X.shape[1]
     errors = []
     for r in RIDGE_GRID:   # validation squared error of each candidate, from the samples
