@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 from delo_dist import plugins
+from delo_dist.config import load_recipe
+from delo_dist.metrics import mean_std
 
 # The DeLo paper's Tables 4 and 6 as recipe overrides, and the lower bounds users ask for.
 # ${rank}: the recipe's DeLo rank (the LoRA baselines get the same rank).
@@ -67,7 +68,8 @@ PRESETS: dict[str, list[str]] = {
     "task_id": list(TASK_ID_VARIANTS),
     "mail": list(MAIL_VARIANTS),
 }
-BENCHMARKS = {"cue": "recipes/quickstart.yaml", "content": "recipes/quickstart_content.yaml"}
+BENCHMARKS = {"cue": "recipes/quickstart.yaml", "content": "recipes/quickstart_content.yaml",
+              "shared": "recipes/quickstart_shared.yaml"}   # shared: identification is hard
 
 METRICS = ("ap", "fg", "oracle_ap", "oracle_fg", "routing_accuracy", "wall_time_s")
 AVAILABILITY = ("complete", "text_only", "image_only")   # routing accuracy by what a sample has
@@ -87,15 +89,6 @@ def resolve(names: list[str]) -> list[str]:
     return list(dict.fromkeys(ALIASES.get(n, n) for n in names))
 
 
-def mean_std(values) -> tuple[float | None, float | None, int]:
-    """(mean, sample std, n) of the values that are not None; std None when n < 2, mean None
-    when n = 0. The one rule for every spread this package reports."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None, None, 0
-    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None, len(vals)
-
-
 def _metrics(m: dict) -> dict:
     avail = (m.get("routing_by_availability") or {}).get("overall", {})
     return {**{k: m[k] for k in METRICS}, **{k: avail.get(k) for k in AVAILABILITY}}
@@ -107,7 +100,6 @@ def run(recipe_path: str, overrides: list[str], only: list[str] | None = None,
     (`ap_std`, None for one seed), its n (`ap_n`), the row's n, and the per-seed values
     (`per_seed`). `benchmark` names the recipe in the rows and adds a folder level. The
     folder's table.md and results.json are rewritten after each variant."""
-    from delo_dist.config import load_recipe
     from delo_dist.training.trainer import Trainer
     base = load_recipe(recipe_path, overrides)
     root = Path(base.output_dir) / "ablations"
@@ -177,6 +169,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{k}: {','.join(v)}" for k, v in PRESETS.items()))
     p.add_argument("--seeds", type=int, default=1,
                    help="train each variant with seeds seed .. seed+N-1 (the recipe's seed first)")
+    p.add_argument("--identifiers", help="instead of variants: train each (benchmark, seed) once "
+                   "and refit these task identifiers on it (names or groups of "
+                   "delo_dist/identification.py: sources, analytic)")
+    p.add_argument("--identifier", action="append", default=[],
+                   help="with --identifiers, one more: NAME:task_id.key=value[,key=value]")
     a = p.parse_intermixed_args(argv)   # overrides may come after the options
     if a.seeds < 1:
         p.error("--seeds wants an int >= 1")
@@ -196,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         p.error(f"overrides are key=value, got {bad}" +
                 (" (with --benchmarks, give no RECIPE)" if a.benchmarks else ""))
+    if a.identifiers:
+        return identification_tables(recipes, overrides, a)
     only = PRESETS[a.preset] if a.preset else a.only.split(",") if a.only else None
     try:
         resolve(only or [])
@@ -205,6 +204,27 @@ def main(argv: list[str] | None = None) -> None:
     for bench, path in recipes.items():
         rows += run(path, overrides, only, a.seeds, benchmark=bench)
     print(table(rows))
+
+
+
+def identification_tables(recipes: dict, overrides: list[str], a) -> None:
+    """--identifiers: every identifier refitted on one trained run per (benchmark, seed)."""
+    from delo_dist import identification
+    try:
+        identifiers = identification.parse_identifiers(a.identifiers, a.identifier)
+    except ValueError as e:
+        raise SystemExit(f"--identifiers: {e}")
+    if None in recipes:   # one recipe: name it after its file
+        recipes = {Path(recipes[None]).stem: recipes[None]}
+    base = load_recipe(next(iter(recipes.values())), overrides)
+    out = Path(base.output_dir) / "identification"
+    seeds = list(range(base.seed, base.seed + a.seeds))
+    rows = identification.run(seeds, [o for o in overrides if not o.startswith("seed=")], out,
+                              recipes, identifiers)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    (out / "table.md").write_text(identification.table(rows))
+    print(identification.table(rows))
 
 
 if __name__ == "__main__":

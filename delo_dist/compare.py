@@ -33,7 +33,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from delo_dist.ablations import mean_std
+from delo_dist.metrics import mean_std
 from delo_dist.config import result_neutral
 
 TYPE_ORDER = {"text": 0, "image": 1, "both": 2}

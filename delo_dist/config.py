@@ -32,7 +32,8 @@ class SyntheticConfig:
     image_size: int = 64
     samples_per_shard: int = 200
     seed: int = 0
-    variant: Literal["cue", "content"] = "cue"   # content: sessions differ only by content
+    # content: sessions differ only by content; shared: content shared in proportions
+    variant: Literal["cue", "content", "shared"] = "cue"
 
 
 @dataclass

@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from delo_dist.model_folder import (CheckpointError, ModelInfo, load_weights, read_recipe,
                                     resolve_folder)
@@ -101,43 +100,10 @@ def load(path: str | Path, *, device: str | None = None, precision: str | None =
 # ------------------------------------------------------------------ identifier confidence
 
 def identifier_scores(identifier, feats: dict, flags: dict, seen: int):
-    """(B, seen) scores whose argmax is the routed session, and their confidence
-    ("probability" of each session, see the module doc); (None, None) for a source that
-    exposes no scores. A source may define `scores(feats, flags, seen)` itself."""
-    from delo_dist.models.task_id import (AnalyticRouter, ClassPrototypes, EmaKeys, present,
-                                          ridge_features)
-    own = getattr(identifier, "scores", None)
-    if own is not None:
-        s = own(feats, flags, seen)
-        return s, s.float().softmax(-1)
-    if isinstance(identifier, AnalyticRouter):
-        s = ridge_features(feats, flags) @ identifier.weights[:, :seen]
-        clipped = s.clamp(min=0)
-        total = clipped.sum(-1, keepdim=True)
-        uniform = torch.full_like(s, 1 / seen)        # every output <= 0: no preference
-        return s, torch.where(total > 0, clipped / total.clamp(min=1e-12), uniform)
-    if isinstance(identifier, EmaKeys):        # as TaskKeyMemory.select scores sessions
-        q, real = identifier.query(feats, flags)
-        keys = identifier.keys[:seen].unsqueeze(0)
-        sims = F.cosine_similarity(q.unsqueeze(1).float(), keys, dim=-1)     # (B, seen, M)
-        w = real.unsqueeze(1).float()
-        s = (sims * w).sum(-1) / w.sum(-1).clamp(min=1.0)
-        return s, s.softmax(-1)
-    if isinstance(identifier, ClassPrototypes):   # as ClassPrototypes.route scores classes
-        owner_all, counts = identifier.class_session, identifier.counts
-        cand = ((owner_all >= 0) & (owner_all < seen)).nonzero().squeeze(1)
-        protos = identifier.sums[cand] / counts[cand].clamp(min=1).unsqueeze(-1)   # (C', 2, d)
-        q = torch.stack([feats["q_v"], feats["q_t"]], 1).double()                  # (B, 2, d)
-        sims = F.cosine_similarity(q[:, None], protos[None], dim=-1)               # (B, C', 2)
-        w = present(flags, q.device)[:, None, :].double() * (counts[cand] > 0)[None].double()
-        per_class = (sims * w).sum(-1) / w.sum(-1).clamp(min=1)
-        per_class = per_class.masked_fill(w.sum(-1) == 0, -2.0)                   # (B, C')
-        owner = owner_all[cand]
-        s = torch.full((len(q), seen), -2.0, dtype=per_class.dtype, device=q.device)
-        for k in owner.unique().tolist():          # a session's score: its best prototype's
-            s[:, k] = per_class[:, owner == k].max(-1).values
-        return s, s.float().softmax(-1)
-    return None, None
+    """(B, seen) scores whose argmax is the routed session, and their confidence (each
+    identifier says what its scores mean: `TaskIdentifier.scores` and `confidence`)."""
+    s = identifier.scores(feats, flags, seen)
+    return s, identifier.confidence(s)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,8 @@ over the classes `scored_classes` names (`eval.multilabel_classes`).
 """
 from __future__ import annotations
 
+import statistics
+
 import torch
 from torchmetrics.functional.classification import multilabel_f1_score
 
@@ -79,3 +81,12 @@ def multi_hot(labels: list[list[int]], num_classes: int) -> torch.Tensor:
     for i, ids in enumerate(labels):
         out[i, ids] = True
     return out
+
+
+def mean_std(values) -> tuple[float | None, float | None, int]:
+    """(mean, sample std, n) of the values that are not None; std None when n < 2, mean None
+    when n = 0. The one rule for every spread this package reports."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None, 0
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None, len(vals)

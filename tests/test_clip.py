@@ -195,15 +195,27 @@ def test_ema_keys_use_joint_space_queries(recipe_for, shards):
     assert (routed == 0).all()
 
 
-def test_analytic_identifier_takes_clip_query_and_pooled_widths(recipe_for, shards):
+def test_analytic_identifier_takes_clip_query_pooled_and_layer_widths(recipe_for, shards):
     """On CLIP the queries live in the joint space (p) and the pooled feature is [image,
-    text] embeddings (2p): the ridge features are [q_v, q_t, pooled, availability]."""
+    text] embeddings (2p); each encoder's layers add their own modality's token means (image
+    width 32, text width 24), read in the pooled pass and equal to its hidden states."""
     _, m, model = build(recipe_for, **{"task_id.source": "analytic"})
     batch = batch_of(model, m, shards, 0)
     feats = model.identification_features(batch)
-    p = model.backbone.clip.config.projection_dim
+    clip, p = model.backbone.clip, model.backbone.clip.config.projection_dim
     assert feats["q_v"].shape == (8, p) and feats["pooled"].shape == (8, 2 * p)
-    assert model.identifier.gram.shape == (4 * p + 3, 4 * p + 3)
+    assert model.identifier.layer_modalities == ["image", "image", "text", "text"]
+    assert model.identifier.width == 4 * p + 2 * 32 + 2 * 24 + 3
+    model.ctx.enabled = False   # the adapter-free pass
+    with torch.no_grad():
+        hv = clip.vision_model(pixel_values=batch["pixel_values"], output_hidden_states=True).hidden_states
+        ht = clip.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             output_hidden_states=True).hidden_states
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    want = [hv[1].mean(1), hv[2].mean(1)] + [(h * mask).sum(1) / mask.sum(1) for h in ht[1:]]
+    for got, w in zip(feats["layers"], want, strict=True):
+        assert torch.allclose(got, w, atol=1e-5)
+    model.ctx.enabled = True
     assert model.identifier.route(feats, batch, seen=1).tolist() == [0] * 8
 
 

@@ -23,6 +23,8 @@ from tests.conftest import REPO, tiny_overrides
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 0.02
+# the analytic identifier hashed to 128 dims: its count sketch must be the same on each rank
+SKETCH = {"task_id.analytic.max_dims": 128, "task_id.analytic.reduce": "sketch"}
 
 
 def free_port() -> int:
@@ -47,7 +49,7 @@ def launch(nproc: int, overrides: list[str], timeout: int = 600) -> subprocess.C
 @pytest.fixture(scope="module")
 def runs(shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    common = {"data.sessions": 2, "train.epochs": 2}
+    common = {"data.sessions": 2, "train.epochs": 2, **SKETCH}
     one = launch(1, tiny_overrides(shards, root / "one", **common, **{"train.batch_size": 16}))
     two = launch(2, tiny_overrides(shards, root / "two", **common, **{"train.batch_size": 8}))
     return root, one, two
@@ -103,6 +105,8 @@ def test_task_identifier_state_of_two_ranks_is_the_one_rank_state(runs):
     for n in names:
         if n.endswith(("gram", "sums", "counts", "keys")):
             assert torch.allclose(one[n], two[n], rtol=1e-5, atol=1e-6), n
+    for n in ("identifier.sketch_bucket", "identifier.sketch_sign", "identifier.layout"):
+        assert torch.equal(one[n], two[n]), n                       # the same projection
     if "identifier.ridge" in one:
         assert one["identifier.ridge"].item() == pytest.approx(two["identifier.ridge"].item(), rel=1e-9)
 
@@ -112,7 +116,7 @@ def test_one_checkpoint_evaluates_identically_on_one_and_two_ranks(runs, shards)
     ckpt = root / "two" / "checkpoints" / "session_01"
     evals = {}
     for n in (1, 2):
-        extra = {"eval.checkpoint": str(ckpt), "eval.batch_size": 7}
+        extra = {"eval.checkpoint": str(ckpt), "eval.batch_size": 7, **SKETCH}
         if n == 1:
             extra["distributed.engine"] = "torch"
         launch(n, tiny_overrides(shards, root / f"eval{n}", **extra))

@@ -271,7 +271,7 @@ def test_identifier_confidence_of_the_ridge_is_its_clipped_normalised_output():
     """Unit: the analytic source's scores are its ridge outputs, argmax = its route."""
     from delo_dist.inference import identifier_scores
     from delo_dist.models.task_id import AnalyticRouter
-    router = AnalyticRouter(n_sessions=3, dim=2, pooled_dim=2)
+    router = AnalyticRouter([[0], [1], [2]], 3, dim=2, pooled_dim=2)   # no layer features
     torch.manual_seed(0)
     router.weights.copy_(torch.randn_like(router.weights))
     feats = {n: torch.randn(5, 2) for n in ("q_v", "q_t", "pooled")}

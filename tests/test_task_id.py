@@ -4,6 +4,8 @@ tiny random ViLTs and real shards: every source routes each sample without its s
 routing by availability reaches metrics.json."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import json
 import re
 
@@ -17,14 +19,14 @@ from delo_dist.data.stream import SessionStream
 from delo_dist.models.continual import ContinualModel
 from delo_dist.models.inputs import subset
 from delo_dist import plugins
-from delo_dist.models.task_id import RIDGE_GRID, ridge_features
+from delo_dist.models.task_id import RIDGE_GRID, ridge_features, unpack
 from delo_dist.training.objective import observe_task_id
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def build(recipe_for, source):
-    recipe = recipe_for(**{"task_id.source": source})
+def build(recipe_for, source, **extra):
+    recipe = recipe_for(**{"task_id.source": source, **extra})
     m = read_manifest(recipe.data.shards)
     torch.manual_seed(0)
     model = ContinualModel(recipe, [s["classes"] for s in m["sessions"]], m["num_classes"]).eval()
@@ -113,8 +115,14 @@ def test_class_prototypes_are_per_class_modality_means(recipe_for, shards):
     assert model.route(lone, seen=2).item() == 1                       # only session 1 has prototypes
 
 
-def test_analytic_equals_a_direct_ridge_solve_with_the_val_chosen_lambda(recipe_for, shards):
-    m, model = build(recipe_for, "analytic")
+@pytest.mark.parametrize("extra", [
+    {},                                                                 # the defaults: all layers
+    {"task_id.analytic.targets": "class"},
+    {"task_id.analytic.max_dims": 100, "task_id.analytic.reduce": "sketch"},             # hashed to 100 dims
+])
+def test_analytic_equals_a_direct_ridge_solve_with_the_val_chosen_lambda(recipe_for, shards, extra):
+    m, model = build(recipe_for, "analytic", **extra)
+    ident, rows = model.identifier, len(model.identifier.row_session)
     phi, y, vphi, vy = [], [], [], []
     for k in range(2):
         train, val = batches(model, m, shards, k, "train"), batches(model, m, shards, k, "val")
@@ -123,25 +131,186 @@ def test_analytic_equals_a_direct_ridge_solve_with_the_val_chosen_lambda(recipe_
         def features(b):
             seen.append((b, model.identification_features(b)))
             return seen[-1][1]
-        info = model.identifier.fit(k, train, val, features)
+        info = ident.fit(k, train, val, features)
         assert len(seen) == len(train) + len(val)
         for i, (b, f) in enumerate(seen):
             P, Y = (phi, y) if i < len(train) else (vphi, vy)
-            P.append(ridge_features(f, b).numpy())
-            Y.append(np.eye(2)[np.full(len(b["keys"]), k)])
+            x = ridge_features(f, b, ident.layer_modalities).numpy()
+            if ident.sketch_bucket is not None:   # the count sketch by hand: bucket h_i, sign s_i
+                hashed = np.zeros((len(x), ident.width - 3))
+                pairs = zip(ident.sketch_bucket.tolist(), ident.sketch_sign.tolist())
+                for i_raw, (h, sgn) in enumerate(pairs):
+                    hashed[:, h] += sgn * x[:, i_raw]
+                x = np.concatenate([hashed, x[:, -3:]], 1)
+            P.append(x)
+            target = np.eye(rows)[b["labels"].numpy() if ident.targets == "class" else np.full(len(x), k)]
+            Y.append(target)
     X, Y, XV, YV = map(np.concatenate, (phi, y, vphi, vy))
+    cols = ident.row_session.numpy() < 2                                # rows seen so far
+    Y, YV = Y[:, cols], YV[:, cols]
+    # 3 x 32 + 2 layers x 2 modalities x 32 + 3, or hashed to 100
+    assert X.shape[1] == ident.width == (100 if "task_id.analytic.max_dims" in extra else 227)
     scale = np.trace(X.T @ X) / X.shape[1]
     errors = []
     for r in RIDGE_GRID:   # validation squared error of each candidate, from the samples
         W = np.linalg.solve(X.T @ X + r * scale * np.eye(X.shape[1]), X.T @ Y)
         errors.append(((YV - XV @ W) ** 2).sum())
     lam = RIDGE_GRID[int(np.argmin(errors))] * scale
-    assert model.identifier.ridge.item() == pytest.approx(lam, rel=1e-9)
+    assert ident.ridge.item() == pytest.approx(lam, rel=1e-9)
     assert info["ridge_lambda"] == pytest.approx(lam, rel=1e-9)
     W = np.linalg.solve(X.T @ X + lam * np.eye(X.shape[1]), X.T @ Y)
-    assert np.allclose(model.identifier.weights[:, :2].numpy(), W, rtol=1e-6, atol=1e-8)
+    assert np.allclose(ident.weights[:, cols].numpy(), W, rtol=1e-6, atol=1e-8)
     assert info["ridge_val_error"] == pytest.approx(min(errors), rel=1e-6)
-    assert model.identifier.weights[:, 2:].abs().sum() == 0
+    assert ident.weights[:, ~cols].abs().sum() == 0
+    test = mixed_test_batch(model, m, shards)       # route: the seen row of highest score
+    best = (ridge_features(model.identification_features(test), test, ident.layer_modalities).numpy()
+            if ident.sketch_bucket is None else None)
+    if best is not None:
+        want = ident.row_session.numpy()[cols][(best @ W).argmax(1)]
+        assert model.route(test, seen=2).tolist() == want.tolist()
+
+
+def test_layer_features_are_the_hidden_states_means_of_the_pooled_pass(recipe_for, shards):
+    """Per layer, the image-token and text-token means of ViLT's output_hidden_states[l + 1]
+    in the adapter-free pass (missing modalities' dummy tokens included here; the ridge
+    zeroes them), read by hooks on the pass that yields the pooled feature: one encoder
+    pass per call, not two."""
+    m, model = build(recipe_for, "analytic")
+    b = batches(model, m, shards, 0, "train")[0]
+    vilt = model.backbone.vilt
+    passes = []
+    hook = vilt.encoder.register_forward_hook(lambda *a: passes.append(1))
+    feats = model.identification_features(b)
+    hook.remove()
+    assert len(passes) == 1 and len(feats["layers"]) == 2 * 2          # 2 layers x 2 modalities
+    model.ctx.enabled = False
+    with torch.no_grad():
+        out = vilt(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                   pixel_values=b["pixel_values"], output_hidden_states=True)
+    model.ctx.enabled = True
+    assert torch.allclose(out.pooler_output, feats["pooled"], atol=1e-6)
+    n_text = b["input_ids"].shape[1]
+    text = torch.zeros(out.hidden_states[0].shape[:2], dtype=torch.bool)
+    text[:, :n_text] = b["attention_mask"].bool()
+    image = torch.zeros_like(text)
+    image[:, n_text:] = True                                            # every patch (pixel mask 1)
+    mean = lambda h, w: (h * w[..., None]).sum(1) / w.sum(1, keepdim=True)   # noqa: E731
+    want = [mean(h, w) for h in out.hidden_states[1:] for w in (image, text)]
+    for got, w in zip(feats["layers"], want, strict=True):
+        assert torch.allclose(got, w, atol=1e-5)
+    assert model.identifier.layer_modalities == ["image", "text", "image", "text"]
+    # the ridge zeroes a missing modality's blocks and keeps the availability one-hot
+    phi = ridge_features(feats, b, model.identifier.layer_modalities)
+    d = 32
+    no_image = b["missing_image"].nonzero().squeeze(1)
+    assert len(no_image) and phi[no_image][:, 3 * d:4 * d].abs().sum() == 0      # layer 0 image
+    assert torch.equal(phi[:, -3:].sum(1), torch.ones(len(phi), dtype=phi.dtype))
+
+
+def test_layer_choice_and_width_cap_from_the_recipe(recipe_for):
+    """task_id.analytic.layers picks layers (negative from the end); max_dims drops the earliest
+    layers first (reduce=layers) or hashes everything (reduce=sketch); bad values stop."""
+    from delo_dist.config import RecipeError
+    m = read_manifest(recipe_for().data.shards)
+    def ident(**extra):
+        r = recipe_for(**{"task_id.source": "analytic", **extra})
+        return ContinualModel(r, [s["classes"] for s in m["sessions"]], m["num_classes"]).identifier
+    assert [s.index for s in ident(**{"task_id.analytic.layers": "last"}).layers] == [1]
+    assert [s.index for s in ident(**{"task_id.analytic.layers": "[0]"}).layers] == [0]
+    assert ident(**{"task_id.analytic.layers": "none"}).width == 3 * 32 + 3
+    capped = ident(**{"task_id.analytic.max_dims": 3 * 32 + 3 + 64})            # room for one layer: the last
+    assert [s.index for s in capped.layers] == [1] and capped.sketch_bucket is None
+    hashed = ident(**{"task_id.analytic.max_dims": 64, "task_id.analytic.reduce": "sketch"})
+    assert len(hashed.layers) == 2 and hashed.width == 64 and hashed.sketch_bucket.shape == (224,)
+    base_too_wide = ident(**{"task_id.analytic.max_dims": 64})                   # even [q_v, q_t, pooled]
+    assert base_too_wide.layers == [] and base_too_wide.width == 64
+    with pytest.raises(ValueError, match=r"task_id.analytic.layers: layer 5 does not exist"):
+        ident(**{"task_id.analytic.layers": "[5]"})
+    for bad in ("task_id.analytic.layers=[]", "task_id.analytic.max_dims=8", "task_id.analytic.targets=sample"):
+        with pytest.raises(RecipeError, match=bad.split("=")[0]):
+            recipe_for(**dict([bad.split("=")]))
+
+
+def test_sketch_is_fixed_by_its_seed_and_travels_with_the_checkpoint(recipe_for, shards, tmp_path):
+    """The count sketch comes from task_id.analytic.projection_seed through a generator of its own:
+    the same on every rank (whatever the global RNG did before) and after resume (it is in
+    the checkpoint); a 2-rank run's equals the 1-rank run's in tests/test_distributed.py."""
+    from delo_dist.training import checkpoint
+    extra = {"task_id.analytic.max_dims": 100, "task_id.analytic.reduce": "sketch"}
+    torch.manual_seed(123)
+    _, a = build(recipe_for, "analytic", **extra)
+    torch.rand(7)
+    _, b = build(recipe_for, "analytic", **extra)
+    m, other = build(recipe_for, "analytic", **extra, **{"task_id.analytic.projection_seed": 1})
+    assert torch.equal(a.identifier.sketch_bucket, b.identifier.sketch_bucket)
+    assert torch.equal(a.identifier.sketch_sign, b.identifier.sketch_sign)
+    assert not torch.equal(a.identifier.sketch_bucket, other.identifier.sketch_bucket)
+    assert set(a.identifier.sketch_sign.tolist()) == {-1, 1}
+    teach(a, m, shards, sessions=2)
+    checkpoint.save(tmp_path, "s", a, None, {"session": 2}, include_backbone=True)
+    checkpoint.load_model(tmp_path / "checkpoints" / "s", other)      # its own seed: overwritten
+    assert other.identifier.state_sha() == a.identifier.state_sha()
+    mixed = mixed_test_batch(a, m, shards)
+    assert torch.equal(other.route(mixed, seen=2), a.route(mixed, seen=2))
+
+
+def test_state_stays_within_150_mb_at_vilt_b32_shape():
+    """ViltConfig() is ViLT-B/32's shape (12 layers, width 768). Built on the meta device:
+    nothing of the model or the state is allocated. Raw features 20,739 dims (3.4 GB of
+    Grams); the defaults keep the last layer's means exactly (D = 3,843), state 119 MB."""
+    from transformers import ViltConfig
+    from delo_dist.models.backbone import IdentificationLayer
+    from delo_dist.models.task_id import AnalyticRouter, AnalyticSettings
+    c = ViltConfig()
+    d, L = c.hidden_size, c.num_hidden_layers
+    sites = [IdentificationLayer(None, "joint", i, L, (("image", d), ("text", d))) for i in range(L)]
+    food101 = [list(range(k * 10, min(k * 10 + 10, 101))) for k in range(11)]   # 11 sessions
+    shape = SimpleNamespace(query_dim=d, hidden_size=d, identification_layers=lambda: sites)
+    with torch.device("meta"):
+        build = lambda **kw: AnalyticRouter.build(AnalyticSettings(**kw), food101, 101, shape)  # noqa: E731
+        default, hashed = build(), build(reduce="sketch")
+        by_class, old = build(targets="class"), build(layers="none")
+    assert (d, L) == (768, 12) and default.width == 3 * d + 2 * d + 3 == 3843
+    assert [s.index for s in default.layers] == [11] and default.sketch_bucket is None
+    assert hashed.raw == 3 * d + L * 2 * d and hashed.width == 4096
+    for ident in (default, hashed, by_class):
+        assert ident.state_bytes() < 150e6, ident.describe()
+    assert default.state_bytes() == pytest.approx(119e6, rel=0.01)
+    assert "3,843 dims" in default.describe() and "119." in default.describe()
+    assert old.state_bytes() == pytest.approx(2 * 2307 * 2308 / 2 * 8, rel=0.02)   # + sums, weights
+
+
+def test_checkpoint_from_before_the_layer_features_routes_as_before(recipe_for, shards, tmp_path, capsys):
+    """A checkpoint of the analytic router as it was (features [q_v, q_t, pooled], full
+    Gram matrices, no `layout`) loads into today's default model, which says so in one line
+    and routes exactly as that model did; another layout stops with one line."""
+    from safetensors.torch import save_file
+    from delo_dist.training import checkpoint
+    m, before = build(recipe_for, "analytic", **{"task_id.analytic.layers": "none", "task_id.analytic.max_dims": "null"})
+    teach(before, m, shards, sessions=2)
+    tensors = checkpoint.model_tensors(before, include_backbone=True)
+    D = before.identifier.width
+    for n in ("gram", "val_gram"):          # the old format: full (D, D) matrices
+        tensors[f"identifier.{n}"] = unpack(tensors[f"identifier.{n}"], D).contiguous()
+    del tensors["identifier.layout"]
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file({("task_keys." + n[11:] if n.startswith("identifier.") else n): t
+               for n, t in tensors.items()}, str(old / "model.safetensors"))   # its prefix, too
+    _, today = build(recipe_for, "analytic")
+    assert today.identifier.layers
+    checkpoint.load_model(old, today)
+    line = capsys.readouterr().out.strip().splitlines()
+    assert len(line) == 1 and "predates the layer features" in line[0]
+    assert today.identifier.layers == [] and today.identifier.width == D
+    mixed = mixed_test_batch(before, m, shards)
+    assert torch.equal(today.route(mixed, seen=2), before.route(mixed, seen=2))
+    _, layered = build(recipe_for, "analytic")
+    checkpoint.save(tmp_path, "new", layered, None, {"session": 0}, include_backbone=True)
+    _, by_class = build(recipe_for, "analytic", **{"task_id.analytic.targets": "class"})
+    with pytest.raises(ValueError, match="another feature layout") as e:
+        checkpoint.load_model(tmp_path / "checkpoints" / "new", by_class)
+    assert "\n" not in str(e.value)
 
 
 def test_identifier_state_checkpointed_and_routing_by_availability_reported(recipe_for, capsys):
@@ -173,6 +342,28 @@ def test_identifier_state_checkpointed_and_routing_by_availability_reported(reci
     after0, after1 = (load_file(str(ckpt.parent / t / "model.safetensors")) for t in ("session_00", "session_01"))
     for n in ("identifier.sums", "identifier.val_sums", "identifier.val_counts"):
         assert torch.equal(after0[n][0], after1[n][0]) and not torch.equal(after0[n][1], after1[n][1])
+
+
+@pytest.mark.slow
+def test_refit_on_a_finished_run_reproduces_its_identification(recipe_for, tmp_path):
+    """`identification.refit` evaluates another identifier on a trained run without training
+    again: refitting the run's own source (EMA keys, replayed over the training stream)
+    gives the run's matrices back; another source keeps the oracle matrix."""
+    from pathlib import Path
+    from delo_dist.identification import refit
+    from delo_dist.training.trainer import Trainer
+    recipe = recipe_for(**{"task_id.source": "first_layer", "data.sessions": 2, "train.epochs": 2})
+    assert Trainer(recipe).run() == 0
+    run = Path(recipe.output_dir)
+    res = json.loads((run / "metrics.json").read_text())
+    same = refit(run, ["task_id.source=first_layer"], tmp_path / "same")
+    assert same["routing_matrix"] == res["routing_matrix"]
+    assert same["accuracy_matrix"] == res["accuracy_matrix"] and same["ap"] == res["ap"]
+    other = refit(run, ["task_id.source=analytic", "task_id.analytic.targets=class"], tmp_path / "other")
+    for a, b in zip(sum(other["oracle_matrix"], []), sum(res["oracle_matrix"], [])):
+        assert a == pytest.approx(b, abs=1 / 32 + 1e-9)                # the same trained model
+    assert other["state_mb"] > 0 and "class targets" in other["describe"]
+    assert len(other["routing_matrix"]) == 2 and 0 <= other["routing"] <= 1
 
 
 # ------------------------------------------------------------------ content benchmark
@@ -224,3 +415,56 @@ def test_content_classes_need_both_modalities(content):
     assert patterns[0] == patterns[2] != patterns[1] and flavours[0] == flavours[1] != flavours[2]
     later = {n.rsplit("-", 1)[0] for n in m["class_names"][4:]}
     assert not later & set(patterns)                                   # sessions differ by content
+
+
+def test_identification_table_reports_mean_and_sample_std_over_seeds():
+    from delo_dist.identification import table
+    rows = [{"benchmark": "content", "identifier": "analytic", "seed": s, "ap": ap, "oracle_ap": 0.5,
+             "routing": 0.8, "complete": 1.0, "text_only": None, "image_only": 0.6, "fg": 0.0,
+             "fit_s": 2.0, "state_mb": 0.5} for s, ap in ((0, 0.2), (1, 0.4))]
+    line = table(rows).splitlines()[2]
+    assert line == ("| content | analytic | 2 | 80.0 +/- 0.0 | 100.0 +/- 0.0 | - | 60.0 +/- 0.0 | "
+                    "30.0 +/- 14.1 | 50.0 +/- 0.0 | 0.0 +/- 0.0 | 2.0 +/- 0.0 | 0.50 +/- 0.00 |")
+
+
+# ------------------------------------------------------------------ shared benchmark
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    from delo_dist.data.synthetic import make_synthetic
+    root = tmp_path_factory.mktemp("shared")
+    return make_synthetic(root, sessions=4, classes_per_session=4, train_per_class=24,
+                          val_per_class=2, test_per_class=4, image_size=32, samples_per_shard=96,
+                          seed=0, progress=False, variant="shared")
+
+
+def test_shared_benchmark_shares_content_in_session_proportions(shared):
+    """Every texture kind and flavour word is used by two sessions (one modality's content
+    leaves two candidates), a (kind, flavour) pair by one session; sessions differ in the
+    proportions of their dishes and word order; class = (kind j % 2, flavour j // 2)."""
+    from collections import Counter
+    from delo_dist.data.synthetic import FLAVOURS, TOPICS
+    m = read_manifest(shared)
+    assert m["source"]["variant"] == "shared" and m["num_classes"] == 16
+    names = [n.split("-") for n in m["class_names"]]
+    kinds = [{names[4 * s + j][0] for j in range(4)} for s in range(4)]
+    flavours = [{names[4 * s + j][1] for j in range(4)} for s in range(4)]
+    assert all(len(k) == 2 and len(f) == 2 for k, f in zip(kinds, flavours))
+    assert all(v == 2 for v in Counter(x for k in kinds for x in k).values())
+    assert all(v == 2 for v in Counter(x for f in flavours for x in f).values())
+    assert len({tuple(n) for n in names}) == 16                         # a pair names its session
+    for s in range(4):
+        first = names[4 * s]
+        assert names[4 * s + 1][1] == first[1] and names[4 * s + 2][0] == first[0]
+    for s in range(4):
+        texts = [r["txt"].decode().split() for r in _samples(shared, m, s)]
+        assert {w for t in texts for w in t if w in FLAVOURS} == flavours[s]
+        dishes = Counter(w for t in texts for w in t if w in TOPICS)
+        favourites = TOPICS[3 * s:3 * s + 3]
+        share = sum(dishes[d] for d in favourites) / sum(dishes.values())
+        assert share > 0.35                       # 0.3 + 0.7 x 3/12 = 0.475 expected, 0.25 if uniform
+        flavour_first = np.mean([min(t.index(f) for f in flavours[s] if f in t) <
+                                 min(t.index(d) for d in TOPICS if d in t) for t in texts])
+        assert (flavour_first > 0.65) if s < 2 else (flavour_first < 0.35)
+
+

@@ -146,13 +146,18 @@ def fit_identifier(model: ContinualModel, batch: dict, seen: int, newest_only: b
     for k in range(seen):
         if newest_only and k < seen - 1:
             sub = relabel(batch, k)
-            feats = {n: torch.randn(v.shape, generator=g).to(v) for n, v in real.items()}
+            feats = _map_feats(real, lambda v: torch.randn(v.shape, generator=g).to(v))
         else:
             idx = (batch["session"] == k).nonzero().squeeze(1)
-            sub, feats = subset(batch, idx), {n: v[idx] for n, v in real.items()}
+            sub, feats = subset(batch, idx), _map_feats(real, lambda v: v[idx])
         ident.observe(feats, sub, k)
         if ident.fits_per_session:
             ident.fit(k, [sub], [sub], lambda b, f=feats: f)
+
+
+def _map_feats(feats: dict, fn) -> dict:
+    """fn on every feature tensor (the per-layer means are a list of them)."""
+    return {n: [fn(t) for t in v] if isinstance(v, list) else fn(v) for n, v in feats.items()}
 
 
 class LinearWork:

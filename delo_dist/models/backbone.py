@@ -17,7 +17,10 @@ targets). Methods never import ViLT or CLIP. A backbone tells them:
     in `ctx.text_tokens` / `ctx.image_tokens`;
   - `identification_features(batch)`, adapter-free features for task identification: the
     default here builds them from the two calls above and `self.ctx` (the RoutingContext
-    the builder received), so a new backbone needs nothing more;
+    the builder received), so a new backbone needs nothing more; with
+    `identification_layers()` (the encoder layers, and which modalities' tokens each holds)
+    it also averages every chosen layer's output per modality inside the adapter-free pass
+    that yields the pooled feature (forward hooks on that same pass: no extra forward);
   - optionally `first_layer_module()`, the module whose output `first_layer_queries`
     averages: the model then identifies the task inside the main forward pass, no second pass;
   - `linear_site(name)`: where an adapted linear sits (modality of its encoder, layer, role),
@@ -43,11 +46,13 @@ tokens, so each gives its adapters the other modality's query from outside (clip
 from __future__ import annotations
 
 import weakref
+from functools import partial
 from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
+from delo_dist.models.adapters import masked_mean
 from delo_dist.plugins import Plugin
 
 
@@ -56,6 +61,35 @@ class LinearSite(NamedTuple):
     layer: int         # encoder layer index
     num_layers: int    # layers in that encoder
     role: str          # path inside the layer, e.g. "self_attn.k_proj"
+
+
+class IdentificationLayer(NamedTuple):
+    """An encoder layer whose output the task identifier may average per modality."""
+    module: nn.Module                     # output (B, N, d), or a tuple led by it
+    encoder: str                          # "joint" (ViLT's single stream), "image", "text"
+    index: int                            # layer index inside its encoder
+    num_layers: int                       # layers in that encoder
+    blocks: tuple[tuple[str, int], ...]   # (modality, width) of each mean, in order
+
+
+def select_layers(layers: list[IdentificationLayer], spec) -> list[IdentificationLayer]:
+    """`task_id.analytic.layers`: "all", "last", "none", or a list of layer indices (negative from the
+    end), applied inside each encoder (CLIP: layer i of both)."""
+    if spec == "all":
+        return list(layers)
+    if spec == "none":
+        return []
+    wanted = [-1] if spec == "last" else list(spec)
+    chosen = []
+    for site in layers:
+        for i in wanted:
+            if not -site.num_layers <= i < site.num_layers:
+                raise ValueError(f"task_id.analytic.layers: layer {i} does not exist in the {site.encoder} "
+                                 f"encoder ({site.num_layers} layers, indices 0..{site.num_layers - 1} "
+                                 "or negative from the end)")
+        if any(i % site.num_layers == site.index for i in wanted):
+            chosen.append(site)
+    return chosen
 
 
 class Backbone(Plugin, nn.Module):
@@ -107,22 +141,47 @@ class Backbone(Plugin, nn.Module):
     def first_layer_queries(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def identification_layers(self) -> list[IdentificationLayer]:
+        """The encoder layers whose per-modality token means task identification may read, in
+        order ([]: none; the identifier then reads the features above only)."""
+        return []
+
     @torch.no_grad()
-    def identification_features(self, batch: dict, pooled: bool = False) -> dict[str, torch.Tensor]:
+    def identification_features(self, batch: dict, pooled: bool = False,
+                                layers: list[IdentificationLayer] = ()) -> dict:
         """q_v, q_t (B, d): first-layer per-modality means; q_all (B, d): their mean over all
         real tokens of the sequence (weighted by token counts); pooled (B, hidden_size), if
-        asked: `forward` with every adapter off (one extra frozen forward)."""
+        asked: `forward` with every adapter off (one extra frozen forward). `layers` (from
+        `identification_layers`, pooled pass only): "layers", a list of (B, width) means, one
+        per block of each layer in order, read by hooks on that same pass."""
         q_v, q_t = self.first_layer_queries(batch)
         n_v = self.ctx.image_tokens.sum(1, keepdim=True).to(q_v.dtype)
         n_t = self.ctx.text_tokens.sum(1, keepdim=True).to(q_v.dtype)
         feats = {"q_v": q_v, "q_t": q_t, "q_all": (n_v * q_v + n_t * q_t) / (n_v + n_t).clamp(min=1)}
+        if layers and not pooled:
+            raise ValueError("identification_features: layer means come from the pooled pass")
         if pooled:
+            means: dict[int, list] = {}
+            hooks = [site.module.register_forward_hook(partial(self._capture_layer_means, means, i, site))
+                     for i, site in enumerate(layers)]
             enabled, self.ctx.enabled = self.ctx.enabled, False
             try:
                 feats["pooled"] = self.forward(batch)
             finally:
                 self.ctx.enabled = enabled
+                for h in hooks:
+                    h.remove()
+            if layers:
+                feats["layers"] = [m for i in range(len(layers)) for m in means[i]]
         return feats
+
+    def _capture_layer_means(self, store: dict, i: int, site: IdentificationLayer, module, inputs, out):
+        """Forward hook: the layer output's mean over each block's modality tokens, with the
+        token masks the pass has set in ctx (ViLT: its embeddings hook; CLIP: per encoder)."""
+        h = out[0] if isinstance(out, (tuple, list)) else out                 # (B, N, d)
+        masks = {"image": self.ctx.image_tokens, "text": self.ctx.text_tokens}
+        store[i] = [masked_mean(h, masks[modality]) for modality, _ in site.blocks]
+
     def first_layer_module(self) -> nn.Module | None:
         """The module whose output (B, N, d) `first_layer_queries` averages per modality, or
         None. The model hooks it to identify the task inside the main forward pass."""

@@ -55,7 +55,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 from transformers.models.clip import modeling_clip
 
 from delo_dist.models.adapters import masked_mean
-from delo_dist.models.backbone import Backbone, LinearSite, select_targets
+from delo_dist.models.backbone import Backbone, IdentificationLayer, LinearSite, select_targets
 from delo_dist.models.inputs import decode_image, labels_tensor
 from delo_dist.models.offline_vocab import offline_tokenizer
 from delo_dist.models.prompts import PromptHooks, batched
@@ -312,6 +312,16 @@ class ClipBackbone(Backbone):
             self._remember_frozen(batch, {"image": vision.pooler_output, "text": words.pooler_output,
                                           "cls": pooled, "pooled": pooled})
         return pooled
+
+    def identification_layers(self) -> list[IdentificationLayer]:
+        """Every layer's output of each encoder, averaged over that encoder's own tokens
+        (image: [CLS] + patches; text: the real tokens): `forward` sets those masks in ctx."""
+        sites = []
+        for encoder, model in (("image", self.clip.vision_model), ("text", self.clip.text_model)):
+            layers, d = model.encoder.layers, model.config.hidden_size
+            sites += [IdentificationLayer(m, encoder, i, len(layers), ((encoder, d),))
+                      for i, m in enumerate(layers)]
+        return sites
 
     @torch.no_grad()
     def first_layer_queries(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -183,7 +183,8 @@ class ContinualModel(nn.Module):
             n = len(batch["input_ids"])
             return {name: q[:n] for name, q in cached[1].items()}
         self.set_batch(batch)
-        return self.backbone.identification_features(batch, pooled=pooled)
+        layers = getattr(self.identifier, "layers", ())
+        return self.backbone.identification_features(batch, pooled=pooled, layers=layers)
 
     @torch.no_grad()
     def route(self, batch: dict, seen: int) -> torch.Tensor:

@@ -17,12 +17,15 @@ later session can change what an earlier session's statistics were computed from
     session's training samples that have that modality; a sample goes to the session of
     its nearest prototype (cosine, averaged over the modalities it has).
   - `analytic` (ours, in the spirit of RanPAC and analytic class-incremental learning): a
-    ridge regressor from phi = [q_v, q_t, pooled (each L2-normalised, a missing
-    modality's query zeroed), one-hot availability] to the one-hot session. It keeps only
-    G = sum phi phi^T and S_k = sum_{i in k} phi_i (float64), so the solution
+    ridge regressor from phi = [q_v, q_t, pooled, per-modality token means of the chosen
+    layers (`task_id.analytic.layers`, read by hooks in the adapter-free pass that yields pooled:
+    no extra forward), each block L2-normalised, a missing modality's blocks zeroed, then
+    the one-hot availability] to the one-hot session (or class, `task_id.analytic.targets`). It
+    keeps only G = sum phi phi^T and S_k = sum_{i in k} phi_i (float64), so the solution
     W = (G + lambda I)^-1 [S_0 .. S_k] is exact without storing a sample. lambda: the value of
     a log grid that minimises the squared error on the validation split, computed exactly
-    from the same statistics of the val split (Gram, per-session sums, count).
+    from the same statistics of the val split (Gram, per-session sums, count). Its width
+    is capped by `task_id.analytic.max_dims` (see AnalyticRouter).
 
 EMA sources update at every training step (`observe`, from all-reduced sums). Statistics
 sources fit at the end of each session (`fit`): one adapter-free pass over the session's
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +78,27 @@ class TaskIdentifier(Plugin, nn.Module):
         """End of session (a collective). `train`/`val` yield this rank's batches."""
         return {}
 
-    def route(self, feats: dict, batch: dict, seen: int) -> torch.Tensor:
+    def scores(self, feats: dict, batch: dict, seen: int) -> torch.Tensor:
+        """(B, seen): how well each sample matches each of the first `seen` sessions."""
         raise NotImplementedError
+
+    def route(self, feats: dict, batch: dict, seen: int) -> torch.Tensor:
+        """(B,) the session each sample goes to: the best-scoring one."""
+        return self.scores(feats, batch, seen).argmax(1)
+
+    @staticmethod
+    def confidence(scores: torch.Tensor) -> torch.Tensor:
+        """(B, seen) a distribution over sessions from `scores` (softmax: relative, not
+        calibrated; a source whose scores estimate probabilities says so by overriding)."""
+        return scores.float().softmax(-1)
+
+    def state_bytes(self) -> int:
+        """Bytes of the state a checkpoint carries (every persistent buffer)."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def describe(self) -> str:
+        """One line for the start of a run: what this source keeps."""
+        return f"{type(self).__name__}, state {self.state_bytes() / 1e6:.2f} MB"
 
     def state_sha(self) -> str:
         h = hashlib.sha256()
@@ -118,12 +140,16 @@ class TaskKeyMemory(nn.Module):
                 self.updates[session, m] += 1
 
     @torch.no_grad()
-    def select(self, q: torch.Tensor, present: torch.Tensor, seen: int) -> torch.Tensor:
-        """q (B, M, d), present (B, M) bool -> (B,) session ids among the first `seen`."""
+    def key_scores(self, q: torch.Tensor, present: torch.Tensor, seen: int) -> torch.Tensor:
+        """q (B, M, d), present (B, M) bool -> (B, seen) mean cosine over present modalities."""
         sims = F.cosine_similarity(q.unsqueeze(1).float(), self.keys[:seen].unsqueeze(0), dim=-1)
         weight = present.unsqueeze(1).float()                          # (B, 1, M)
-        score = (sims * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)  # (B, seen)
-        return score.argmax(dim=1)
+        return (sims * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)  # (B, seen)
+
+    @torch.no_grad()
+    def select(self, q: torch.Tensor, present: torch.Tensor, seen: int) -> torch.Tensor:
+        """q (B, M, d), present (B, M) bool -> (B,) session ids among the first `seen`."""
+        return self.key_scores(q, present, seen).argmax(dim=1)
 
 
 @dataclass
@@ -162,8 +188,8 @@ class EmaKeys(TaskKeyMemory, TaskIdentifier):
         self.update(session, packed[:, :-1], packed[:, -1])
 
     @torch.no_grad()
-    def route(self, feats, batch, seen):
-        return self.select(*self.query(feats, batch), seen)
+    def scores(self, feats, batch, seen):
+        return self.key_scores(*self.query(feats, batch), seen)
 
 
 class PaperKeys(EmaKeys):
@@ -238,7 +264,8 @@ class ClassPrototypes(TaskIdentifier):
         return {}
 
     @torch.no_grad()
-    def route(self, feats, batch, seen):
+    def scores(self, feats, batch, seen):
+        """A session's score: its best prototype's (the nearest prototype decides)."""
         cand = ((self.class_session >= 0) & (self.class_session < seen)).nonzero().squeeze(1)
         protos = self.sums[cand] / self.counts[cand].clamp(min=1).unsqueeze(-1)   # (C', 2, d)
         q = torch.stack([feats["q_v"], feats["q_t"]], 1).double()                 # (B, 2, d)
@@ -246,80 +273,246 @@ class ClassPrototypes(TaskIdentifier):
         w = present(batch, q.device)[:, None, :].double() * (self.counts[cand] > 0)[None].double()
         score = (sims * w).sum(-1) / w.sum(-1).clamp(min=1)
         score = score.masked_fill(w.sum(-1) == 0, -2.0)     # a prototype it cannot compare to
-        return self.class_session[cand][score.argmax(1)]
+        return _best_per_session(score, self.class_session[cand], seen)
+
+
+def _best_per_session(scores: torch.Tensor, owner: torch.Tensor, seen: int) -> torch.Tensor:
+    """(B, R) scores of rows (classes) owned by sessions -> (B, seen): each session's best row
+    (a session without a row scores -inf); its argmax is the best row's session."""
+    out = scores.new_full((scores.shape[0], seen), float("-inf"))
+    return out.scatter_reduce(1, owner.long().expand_as(scores), scores, "amax")
 
 
 # ------------------------------------------------------------------ analytic (ridge) router
 
 RIDGE_GRID = [10.0 ** e for e in torch.arange(-6.0, 3.01, 0.5).tolist()]  # x mean diag(G)
+LAYOUT_VERSION = 2   # 1: [q_v, q_t, pooled, availability] -> session (no `layout` buffer)
 
 
-def ridge_features(feats: dict, batch: dict) -> torch.Tensor:
-    """phi (B, 3d + 3) float64: [q_v, q_t, pooled] L2-normalised, missing ones zeroed, then
-    the one-hot availability (it also plays the intercept)."""
+def ridge_features(feats: dict, batch: dict, layer_modalities: Iterable[str] = ()) -> torch.Tensor:
+    """phi (B, raw + 3) float64: [q_v, q_t, pooled, layer means...] each L2-normalised, a
+    missing modality's blocks zeroed, then the one-hot availability (it also plays the
+    intercept). `layer_modalities`: the modality of each entry of feats["layers"]."""
     has = present(batch, feats["q_v"].device).double()
-    parts = [F.normalize(feats["q_v"].double(), dim=-1) * has[:, :1],
-             F.normalize(feats["q_t"].double(), dim=-1) * has[:, 1:],
-             F.normalize(feats["pooled"].double(), dim=-1),
-             F.one_hot(availability(batch).to(has.device), 3).double()]
+    col = {"image": has[:, :1], "text": has[:, 1:]}
+    parts = [F.normalize(feats["q_v"].double(), dim=-1) * col["image"],
+             F.normalize(feats["q_t"].double(), dim=-1) * col["text"],
+             F.normalize(feats["pooled"].double(), dim=-1)]
+    layer_modalities = list(layer_modalities)
+    means = feats.get("layers", []) if layer_modalities else []
+    if len(means) != len(layer_modalities):
+        raise ValueError(f"analytic: {len(means)} layer means for {len(layer_modalities)} blocks")
+    parts += [F.normalize(m.double(), dim=-1) * col[mod] for m, mod in zip(means, layer_modalities)]
+    parts.append(F.one_hot(availability(batch).to(has.device), 3).double())
     return torch.cat(parts, 1)
 
 
+def upper_mask(D: int, device=None) -> torch.Tensor:
+    """(D, D) bool: the upper triangle with the diagonal, row by row (the packed order)."""
+    return torch.ones(D, D, dtype=torch.bool, device=device).triu()
+
+
+def pack(full: torch.Tensor) -> torch.Tensor:
+    """A symmetric (D, D) matrix -> its upper triangle, D (D + 1) / 2 values."""
+    return full[upper_mask(len(full), full.device)]
+
+
+def unpack(packed: torch.Tensor, D: int) -> torch.Tensor:
+    full = packed.new_zeros(D, D)
+    full[upper_mask(D, packed.device)] = packed
+    return full + full.triu(1).T
+
+
+def trim_layers(sites: list, base: int, max_dims: int | None) -> list:
+    """`task_id.analytic.reduce=layers`: keep whole layers, the latest first (counted from the end
+    of each encoder), while base + their widths + 3 stays within max_dims; in the
+    backbone's order. The measured choice: on the shared benchmark the last layer's means
+    kept exactly routed better than all layers hashed to a similar width (BENCHMARKS.md)."""
+    if max_dims is None:
+        return list(sites)
+    order = sorted(range(len(sites)), key=lambda i: (sites[i].num_layers - 1 - sites[i].index, i))
+    kept, width = set(), base + 3
+    for i in order:
+        w = sum(b for _, b in sites[i].blocks)
+        if width + w > max_dims:
+            break
+        kept.add(i)
+        width += w
+    return [site for i, site in enumerate(sites) if i in kept]
+
+
+@dataclass
+class AnalyticSettings:
+    """task_id.analytic.*"""
+    # encoder layers whose per-modality token means join [q_v, q_t, pooled], read in the
+    # adapter-free pass that yields pooled: all, last, none, or a list of layer indices
+    layers: Union[Literal["all", "last", "none"], list] = "all"
+    # cap on the ridge's input width D (state ~ 8 D^2 bytes: two packed float64 Grams); null:
+    # none. 4096: at ViLT-B/32's shape the last layer's means fit exactly (D = 3843, state
+    # 119 MB). reduce: over the cap, drop the earliest layers first (layers) or hash every
+    # feature to max_dims (sketch: a count sketch drawn from projection_seed, kept in the
+    # state); base features wider than the cap are hashed.
+    max_dims: Optional[int] = 4096
+    reduce: Literal["layers", "sketch"] = "layers"
+    projection_seed: int = 0
+    targets: Literal["session", "class"] = "session"   # ridge to sessions or to classes
+
+    def validate(self, check) -> None:
+        check(not isinstance(self.layers, list) or (len(self.layers) >= 1 and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in self.layers)), "layers",
+            "all, last, none or a non-empty list of layer indices (ints)", self.layers)
+        check(self.max_dims is None or self.max_dims >= 16, "max_dims", "null or an int >= 16",
+              self.max_dims)
+
+
 class AnalyticRouter(TaskIdentifier):
+    """Ridge regression from phi (ridge_features) to one-hot targets: the session (default)
+    or the class (`targets="class"`: a sample goes to the session of its best seen class).
+
+    State: the train and validation Gram matrices (symmetric: stored as their upper
+    triangles, D (D + 1) / 2 float64 each), per-target feature sums, the weights.
+    Width. The raw features at ViLT-B/32's shape are 3 x 768 + 12 layers x 2 modalities x
+    768 = 20,739 dims with availability, whose Grams would take 3.4 GB. `max_dims` caps the
+    width D; the builder first drops whole layers (`trim_layers`, reduce=layers) and what
+    is still wider (reduce=sketch, or the base features alone) is hashed to max_dims - 3
+    dims by a count sketch: coordinate i is added, with sign s_i, to bucket h_i; h and s
+    are drawn once from `seed` by a generator of their own (the global RNG is untouched)
+    and kept as buffers, so every rank and every resumed run holds the same map and a
+    checkpoint carries it. A sketch keeps inner products in expectation, as a Gaussian
+    projection does (both routed alike here), and costs D_raw integers where a dense
+    projection at that shape would take 212 MB. `state_bytes()` gives the size."""
     name = "analytic"
+    Settings = AnalyticSettings
     needs_pooled = True
     fits_per_session = True
 
     @classmethod
     def build(cls, settings, session_classes, num_classes, backbone):
-        return cls(len(session_classes), backbone.query_dim, backbone.hidden_size)
+        from delo_dist.models.backbone import select_layers
+        d, dp = backbone.query_dim, backbone.hidden_size
+        layers = list(backbone.identification_layers())
+        chosen = select_layers(layers, settings.layers)
+        if settings.reduce == "layers":
+            chosen = trim_layers(chosen, 2 * d + dp, settings.max_dims)
+        positions = [i for i, site in enumerate(layers) if any(site is c for c in chosen)]
+        return cls(session_classes, num_classes, d, dp, chosen, positions, settings.max_dims,
+                   settings.targets, settings.projection_seed)
 
-    def __init__(self, n_sessions: int, dim: int, pooled_dim: int | None = None):
+    def __init__(self, session_classes: list[list[int]], num_classes: int, dim: int,
+                 pooled_dim: int | None = None, layers: list = (), positions: list[int] = (),
+                 max_dims: int | None = None, targets: str = "session", seed: int = 0):
         super().__init__()
-        D = 2 * dim + (pooled_dim or dim) + 3   # [q_v, q_t, pooled, availability]
-        f64 = dict(dtype=torch.float64)
-        self.register_buffer("gram", torch.zeros(D, D, **f64))
-        self.register_buffer("sums", torch.zeros(n_sessions, D, **f64))
-        self.register_buffer("val_gram", torch.zeros(D, D, **f64))
-        self.register_buffer("val_sums", torch.zeros(n_sessions, D, **f64))
-        self.register_buffer("val_counts", torch.zeros(n_sessions, **f64))
-        self.register_buffer("weights", torch.zeros(D, n_sessions, **f64))
+        self.query_dims = (dim, pooled_dim or dim)
+        self.session_classes, self.num_classes = session_classes, num_classes
+        self._build(list(layers), list(positions), max_dims, targets, seed)
+
+    def _build(self, layers, positions, max_dims, targets, seed) -> None:
+        """(Re)create every buffer for a feature layout (see adopt_checkpoint)."""
+        dim, pooled_dim = self.query_dims
+        self.layers = layers     # backbone IdentificationLayer sites read in the pooled pass
+        self.layer_modalities = [m for site in layers for m, _ in site.blocks]
+        self.targets = targets
+        raw = 2 * dim + pooled_dim + sum(w for site in layers for _, w in site.blocks)
+        dev = self.weights.device if hasattr(self, "weights") else None
+        if targets == "class":   # row c: class c, owned by its session
+            owner = torch.full((self.num_classes,), -1, dtype=torch.long)
+            for k, classes in enumerate(self.session_classes):
+                owner[torch.tensor(classes, dtype=torch.long)] = k
+        else:
+            owner = torch.arange(len(self.session_classes))
+        self.register_buffer("row_session", owner.to(dev), persistent=False)
+        D = raw + 3
+        self.register_buffer("sketch_bucket", None)
+        self.register_buffer("sketch_sign", None)
+        if max_dims is not None and D > max_dims:
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            bucket = torch.randint(0, max_dims - 3, (raw,), generator=g, device="cpu")
+            sign = torch.randint(0, 2, (raw,), generator=g, device="cpu").to(torch.int8) * 2 - 1
+            self.register_buffer("sketch_bucket", bucket.to(dev))
+            self.register_buffer("sketch_sign", sign.to(dev))
+            D = max_dims
+        self.raw, self.width, rows = raw, D, len(owner)
+        # what the statistics were computed from: checked against a checkpoint before loading
+        self.register_buffer("layout", torch.tensor([LAYOUT_VERSION, raw, D, rows, *positions],
+                                                    device=dev))
+        f64 = dict(dtype=torch.float64, device=dev)
+        self.register_buffer("gram", torch.zeros(D * (D + 1) // 2, **f64))       # packed
+        self.register_buffer("sums", torch.zeros(rows, D, **f64))
+        self.register_buffer("val_gram", torch.zeros(D * (D + 1) // 2, **f64))   # packed
+        self.register_buffer("val_sums", torch.zeros(rows, D, **f64))
+        self.register_buffer("val_counts", torch.zeros(rows, **f64))  # sum of y^2 per target
+        self.register_buffer("weights", torch.zeros(D, rows, **f64))
         self.register_buffer("ridge", torch.zeros((), **f64))
 
-    @staticmethod
-    def _stats(batches, features, D: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        gram = torch.zeros(D, D, dtype=torch.float64, device=device)
-        count = torch.zeros((), dtype=torch.float64, device=device)
-        total = torch.zeros(D, dtype=torch.float64, device=device)
+    def describe(self) -> str:
+        D, where = self.width, {}
+        for site in self.layers:
+            where.setdefault(site.encoder, []).append(site.index)
+        layers = "; ".join(f"{e} layers {ix}" for e, ix in where.items()) or "no layer"
+        width = (f"{self.raw + 3:,} dims hashed to {D:,}" if self.sketch_bucket is not None
+                 else f"{D:,} dims")
+        return (f"analytic ridge on [q_v, q_t, pooled] + per-modality token means of {layers} "
+                f"+ availability: {width}, {self.targets} targets; state "
+                f"{self.state_bytes() / 1e6:.1f} MB")
+
+    def features(self, feats: dict, batch: dict) -> torch.Tensor:
+        """phi (B, D) float64: ridge_features, sketched to D when wider than max_dims."""
+        phi = ridge_features(feats, batch, self.layer_modalities)
+        if self.sketch_bucket is None:
+            return phi
+        raw, avail = phi[:, :-3], phi[:, -3:]
+        out = phi.new_zeros(len(phi), self.width - 3)
+        out.index_add_(1, self.sketch_bucket, raw * self.sketch_sign.to(raw.dtype))
+        return torch.cat([out, avail], 1)
+
+    def _targets(self, batch: dict, session: int, n: int, device) -> torch.Tensor:
+        """(B, rows) float64 one-hot (or multi-hot) targets."""
+        if self.targets == "class":
+            return label_weights(batch["labels"], self.num_classes, device)
+        y = torch.zeros(n, len(self.row_session), dtype=torch.float64, device=device)
+        y[:, session] = 1.0
+        return y
+
+    def _stats(self, batches, features, session: int):
+        D, rows, dev = self.width, len(self.row_session), self.weights.device
+        gram = torch.zeros(D, D, dtype=torch.float64, device=dev)
+        sums = torch.zeros(rows, D, dtype=torch.float64, device=dev)
+        counts = torch.zeros(rows, dtype=torch.float64, device=dev)
         for batch in batches:
-            phi = ridge_features(features(batch), batch)
+            phi = self.features(features(batch), batch)
+            y = self._targets(batch, session, len(phi), dev)
             gram += phi.T @ phi
-            total += phi.sum(0)
-            count += len(phi)
-        return dist.all_reduce_sum(gram), dist.all_reduce_sum(total), dist.all_reduce_sum(count)
+            sums += y.T @ phi
+            counts += (y * y).sum(0)
+        return dist.all_reduce_sum(pack(gram)), dist.all_reduce_sum(sums), dist.all_reduce_sum(counts)
 
     @torch.no_grad()
     def fit(self, session, train, val, features):
-        D, dev = self.gram.shape[0], self.gram.device
-        g, s, _ = self._stats(train, features, D, dev)
+        own = self.row_session == session     # this session's rows: earlier ones stay
+        g, s, _ = self._stats(train, features, session)
         self.gram += g
-        self.sums[session] = s
-        g, s, n = self._stats(val, features, D, dev)
+        self.sums[own] = s[own]
+        g, s, n = self._stats(val, features, session)
         self.val_gram += g
-        self.val_sums[session] = s
-        self.val_counts[session] = n
+        self.val_sums[own] = s[own]
+        self.val_counts[own] = n[own]
         lam, errors = self.solve(session + 1)
         return {"ridge_lambda": lam, "ridge_val_error": min(errors) if errors else float("nan")}
+
+    def _seen_rows(self, seen: int) -> torch.Tensor:
+        return ((self.row_session >= 0) & (self.row_session < seen)).nonzero().squeeze(1)
 
     def solve(self, seen: int) -> tuple[float, list[float]]:
         """W = (G + lambda I)^-1 S for the lambda of the grid with the least validation
         squared error ||Y - Phi W||^2 = n - 2 tr(W^T S_val) + tr(W^T G_val W), exact from the
-        statistics. On CPU in float64: the same on every rank."""
-        G, S = self.gram.cpu(), self.sums[:seen].cpu().T                  # (D, D), (D, seen)
+        statistics (n = sum of ||y||^2). On CPU in float64: the same on every rank."""
+        rows = self._seen_rows(seen).cpu()
+        G, S = unpack(self.gram.cpu(), self.width), self.sums.cpu()[rows].T     # (D, D), (D, rows)
         evals, U = torch.linalg.eigh(G)
         A = U.T @ S
-        Gv, Sv = U.T @ self.val_gram.cpu() @ U, U.T @ self.val_sums[:seen].cpu().T
-        n = float(self.val_counts[:seen].sum())
+        Gv = U.T @ unpack(self.val_gram.cpu(), self.width) @ U
+        Sv = U.T @ self.val_sums.cpu()[rows].T
+        n = float(self.val_counts.cpu()[rows].sum())
         scale = float(torch.diagonal(G).mean().clamp(min=1e-12))
         errors = []
         for r in RIDGE_GRID:
@@ -330,13 +523,58 @@ class AnalyticRouter(TaskIdentifier):
         lam = RIDGE_GRID[best] * scale
         W = U @ (A / (evals.clamp(min=0) + lam)[:, None])
         self.weights.zero_()
-        self.weights[:, :seen] = W.to(self.weights.device)
+        self.weights[:, rows.to(self.weights.device)] = W.to(self.weights.device)
         self.ridge.fill_(lam)
         return lam, errors if n > 0 else []
 
     @torch.no_grad()
-    def route(self, feats, batch, seen):
-        return (ridge_features(feats, batch) @ self.weights[:, :seen]).argmax(1)
+    def scores(self, feats, batch, seen):
+        """The ridge outputs per session (class targets: a session's best class's)."""
+        rows = self._seen_rows(seen)
+        out = self.features(feats, batch) @ self.weights[:, rows]             # (B, rows)
+        return _best_per_session(out, self.row_session[rows], seen)
+
+    @staticmethod
+    def confidence(scores: torch.Tensor) -> torch.Tensor:
+        """The ridge regresses one-hot targets: its outputs estimate each session's
+        probability. Clipped at 0 and normalised to sum 1 (uniform when none is positive)."""
+        clipped = scores.clamp(min=0)
+        total = clipped.sum(-1, keepdim=True)
+        return torch.where(total > 0, clipped / total.clamp(min=1e-12),
+                           torch.full_like(clipped, 1 / scores.shape[-1]))
+
+    def adopt_checkpoint(self, tensors: dict, path) -> dict | None:
+        """Called before a checkpoint's tensors are copied in (`tensors`: its identifier.*
+        entries, prefix removed); returns replacements for them, or None. A checkpoint from
+        before the layer features (no `layout`; features [q_v, q_t, pooled, availability]
+        -> session, full Gram matrices) is taken as it is: this router takes that layout,
+        says so in one line, and routes as the checkpoint's model did. A layout other than
+        this recipe's stops with one line."""
+        if "gram" not in tensors:
+            return None
+        dim, pooled_dim = self.query_dims
+        base = 2 * dim + pooled_dim
+        legacy = [LAYOUT_VERSION, base, base + 3, len(self.session_classes)]
+        old = "layout" not in tensors
+        if old and tuple(tensors["gram"].shape) != (base + 3, base + 3):
+            raise ValueError(f"{path}: its analytic task identifier has a {tuple(tensors['gram'].shape)} "
+                             f"Gram, not the {(base + 3,) * 2} of [q_v, q_t, pooled] at this "
+                             "backbone's widths")
+        theirs, mine = legacy if old else tensors["layout"].tolist(), self.layout.tolist()
+        if theirs != mine and theirs != legacy:
+            raise ValueError(f"{path}: its analytic task identifier was fitted on another feature "
+                             f"layout (version, raw width, width, targets, layers: {theirs}; this "
+                             f"recipe's: {mine}): set task_id.analytic.layers / max_dims / reduce / targets "
+                             "as its recipe did")
+        if theirs != mine:
+            print(f"{path}: its analytic task identifier predates the layer features (task_id."
+                  "layers, max_dims, reduce, targets): it routes with the features it was fitted "
+                  "on, [q_v, q_t, pooled] -> session", flush=True)
+            self._build([], [], None, "session", 0)
+        if not old:
+            return None
+        return {**tensors, "layout": self.layout.cpu(), "gram": pack(tensors["gram"]),
+                "val_gram": pack(tensors["val_gram"])}
 
 
 # ------------------------------------------------------------------ building

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, ViltConfig, ViltModel
 
-from delo_dist.models.backbone import Backbone, LinearSite, select_targets
+from delo_dist.models.backbone import Backbone, IdentificationLayer, LinearSite, select_targets
 from delo_dist.models.inputs import labels_tensor
 from delo_dist.models.offline_vocab import offline_tokenizer
 from delo_dist.models.prompts import PromptHooks
@@ -168,6 +168,13 @@ class ViltBackbone(Backbone):
 
     def first_layer_module(self) -> torch.nn.Module:
         return self.vilt.encoder.layer[0].layernorm_before
+
+    def identification_layers(self) -> list[IdentificationLayer]:
+        """Every encoder layer's output (hidden_states[i + 1]); one stream holds both
+        modalities: an image-token and a text-token mean per layer."""
+        layers, d = self.vilt.encoder.layer, self.vilt.config.hidden_size
+        return [IdentificationLayer(m, "joint", i, len(layers), (("image", d), ("text", d)))
+                for i, m in enumerate(layers)]
 
     @torch.no_grad()
     def first_layer_queries(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,6 +124,13 @@ def load_model(path: Path, model) -> None:
     tensors = load_file(str(path / "model.safetensors"))
     for old, new in LEGACY_PREFIXES.items():
         tensors = {new + n[len(old):] if n.startswith(old) else n: t for n, t in tensors.items()}
+    adopt = getattr(getattr(model, "identifier", None), "adopt_checkpoint", None)
+    if adopt is not None:   # the identifier checks (or takes) the layout it was fitted on
+        mine = {n[len("identifier."):]: t for n, t in tensors.items() if n.startswith("identifier.")}
+        replaced = adopt(mine, path)
+        if replaced is not None:
+            tensors = {n: t for n, t in tensors.items() if not n.startswith("identifier.")}
+            tensors.update({"identifier." + n: t for n, t in replaced.items()})
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     unknown = sorted(set(tensors) - set(own))
     if unknown:

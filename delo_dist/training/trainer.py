@@ -156,6 +156,7 @@ class Trainer:
                                  "params.total": counts["total"],
                                  "params.adapted_linears": summary["adapted_linears"],
                                  "params.trainable_percent": summary["trainable_percent"],
+                                 "params.task_id_state_bytes": self.model.identifier.state_bytes(),
                                  **{f"params.trainable_s{k}": n for k, n in enumerate(per)}})
         if self.main:
             m, s0 = r.method, counts["sessions"][0]
@@ -171,6 +172,8 @@ class Trainer:
                   "session", flush=True)
             print(f"batch: {self.micro} x {self.accum} accumulated x {self.world} devices = "
                   f"{self.global_batch} a step", flush=True)
+            print(f"task identification ({r.task_id.source}): {self.model.identifier.describe()}",
+                  flush=True)
 
     def _engine_kind(self) -> str:
         kind = self.recipe.distributed.engine
