@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, tiny_overrides
 
 from delo_dist import plugins
-from delo_dist.sweep import Point, applies, done_state, main, parse_grid, slurm_commands
+from delo_dist.sweep import Point, applies, done_state, expand, main, parse_grid, slurm_commands
 
 SWEEP = REPO / "recipes" / "sweeps" / "compare_all.yaml"
 SWEEPS = REPO / "recipes" / "sweeps"
@@ -139,6 +139,11 @@ def test_paper_sweep_dry_run_resolves_the_methods_that_exist(shards, tmp_path, c
     assert "axes seed (3), data.eta (5), data.missing_type (3), method.name (2)" in out
     assert f"0: seed=0 data.eta=0.1 data.missing_type=text method.name=delo -> {tmp_path}/sweep/0_0.1_text_delo" in out
     assert not (tmp_path / "sweep").exists()
+    points, _ = expand(*parse_grid(spec, [f"data.shards={shards}", "method.name=delo"]))
+    assert len(points) == 45 and {(p.recipe.method.settings.factor_rank, p.recipe.method.settings.rank,
+                                   p.recipe.data.both_ratio) for p in points} == {(4, 4, 0.5)}
+    assert {(p.recipe.data.eta, p.recipe.data.missing_type) for p in points} == \
+        {(e, t) for e in (0.1, 0.3, 0.5, 0.7, 0.9) for t in ("text", "image", "both")}
 
 
 @pytest.mark.skipif(not PROMPTS_WIRED, reason="the prompt methods are not plug-ins on this branch yet")
