@@ -7,19 +7,26 @@ Runs are grouped by their whole recipe: the flattened recipe each run logs as ML
 less the keys that cannot change results (`config.result_neutral`), the seed, and values
 the trainer derives from the recipe (`missing.*`, `params.*`), plus the data's identity
 (`data.manifest_sha256`, tag or param, when logged). Runs that differ in anything but the seed
-are never merged. Keys equal in every run are listed once above the table; the keys that
-differ lay it out:
-  - rows: the missing setting (eta, % of samples with an image, % with a text; both_ratio
-    only when it differs);
-  - column groups: method.name, then every other differing key (e.g. method x backbone), a
-    group per combination, its AP and FG side by side.
+are never merged. A key of a plug-in's own section (`method.delo.*`, `backbone.vilt.*`) is
+no setting of a run that has none of that section (a LoRA run has no `method.delo.*`): it
+splits groups only where runs that have it differ. Keys equal wherever set are listed once
+above the table; the keys that differ lay it out as the DeLo paper's Tables 2 and 3:
+  - rows: eta, then per eta the missing types text, image, both, each with the % of samples
+    that keep an image (#Image) and a text (#Text) (both_ratio only when it differs);
+  - column groups: method.name in the paper's order (MAP, MSP, L2P, DualPrompt, CODA-Prompt,
+    RebQ, DeLo, then the others by name), then every other differing key (e.g. method x
+    backbone), a group per combination: AP and FG, and the routing accuracy (task
+    identification, final row) for a method that routes by session; methods that route
+    nothing (one shared head) have no routing column.
 A cell is `mean ± std (n=N)` over the seeds of the FINISHED runs (percent, sample standard
 deviation); runs still running, failed or killed are named in the cell, never averaged.
 The runs' performance metric (tag `metric`: accuracy, macro_f1/seen or macro_f1/session)
 ends the table; runs that mix metrics are refused.
-Writes compare.md, compare.csv (one line per cell: the differing keys, mean, std, n, seeds)
-and compare.png (AP and FG against eta, std error bars) under --out, prints the table, and
-logs the three files to a summary run (tag kind=compare-summary, which comparisons skip).
+Writes under --out: compare.md (that table), compare_table.csv (the same rows and columns,
+mean, std and n apart), compare.csv (one line per cell: the differing keys, mean, std, n,
+seeds) and compare.png (AP and FG against eta, a panel per missing type, std error bars);
+prints the table and logs the files to a summary run (tag kind=compare-summary, which
+comparisons skip).
 Runs logged without recipe params (not by this trainer) are keyed by their tags alone and
 shown with `?` for the keys they lack.
 """
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import sys
 from collections import Counter, defaultdict
@@ -37,6 +45,14 @@ from delo_dist.metrics import mean_std
 from delo_dist.config import result_neutral
 
 TYPE_ORDER = {"text": 0, "image": 1, "both": 2}
+# the DeLo paper's column order (Tables 2 and 3, CODA-Prompt beside its kin), then the rest
+METHOD_ORDER = ("map", "msp", "l2p", "dualprompt", "coda_prompt", "rebq", "delo")
+DISPLAY = {"map": "MAP", "msp": "MSP", "l2p": "L2P", "dualprompt": "DualPrompt",
+           "coda_prompt": "CODA-Prompt", "rebq": "RebQ", "delo": "DeLo", "lora": "DeLo-LoRA",
+           "seq_lora": "seq-LoRA", "head_only": "head-only", "mail": "MAIL", "seq_mail": "seq-MAIL",
+           "mora": "MoRA", "seq_mora": "seq-MoRA"}
+FILES = ("compare.md", "compare_table.csv", "compare.csv", "compare.png")
+NOT_SET = None  # a plug-in section key of a run without that section: no value, not unknown
 SUMMARY_TAG = ("kind", "compare-summary")
 ROW_KEYS = ("data.eta", "data.missing_type", "data.both_ratio")
 DERIVED_PREFIXES = ("missing.", "params.")        # logged by the trainer, computed from the recipe
@@ -68,9 +84,20 @@ class Run:
     ap: float | None = None      # final_ap, fraction
     fg: float | None = None
     metric: str | None = None    # tag "metric": accuracy, macro_f1/seen or macro_f1/session
+    routing: float | None = None  # final_routing_accuracy; None where nothing routes (NaN)
 
-    def get(self, key: str) -> str:
-        return self.config.get(key, UNKNOWN)
+    def get(self, key: str) -> str | None:
+        """The run's value of a key; UNKNOWN if not logged; NOT_SET for a key of a plug-in
+        section (three parts or more: `method.delo.rank`) when the run has no key of that
+        section at all (another method's settings)."""
+        if key in self.config:
+            return self.config[key]
+        parts = key.split(".")
+        if len(parts) > 2:
+            section = ".".join(parts[:2]) + "."
+            if not any(k.startswith(section) for k in self.config):
+                return NOT_SET
+        return UNKNOWN
 
 
 @dataclass
@@ -82,8 +109,10 @@ class Cell:
         return [r for r in self.runs if r.status == "finished"]
 
     def stats(self, metric: str) -> tuple[float | None, float | None, int]:
-        """(mean, sample std, n) in percent over the finished runs; std None when n < 2."""
-        return mean_std(100 * getattr(r, metric) for r in self.done)
+        """(mean, sample std, n) in percent over the finished runs that have the metric; std
+        None when n < 2."""
+        return mean_std(None if getattr(r, metric) is None else 100 * getattr(r, metric)
+                        for r in self.done)
 
     def others(self) -> str:
         counts = Counter(r.status for r in self.runs if r.status != "finished")
@@ -95,7 +124,7 @@ class Cell:
         mean, std, n = self.stats(metric)
         rest = self.others()
         if mean is None:
-            return rest
+            return rest or "-"   # finished runs without this metric (routing where nothing routes)
         seeds = [r.seed for r in self.done]
         notes = [f"n={n}"] + (["repeated seed"] if len(set(seeds)) < len(seeds) else [])
         notes += [rest] if rest else []
@@ -164,36 +193,46 @@ def load_runs(client, exp_ids: list[str], dataset: str | None = None,
         if status == "finished" and "final_ap" not in m:
             status = "no final metrics"
         config, seed = run_config(r.data.params, t)
+        routing = m.get("final_routing_accuracy")
         out.append(Run(r.info.run_id, config, seed, status, m.get("final_ap"), m.get("final_fg"),
-                       t.get("metric")))
+                       t.get("metric"), None if routing is None or math.isnan(routing) else routing))
     return out
 
 
 # ---------------------------------------------------------------- the table
 @dataclass
 class Table:
-    constant: dict               # key -> value shared by every run
+    constant: dict               # key -> value shared by every run that has the key
     group_keys: list[str]        # differing keys that make column groups (method.name first)
-    groups: list[tuple]          # their value combinations, sorted
+    groups: list[tuple]          # their value combinations, in the paper's method order
     rows: list[dict]             # setting + {"cells": {group: Cell}}
     show_both_ratio: bool
+    routed: set = field(default_factory=set)   # groups whose finished runs route by session
 
 
-def _num_or_str(v: str):
+def _num_or_str(v):
+    if v is NOT_SET:
+        return (2, 0.0, "")
     try:
         return (0, float(v), "")
     except ValueError:
         return (1, 0.0, v)
 
 
+def _group_order(group: tuple) -> list:
+    """The paper's methods first, in its order, then the others by name; then the other keys."""
+    method = group[0]
+    first = (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), str(method))
+    return [first] + [_num_or_str(v) for v in group[1:]]
+
+
 def build_table(runs: list[Run]) -> Table:
     keys = sorted({k for r in runs for k in r.config})
-    values = {k: {r.get(k) for r in runs} for k in keys}
+    values = {k: {r.get(k) for r in runs} - {NOT_SET} for k in keys}
     differing = [k for k in keys if len(values[k]) > 1]
     constant = {k: next(iter(values[k])) for k in keys if len(values[k]) == 1}
     group_keys = ["method.name"] + [k for k in differing if k not in ROW_KEYS and k != "method.name"]
-    groups = sorted({tuple(r.get(k) for k in group_keys) for r in runs},
-                    key=lambda g: [_num_or_str(v) for v in g])
+    groups = sorted({tuple(r.get(k) for k in group_keys) for r in runs}, key=_group_order)
     rows: dict[tuple, dict] = {}
     for r in runs:
         eta, mtype, br = (r.get(k) for k in ROW_KEYS)
@@ -206,16 +245,29 @@ def build_table(runs: list[Run]) -> Table:
             rows[key] = {"eta": eta, "missing_type": mtype, "both_ratio": br, "image": image,
                          "text": text, "cells": defaultdict(Cell)}
         rows[key]["cells"][tuple(r.get(k) for k in group_keys)].runs.append(r)
-    return Table(constant, group_keys, groups, [rows[k] for k in sorted(rows)],
-                 "data.both_ratio" in differing)
+    ordered = [rows[k] for k in sorted(rows)]
+    routed = {g for g in groups for row in ordered if g in row["cells"]
+              and any(r.routing is not None for r in row["cells"][g].done)}
+    return Table(constant, group_keys, groups, ordered, "data.both_ratio" in differing, routed)
 
 
 def group_label(table: Table, group: tuple) -> str:
-    return " / ".join(group)
+    """`DeLo`, `MAIL / clip`: the method's name as papers write it, then the other keys' values
+    (a key the group's runs do not have is left out)."""
+    method, *rest = group
+    return " / ".join([DISPLAY.get(method, str(method))] + [str(v) for v in rest if v is not NOT_SET])
+
+
+def columns(table: Table, group: tuple) -> tuple[str, ...]:
+    """A group's metrics: AP and FG, and routing accuracy where the method routes by session."""
+    return ("ap", "fg", "routing") if group in table.routed else ("ap", "fg")
+
+
+HEADER = {"ap": "AP ↑", "fg": "FG ↓", "routing": "routing"}
 
 
 def _pct(v: float | None) -> str:
-    return "?" if v is None else f"{v:.2f}"
+    return "?" if v is None else f"{round(v, 2):g}%"
 
 
 def _eta(v: str) -> str:
@@ -226,28 +278,41 @@ def _eta(v: str) -> str:
 
 
 def to_markdown(table: Table) -> str:
+    """The paper's layout: eta written once per block of missing types, #Image and #Text the
+    % of samples that keep that modality, a column group per method."""
     lines = []
     if table.constant:
         lines.append("Same in every run: " + ", ".join(f"`{k}={v}`" for k, v in sorted(table.constant.items()
                                                                                      )) + "\n")
     lines.append(f"Column groups: {' / '.join(table.group_keys)}. Cells: mean ± std over seeds "
-                 "(percent, sample std), n finished runs; unfinished runs named, never averaged.\n")
-    head = ["eta", "image %", "text %"] + (["both_ratio"] if table.show_both_ratio else [])
-    head += [f"{group_label(table, g)} {x}" for g in table.groups for x in ("AP", "FG")]
+                 "(percent, sample std), n finished runs; unfinished runs named, never averaged. "
+                 "Rows: eta, then text, image and both missing; #Image / #Text: % of samples "
+                 "that keep it. routing: task identification accuracy, for methods that route by "
+                 "session.\n")
+    head = ["η", "#Image", "#Text"] + (["both_ratio"] if table.show_both_ratio else [])
+    head += [f"{group_label(table, g)} {HEADER[m]}" for g in table.groups for m in columns(table, g)]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    previous = None
     for row in table.rows:
-        cells = [_eta(row["eta"]), _pct(row["image"]), _pct(row["text"])]
+        cells = ["" if row["eta"] == previous else _eta(row["eta"]), _pct(row["image"]), _pct(row["text"])]
+        previous = row["eta"]
         cells += [row["both_ratio"]] if table.show_both_ratio else []
-        cells += [row["cells"][g].text(x) for g in table.groups for x in ("ap", "fg")]
+        cells += [row["cells"][g].text(m) for g in table.groups for m in columns(table, g)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _value(v) -> str:
+    return "" if v is NOT_SET else v
+
+
 def write_csv(table: Table, path: Path) -> None:
     """One line per (setting, column group) with runs: the differing keys, then for AP and FG
-    the mean, std and n over seeds (percent), the seeds and the unfinished runs."""
+    the mean, std and n over seeds (percent), the seeds, the unfinished runs, and routing
+    accuracy (empty where the method routes nothing)."""
     head = ["eta", "missing_type", "both_ratio", "image_pct", "text_pct", *table.group_keys,
-            "ap_mean", "ap_std", "fg_mean", "fg_std", "n", "seeds", "unfinished"]
+            "ap_mean", "ap_std", "fg_mean", "fg_std", "n", "seeds", "unfinished",
+            "routing_mean", "routing_std"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(head)
@@ -258,9 +323,30 @@ def write_csv(table: Table, path: Path) -> None:
                     continue
                 ap, ap_std, n = c.stats("ap")
                 fg, fg_std, _ = c.stats("fg")
+                rt, rt_std, _ = c.stats("routing")
                 w.writerow([row["eta"], row["missing_type"], row["both_ratio"], _num(row["image"]),
-                            _num(row["text"]), *g, _num(ap), _num(ap_std), _num(fg), _num(fg_std), n,
-                            " ".join(sorted(r.seed for r in c.done)), c.others()])
+                            _num(row["text"]), *map(_value, g), _num(ap), _num(ap_std), _num(fg),
+                            _num(fg_std), n, " ".join(sorted(r.seed for r in c.done)), c.others(),
+                            _num(rt), _num(rt_std)])
+
+
+def write_table_csv(table: Table, path: Path) -> None:
+    """compare.md's rows and columns as CSV: per column group, each metric's mean and std
+    (percent) and n, numbers only (eta on every row)."""
+    head = ["eta", "missing_type", "both_ratio", "image_pct", "text_pct"]
+    for g in table.groups:
+        label = group_label(table, g)
+        head += [f"{label} {m}{x}" for m in columns(table, g) for x in ("", " std")] + [f"{label} n"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(head)
+        for row in table.rows:
+            line = [row["eta"], row["missing_type"], row["both_ratio"], _num(row["image"]), _num(row["text"])]
+            for g in table.groups:
+                cell = row["cells"].get(g) or Cell()
+                stats = [cell.stats(m) for m in columns(table, g)]
+                line += [_num(x) for mean, std, _ in stats for x in (mean, std)] + [len(cell.done)]
+            w.writerow(line)
 
 
 def _num(v: float | None) -> str:
@@ -268,40 +354,58 @@ def _num(v: float | None) -> str:
 
 
 def plot(table: Table, path: Path) -> None:
-    """AP and FG against eta: a colour per value of the first group key (the method), a line
-    style per value of the other group keys (e.g. the backbone), a marker per missing type;
-    std error bars; plain axis labels (no offset notation)."""
+    """AP (top) and FG (bottom) against eta, a panel per missing type (text, image, both): a
+    colour per method, a line style per value of the other group keys (e.g. the backbone);
+    std error bars; one y scale per row; plain axis labels (no offset notation); seeds and n
+    in the title."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    markers = {"text": "o", "image": "s", "both": "^"}
     types = sorted({r["missing_type"] for r in table.rows}, key=lambda t: TYPE_ORDER.get(t, 9))
-    firsts = sorted({g[0] for g in table.groups})
-    rests = sorted({g[1:] for g in table.groups})
+    fig, axes = plt.subplots(2, len(types), figsize=(3.2 + 3.8 * len(types), 7), squeeze=False,
+                             sharex=True, sharey="row")   # one scale a metric: types compare
+    firsts = list(dict.fromkeys(g[0] for g in table.groups))
+    rests = sorted({g[1:] for g in table.groups}, key=lambda r: [_num_or_str(v) for v in r])
     lines = ["-", "--", ":", "-."]
     colours = plt.get_cmap("tab10" if len(firsts) <= 10 else "tab20")
-    for g in table.groups:
-        colour = colours(firsts.index(g[0]))
-        line = lines[rests.index(g[1:]) % len(lines)]
-        for mt in types:
-            pts = [(r["eta"], r["cells"].get(g)) for r in table.rows if r["missing_type"] == mt]
-            pts = [(100 * float(x), c) for x, c in pts if c is not None and c.done]
-            if not pts:
-                continue
-            for ax, metric in zip(axes, ("ap", "fg")):
-                stats = [c.stats(metric) for _, c in pts]
-                ax.errorbar([x for x, _ in pts], [s[0] for s in stats],
-                            yerr=[s[1] or 0.0 for s in stats], fmt=markers.get(mt, "x"),
-                            linestyle=line, color=colour, capsize=3,
-                            label=f"{group_label(table, g)} ({mt} missing)")
-    for ax, name in zip(axes, ("AP (%)", "FG (%)")):
-        ax.set_xlabel("missing rate eta (%)")
-        ax.set_ylabel(name)
-        ax.ticklabel_format(axis="both", style="plain", useOffset=False)
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle(f"Finished runs: mean ± std over seeds ({' / '.join(table.group_keys)})")
+    ns, seeds = [], set()
+    for j, mt in enumerate(types):
+        for g in table.groups:
+            pts = []
+            for r in table.rows:
+                c = r["cells"].get(g)
+                if r["missing_type"] == mt and c is not None and c.done and _num_or_str(r["eta"])[0] == 0:
+                    pts.append((100 * float(r["eta"]), c))
+            for i, metric in enumerate(("ap", "fg")):
+                stats = [(x, c.stats(metric)) for x, c in pts]
+                stats = [(x, s) for x, s in stats if s[0] is not None]
+                if not stats:
+                    continue
+                ns += [s[2] for _, s in stats]
+                seeds.update(r.seed for _, c in pts for r in c.done)
+                axes[i][j].errorbar([x for x, _ in stats], [s[0] for _, s in stats],
+                                    yerr=[s[1] or 0.0 for _, s in stats], fmt="o",
+                                    linestyle=lines[rests.index(g[1:]) % len(lines)],
+                                    color=colours(firsts.index(g[0])), capsize=3,
+                                    label=group_label(table, g))
+        axes[0][j].set_title(f"{mt} missing")
+    for i, name in enumerate(("AP (%)", "FG (%)")):
+        for ax in axes[i]:
+            ax.set_ylabel(name)
+            if i == 1:
+                ax.set_xlabel("missing rate eta (%)")
+            ax.ticklabel_format(axis="both", style="plain", useOffset=False)
+            ax.grid(alpha=0.3)
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if handles:
+        fig.legend(handles.values(), handles.keys(), fontsize=8, loc="center left",
+                   bbox_to_anchor=(1.0, 0.5))
+    n = (f"n = {min(ns)}" if min(ns) == max(ns) else f"n = {min(ns)}-{max(ns)}") if ns else "n = 0"
+    fig.suptitle(f"Finished runs: mean ± sample std over seeds {', '.join(sorted(seeds, key=_num_or_str))}, "
+                 f"{n} a point ({' / '.join(table.group_keys)})")
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -316,7 +420,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--method", action="append", default=[], help="repeatable; default: all")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                    help="repeatable, e.g. --tag slurm_array_job_id=42 --tag sweep=compare_all")
-    p.add_argument("--out", default="outputs/compare", help="folder for compare.{md,csv,png}")
+    p.add_argument("--out", default="outputs/compare", help="folder for " + ", ".join(FILES))
     p.add_argument("--summary-experiment", help="where the summary run goes (default: the one "
                    "--experiment given, else delo-dist-compare)")
     p.add_argument("--no-log", action="store_true", help="do not log a summary run")
@@ -350,9 +454,10 @@ def main(argv: list[str] | None = None) -> int:
     md = to_markdown(table) + f"\nperformance: {metrics[0] if metrics else 'unrecorded'}\n"
     (out / "compare.md").write_text(md)
     write_csv(table, out / "compare.csv")
+    write_table_csv(table, out / "compare_table.csv")
     plot(table, out / "compare.png")
     print(md)
-    print(f"{len(runs)} runs; wrote {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'compare.png'}")
+    print(f"{len(runs)} runs; wrote {', '.join(str(out / n) for n in FILES)}")
     if not args.no_log:
         mlflow.set_tracking_uri(uri)
         exp = args.summary_experiment or (args.experiment[0] if len(args.experiment) == 1
@@ -362,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  **args.tags}.items() if v}
         with mlflow.start_run(run_name="compare", tags={SUMMARY_TAG[0]: SUMMARY_TAG[1], **filters}) as run:
             mlflow.log_param("n_runs", len(runs))
-            for name in ("compare.md", "compare.csv", "compare.png"):
+            for name in FILES:
                 mlflow.log_artifact(str(out / name))
         print(f"logged to summary run {run.info.run_id} in experiment {exp!r}")
     return 0

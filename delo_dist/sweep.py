@@ -3,27 +3,38 @@
     python -m delo_dist.sweep RECIPE.yaml key=v1,v2 ... [key=value ...] [--dry-run] [--jobs N]
     python -m delo_dist.sweep recipes/sweeps/compare_all.yaml [key=v1,v2 ...] [--dry-run] [--jobs N]
     python -m delo_dist.sweep recipes/sweeps/compare_all.yaml --slurm   # the sbatch commands
+    python -m delo_dist.sweep SPEC [key=v1,v2 ...] --count                # grid size
+    python -m delo_dist.sweep SPEC [key=v1,v2 ...] --print-overrides [--index I]
 
-The grid syntax is slurm/sweep.sbatch's: an override whose value is a comma list (not in []
-or {}) is an axis, the last axis varies fastest, others are fixed. A sweep file holds
-`recipe`, fixed `overrides`, `axes` (key: list of values) and `output_root`; command-line
-axes and overrides replace the file's. Grid points where a method does not apply to the
-backbone are excluded: a method's `needs` that the backbone's `capabilities` lack (both
-declared by the plug-ins; listed by --dry-run).
+The grid syntax is slurm/sweep.sbatch's, which asks this module for its points: an override
+whose value is a comma list (not in [] or {}) is an axis, the last axis varies fastest,
+others are fixed. A sweep file holds `recipe`, fixed `overrides`, `axes` (key: list of
+values) and `output_root`; command-line axes and overrides replace the file's. Grid points
+where a method does not apply to the backbone are excluded: a method's `needs` that the
+backbone's `capabilities` lack (both declared by the plug-ins; listed by --dry-run).
 
 Each run trains `python -m delo_dist.train RECIPE <overrides> output_dir=<root>/<values>` with
 its console in <run>/sweep.log, one progress line per run here, and a summary at the end. A
-run whose folder already holds metrics.json from the same resolved recipe (result-neutral
-keys aside) is skipped; one holding metrics.json from another recipe is a conflict (listed,
-never overwritten). Every run is resolved before the first starts, so a bad value stops the
-sweep at once. Exit 0 only when every point finished. MLflow: runs log where the recipe says
-(default: sqlite in <root>), tagged `sweep=<name>`; `python -m delo_dist.compare` makes the table.
+run whose folder already holds metrics.json is judged by the trainer's own run identity
+(training/run_identity.py): the same result-shaping keys and the same data (manifest hash)
+is skipped; anything else is a conflict (listed, never overwritten). Every run is resolved
+before the first starts, so a bad value stops the sweep at once. Exit 0 only when every
+point finished. MLflow: runs log where the recipe says (default: sqlite in <root>), tagged
+`sweep=<name>`; `python -m delo_dist.compare` makes the table.
+
+`--count` and `--print-overrides` are grid arithmetic only (no recipe is resolved, nothing is
+excluded: an sbatch array covers the whole product of its axes, and the trainer refuses a
+method its backbone cannot run): `--print-overrides --index I` prints point I's folder name
+(its axis values) on the first line, then the trainer's arguments one per line: the recipe,
+the fixed overrides (a sweep file's include `tracking.tags.sweep=<name>`), the axis values;
+without --index, one line per point: `I: <axis overrides>`.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -37,7 +48,8 @@ from pathlib import Path
 
 import yaml
 
-from delo_dist.config import RecipeError, load_recipe, recipe_diff, result_neutral, to_dict
+from delo_dist.config import RecipeError, load_recipe, to_dict
+from delo_dist.training import run_identity
 
 def applies(method: str, backbone: str) -> str | None:
     """None if the method can run on the backbone, else why not (a capability it needs that
@@ -89,6 +101,7 @@ def parse_grid(spec: str, extra: list[str]) -> tuple[str, str, list[str], dict, 
             if not isinstance(tree["axes"][k], list) or not v:
                 raise RecipeError(f"{spec}: axis '{k}' must be a non-empty list")
         root = tree.get("output_root") or f"outputs/sweeps/{name}"
+        fixed.setdefault("tracking.tags.sweep", name)   # what compare --tag sweep=<name> finds
     else:
         name, recipe, fixed, axes, root = Path(spec).stem, spec, {}, {}, None
     for item in extra:
@@ -116,6 +129,11 @@ def _text(v) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
+def sweep_tag(name: str, fixed: list[str]) -> list[str]:
+    """The MLflow tag `sweep=<name>` (compare --tag sweep=<name>) unless already fixed."""
+    return [] if any(o.startswith("tracking.tags.sweep=") for o in fixed) else [f"tracking.tags.sweep={name}"]
+
+
 def expand(name: str, recipe_path: str, fixed: list[str], axes: dict, root: Path):
     """(points that apply, excluded (axes, reason) pairs); every point's recipe resolved."""
     base = load_recipe(recipe_path, fixed)  # imports the recipe's own plug-ins too
@@ -130,7 +148,7 @@ def expand(name: str, recipe_path: str, fixed: list[str], axes: dict, root: Path
             excluded.append((point_axes, why))
             continue
         out = root / slug(values)
-        over += [f"output_dir={out}", f"tracking.tags.sweep={name}"]
+        over += [f"output_dir={out}", *sweep_tag(name, fixed)]
         try:
             recipe = load_recipe(recipe_path, over)
         except RecipeError as e:
@@ -140,17 +158,24 @@ def expand(name: str, recipe_path: str, fixed: list[str], axes: dict, root: Path
 
 
 def done_state(p: Point) -> tuple[str, str]:
-    """('pending' | 'skipped' | 'conflict', why) from what the run folder holds."""
-    metrics, resolved = p.out / "metrics.json", p.out / "recipe.resolved.yaml"
+    """('pending' | 'skipped' | 'conflict', why) from what the run folder holds, judged as the
+    trainer judges a relaunch (run_identity): finished with the same result-shaping keys on
+    the same data is done; anything else is not ours to overwrite."""
+    metrics = p.out / "metrics.json"
     if not metrics.is_file():
         return "pending", ""
-    if not resolved.is_file():
-        return "conflict", f"{metrics} without recipe.resolved.yaml"
-    old = yaml.safe_load(resolved.read_text())
-    diff = {k: v for k, v in recipe_diff(old, to_dict(p.recipe)).items() if not result_neutral(k)}
-    if diff:
-        return "conflict", "finished with other settings: " + ", ".join(
-            f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+    if not (p.out / run_identity.RECIPE_FILE).is_file():
+        return "conflict", f"{metrics} without {run_identity.RECIPE_FILE}"
+    shaping, _ = run_identity.differences(p.out, to_dict(p.recipe))
+    if shaping:
+        return "conflict", "finished with other settings: " + ", ".join(shaping)
+    manifest = Path(p.recipe.data.shards) / "manifest.json"
+    if manifest.is_file():   # absent: synthetic data not made yet, nothing to compare
+        from delo_dist.data.shards import manifest_sha256
+        try:
+            run_identity.check_data(p.out, manifest_sha256(manifest.parent))
+        except run_identity.RunIdentityError as e:
+            return "conflict", f"finished on other data: {e}"
     return "skipped", "finished before"
 
 
@@ -203,13 +228,41 @@ def slurm_commands(name: str, recipe_path: str, fixed: list[str], axes: dict) ->
                 block["method.name"] = [m for m in block["method.name"] if not applies(m, b)]
         if any(not v for v in block.values()):
             continue
-        count = 1
-        for v in block.values():
-            count *= len(v)
-        args = fixed + [f"{k}={','.join(v)}" for k, v in block.items()] + [f"tracking.tags.sweep={name}"]
+        count = grid_size(block)
+        args = fixed + [f"{k}={','.join(v)}" for k, v in block.items()] + sweep_tag(name, fixed)
         blocks.append(f"sbatch --array=0-{count - 1} slurm/sweep.sbatch {recipe_path} "
                       + " ".join(shlex.quote(a) for a in args))
     return blocks
+
+
+def grid_size(axes: dict) -> int:
+    return math.prod(len(v) for v in axes.values())
+
+
+def grid_point(fixed: list[str], axes: dict, index: int) -> tuple[str, list[str], dict]:
+    """(folder name, trainer overrides, axis values) of point `index` of the full product,
+    the last axis varying fastest (what array task `index` of slurm/sweep.sbatch trains)."""
+    values = []
+    for v in reversed(list(axes.values())):
+        index, i = divmod(index, len(v))
+        values.insert(0, v[i])
+    point = dict(zip(axes, values))
+    return slug(values), fixed + [f"{k}={v}" for k, v in point.items()], point
+
+
+def print_overrides(recipe_path: str, fixed: list[str], axes: dict, index: int | None) -> int:
+    size = grid_size(axes)
+    if index is None:
+        for i in range(size):
+            print(f"{i}: " + " ".join(f"{k}={v}" for k, v in grid_point(fixed, axes, i)[2].items()))
+        return 0
+    if not 0 <= index < size:
+        print(f"array index {index} is outside the grid (size {size}): use --array=0-{size - 1}",
+              file=sys.stderr)
+        return 2
+    name, overrides, _ = grid_point(fixed, axes, index)
+    print("\n".join([name, recipe_path, *overrides]))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="list the grid and what would run")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--slurm", action="store_true", help="print the sbatch commands instead")
+    p.add_argument("--count", action="store_true", help="print the grid size (full product)")
+    p.add_argument("--print-overrides", action="store_true",
+                   help="print point --index's folder name and overrides, one per line (without "
+                        "--index: every point's axis values); what slurm/sweep.sbatch reads")
+    p.add_argument("--index", type=int, help="a point of the full product (an array index)")
     p.add_argument("--launcher", default=f"{shlex.quote(sys.executable)} -m delo_dist.train",
                    help="command that trains one recipe (e.g. 'accelerate launch --config_file "
                         "accelerate_configs/single_gpu.yaml delo_dist/train.py')")
@@ -227,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--jobs wants an int >= 1")
     try:
         name, recipe_path, fixed, axes, root = parse_grid(a.spec, a.overrides)
+        if a.count:
+            print(grid_size(axes))
+            return 0
+        if a.print_overrides:
+            return print_overrides(recipe_path, fixed, axes, a.index)
+        if a.index is not None:
+            raise RecipeError("--index goes with --print-overrides")
         if a.slurm:
             print("\n".join(slurm_commands(name, recipe_path, fixed, axes)))
             return 0

@@ -124,13 +124,17 @@ def test_compare_table_matches_the_runs(shards, tmp_path):
         lines = (out / "compare.md").read_text().splitlines()
         assert lines[0].startswith("Same in every run: ") and "`train.epochs=1`" in lines[0]
         assert lines[2].startswith("Column groups: method.name.")
-        assert lines[4] == "| eta | image % | text % | delo AP | delo FG | lora AP | lora FG |"
+        rt = {m: f"{100 * r.data.metrics['final_routing_accuracy']:.2f}" for m, r in runs.items()}
+        # both methods route by session (a head per session behind task identification)
+        assert lines[4] == ("| η | #Image | #Text | DeLo AP ↑ | DeLo FG ↓ | DeLo routing | "
+                            "DeLo-LoRA AP ↑ | DeLo-LoRA FG ↓ | DeLo-LoRA routing |")
         assert lines[-2:] == ["", "performance: accuracy"]      # the runs' metric tag
         rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[6:-2]]
         assert rows == [
-            ["30%", "100.00", "70.00", "-", "-", "running", "running"],
-            ["70%", "65.00", "65.00", f"{ap['delo']} (n=1; failed)", f"{fg['delo']} (n=1; failed)",
-             f"{ap['lora']} (n=1)", f"{fg['lora']} (n=1)"],
+            ["30%", "100%", "70%", "-", "-", "-", "running", "running", "running"],
+            ["70%", "65%", "65%", f"{ap['delo']} (n=1; failed)", f"{fg['delo']} (n=1; failed)",
+             f"{rt['delo']} (n=1; failed)", f"{ap['lora']} (n=1)", f"{fg['lora']} (n=1)",
+             f"{rt['lora']} (n=1)"],
         ]
         table = list(csv.DictReader(open(out / "compare.csv")))
         assert [(r["eta"], r["method.name"]) for r in table] == [("0.3", "lora"), ("0.7", "delo"),
@@ -143,27 +147,41 @@ def test_compare_table_matches_the_runs(shards, tmp_path):
         summary = client.search_runs([exp], "tags.kind = 'compare-summary'")
         assert len(summary) == 1
         logged = {a.path for a in client.list_artifacts(summary[0].info.run_id)}
-        assert logged == {"compare.md", "compare.csv", "compare.png"}
+        assert logged == {"compare.md", "compare_table.csv", "compare.csv", "compare.png"}
 
 
 # ---------------------------------------------------------------- grouping, on a sqlite store
-def log_run(uri: str, ap: float, fg: float = 0.05, status: str = "FINISHED", **overrides) -> None:
-    """One run as the trainer logs it: the flattened recipe as params, its tags, final metrics."""
-    import mlflow
+def log_run(uri: str, ap: float, fg: float = 0.05, status: str = "FINISHED",
+            routing: float | None = None, section: dict | None = None, **overrides) -> None:
+    """One run as the trainer logs it: the flattened recipe as params, its tags, final metrics.
+    `section` ({"name": "map", "length": 16}) stands in for a method whose plug-in this store
+    need not load: its name and own section replace the recipe's method keys, as its run
+    would log them. `routing` nan: a method that routes nothing, as the trainer logs it."""
+    import time
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
     recipe = load_recipe(None, ["data.make_synthetic=true"] + [f"{k}={v}" for k, v in overrides.items()])
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(EXPERIMENT)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+    params = flatten(to_dict(recipe))
+    if section:
+        name = section["name"]
+        params = {k: v for k, v in params.items() if not k.startswith("method.")}
+        params.update({"method.name": name, **{f"method.{name}.{k}": v for k, v in section.items()
+                                               if k != "name"}})
     d = recipe.data
-    tags = {"dataset": d.dataset, "method": recipe.method.name, "eta": str(d.eta),
+    tags = {"dataset": d.dataset, "method": params["method.name"], "eta": str(d.eta),
             "missing_type": d.missing_type, "both_ratio": str(d.both_ratio), "seed": str(recipe.seed)}
-    with mlflow.start_run(tags=tags) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(to_dict(recipe)).items()})
-        mlflow.log_params({"missing.s0_train.hash": f"h{recipe.seed}"})  # derived: ignored
-        if ap is not None:
-            mlflow.log_metrics({"final_ap": ap, "final_fg": fg})
-    if status != "FINISHED":
-        from mlflow.tracking import MlflowClient
-        MlflowClient(uri).set_terminated(run.info.run_id, status)
+    run = client.create_run(exp_id, tags=tags)
+    params = {**{k: str(v)[:500] for k, v in params.items()},
+              "missing.s0_train.hash": f"h{recipe.seed}"}                 # derived: ignored
+    metrics = {} if ap is None else {"final_ap": ap, "final_fg": fg,
+                                     **({} if routing is None else {"final_routing_accuracy": routing})}
+    now = int(time.time() * 1000)
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()],
+                     metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    client.set_terminated(run.info.run_id, status)
 
 
 def compare_table(uri: str, out: Path) -> tuple[list[str], list[dict]]:
@@ -184,9 +202,9 @@ def test_runs_differing_in_a_recipe_key_are_never_merged(store, tmp_path):
     log_run(store, 0.50, **{"train.lr": 0.01, "task_id.source": "frozen_pooled"})
     md, table = compare_table(store, tmp_path / "cmp")
     assert "Column groups: method.name / task_id.source / train.lr." in md[2]
-    assert md[4] == ("| eta | image % | text % | delo / analytic / 0.001 AP | delo / analytic / "
-                     "0.001 FG | delo / analytic / 0.01 AP | delo / analytic / 0.01 FG | "
-                     "delo / frozen_pooled / 0.01 AP | delo / frozen_pooled / 0.01 FG |")
+    assert md[4] == ("| η | #Image | #Text | DeLo / analytic / 0.001 AP ↑ | DeLo / analytic / "
+                     "0.001 FG ↓ | DeLo / analytic / 0.01 AP ↑ | DeLo / analytic / 0.01 FG ↓ | "
+                     "DeLo / frozen_pooled / 0.01 AP ↑ | DeLo / frozen_pooled / 0.01 FG ↓ |")
     assert [(r["train.lr"], r["task_id.source"], r["ap_mean"], r["n"]) for r in table] == [
         ("0.001", "analytic", "40.000000", "1"), ("0.01", "analytic", "60.000000", "1"),
         ("0.01", "frozen_pooled", "50.000000", "1")]
@@ -200,7 +218,7 @@ def test_seeds_are_averaged_with_their_sample_std(store, tmp_path):
     log_run(store, 0.30, 0.0, seed=0, **{"method.name": "lora"})
     md, table = compare_table(store, tmp_path / "cmp")
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in md[6:]]
-    assert rows == [["70%", "65.00", "65.00", "45.00 ± 5.00 (n=3; failed)",
+    assert rows == [["70%", "65%", "65%", "45.00 ± 5.00 (n=3; failed)",
                      "20.00 ± 10.00 (n=3; failed)", "30.00 (n=1)", "0.00 (n=1)"]]
     delo = table[0]
     assert (float(delo["ap_mean"]), float(delo["ap_std"]), float(delo["fg_std"])) == \
@@ -215,7 +233,70 @@ def test_result_neutral_keys_do_not_split_groups(store, tmp_path):
     md, table = compare_table(store, tmp_path / "cmp")
     assert len(table) == 1 and table[0]["n"] == "2" and table[0]["ap_mean"] == "50.000000"
     assert "`output_dir=" not in md[0] and "`missing." not in md[0] and "`seed=" not in md[0]
-    assert md[4] == "| eta | image % | text % | delo AP | delo FG |"
+    assert md[4] == "| η | #Image | #Text | DeLo AP ↑ | DeLo FG ↓ |"
+
+
+def test_paper_layout_rows_column_groups_and_routing_columns(store, tmp_path):
+    """The DeLo paper's Tables 2 and 3: eta blocks of text / image / both missing with their
+    #Image / #Text, a column group per method in the paper's order (MAP before DeLo before
+    the others), AP and FG, and a routing column only where a method routes by session."""
+    metrics = {}
+    for eta in (0.1, 0.9):
+        for t, mtype in enumerate(("text", "image", "both")):
+            for seed in (0, 1):
+                base = {"data.eta": eta, "data.missing_type": mtype, "seed": seed}
+                ap = round(0.1 * t + eta / 10 + 0.01 * seed, 4)
+                metrics[eta, mtype, seed] = ap
+                log_run(store, ap, 0.02, routing=0.8 + 0.1 * seed, **base)   # DeLo, routes
+                log_run(store, ap / 2, 0.3, routing=float("nan"),           # MAP: shared head
+                        section={"name": "map", "length": 16}, **base)
+                if seed == 0:
+                    log_run(store, 0.5, 0.01, routing=0.7, **base, **{"method.name": "lora"})
+    md, table = compare_table(store, tmp_path / "cmp")
+    # the methods' own sections (method.delo.*, method.map.*, method.lora.*) split nothing
+    assert md[2].startswith("Column groups: method.name. Cells: ")
+    assert md[4] == ("| η | #Image | #Text | MAP AP ↑ | MAP FG ↓ | DeLo AP ↑ | DeLo FG ↓ | "
+                     "DeLo routing | DeLo-LoRA AP ↑ | DeLo-LoRA FG ↓ | DeLo-LoRA routing |")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in md[6:]]
+    assert [r[:3] for r in rows] == [["10%", "100%", "90%"], ["", "90%", "100%"], ["", "95%", "95%"],
+                                     ["90%", "100%", "10%"], ["", "10%", "100%"], ["", "55%", "55%"]]
+    import statistics
+    for row, (eta, mtype) in zip(rows, [(e, m) for e in (0.1, 0.9) for m in ("text", "image", "both")]):
+        aps = [100 * metrics[eta, mtype, s] for s in (0, 1)]
+        mean, std = statistics.fmean(aps), statistics.stdev(aps)
+        assert row[3:] == [f"{mean / 2:.2f} ± {std / 2:.2f} (n=2)", "30.00 ± 0.00 (n=2)",
+                           f"{mean:.2f} ± {std:.2f} (n=2)", "2.00 ± 0.00 (n=2)",
+                           "85.00 ± 7.07 (n=2)", "50.00 (n=1)", "1.00 (n=1)", "70.00 (n=1)"]
+    # the long CSV: routing empty where nothing routes; the method's raw name
+    by = {(r["eta"], r["missing_type"], r["method.name"]): r for r in table}
+    assert len(table) == 18 and by["0.1", "text", "map"]["routing_mean"] == ""
+    assert float(by["0.1", "text", "delo"]["routing_mean"]) == pytest.approx(85.0)
+    assert [r["method.name"] for r in table[:3]] == ["map", "delo", "lora"]
+    # the same table as CSV: numbers apart, eta on every row
+    wide = list(csv.reader(open(tmp_path / "cmp" / "compare_table.csv")))
+    assert wide[0] == ["eta", "missing_type", "both_ratio", "image_pct", "text_pct",
+                       "MAP ap", "MAP ap std", "MAP fg", "MAP fg std", "MAP n",
+                       "DeLo ap", "DeLo ap std", "DeLo fg", "DeLo fg std", "DeLo routing",
+                       "DeLo routing std", "DeLo n", "DeLo-LoRA ap", "DeLo-LoRA ap std",
+                       "DeLo-LoRA fg", "DeLo-LoRA fg std", "DeLo-LoRA routing",
+                       "DeLo-LoRA routing std", "DeLo-LoRA n"]
+    assert [r[:5] for r in wide[1:3]] == [["0.1", "text", "0.5", "100.000000", "90.000000"],
+                                          ["0.1", "image", "0.5", "90.000000", "100.000000"]]
+    assert float(wide[1][10]) == pytest.approx(100 * (metrics[0.1, "text", 0] + metrics[0.1, "text", 1]) / 2)
+    assert (wide[1][9], wide[1][16], wide[1][23], wide[1][22]) == ("2", "2", "1", "")
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
+
+
+def test_a_plugin_section_key_splits_only_the_runs_that_have_it(store, tmp_path):
+    log_run(store, 0.40, **{"method.delo.factor_rank": 1})
+    log_run(store, 0.50, **{"method.delo.factor_rank": 4})
+    log_run(store, 0.30, **{"method.name": "lora"})
+    md, table = compare_table(store, tmp_path / "cmp")
+    assert "Column groups: method.name / method.delo.factor_rank." in md[2]
+    assert md[4] == ("| η | #Image | #Text | DeLo / 1 AP ↑ | DeLo / 1 FG ↓ | DeLo / 4 AP ↑ | "
+                     "DeLo / 4 FG ↓ | DeLo-LoRA AP ↑ | DeLo-LoRA FG ↓ |")
+    assert [(r["method.name"], r["method.delo.factor_rank"], r["ap_mean"]) for r in table] == [
+        ("delo", "1", "40.000000"), ("delo", "4", "50.000000"), ("lora", "", "30.000000")]
 
 
 def test_plot_axes_have_no_offset_notation(tmp_path):

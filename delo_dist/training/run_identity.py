@@ -34,17 +34,23 @@ def result_sha256(tree: dict) -> str:
     return recipe_sha256(shaping)
 
 
+def differences(out: Path, tree: dict) -> tuple[list[str], list[str]]:
+    """('key: old -> new' lines of the result-shaping keys, of the neutral keys) between the
+    recipe recorded in `out` and `tree`; both empty when `out` records none."""
+    path = Path(out) / RECIPE_FILE
+    if not path.is_file():
+        return [], []
+    diff = recipe_diff(yaml.safe_load(path.read_text()) or {}, tree)
+    lines = {k: f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()}
+    return ([lines[k] for k in diff if not result_neutral(k)],
+            [lines[k] for k in diff if result_neutral(k)])
+
+
 def check_recipe(out: Path, tree: dict) -> list[str]:
     """Raise if `out` holds a run of a recipe differing in a result-shaping key; return the
     neutral keys that differ (allowed), as 'key: old -> new' lines."""
     path = Path(out) / RECIPE_FILE
-    if not path.is_file():
-        return []
-    old = yaml.safe_load(path.read_text()) or {}
-    diff = recipe_diff(old, tree)
-    lines = {k: f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()}
-    shaping = [lines[k] for k in diff if not result_neutral(k)]
-    neutral = [lines[k] for k in diff if result_neutral(k)]
+    shaping, neutral = differences(out, tree)
     if shaping:
         raise RunIdentityError(
             f"{out} holds a run of another recipe ({path}); keys that shape results differ:\n  "
