@@ -20,8 +20,10 @@ rows (the code's prefix shape; its ImageNet-R setting uses E length 20), lambda 
 and keys uniform in [0, 1), query "cls". `position: input` is offered (prompt tuning: length
 tokens per layer). One E-prompt per session: the pool size is the number of sessions.
 
-Per session: E-prompt k (every E layer) and key k, separate tensors; earlier sessions' are not
-in session k's training forward at all. Shared: the G-prompt, trained in every session.
+Per session: E-prompt k (every E layer) and key k, separate tensors (the plug-in builds every
+session's at the start, so a checkpoint loads by name; nothing of session k's is trained
+before session k); other sessions' are not in session k's training forward at all, and
+inference chooses among the sessions seen so far. Shared: the G-prompt, trained in every session.
 session_parameters(k): the G-prompt, E-prompt k and key k.
 """
 from __future__ import annotations

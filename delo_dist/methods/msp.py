@@ -12,9 +12,9 @@ choices, each a key under `method.msp`:
   - `missing`: "drop" (default) - a missing modality's prompt is left out, the sample keeps
     the prompts of the modalities it has (the reading of "modality-specific tokens"); "keep" -
     both prompts for every sample. Batches have fixed shapes, so a dropped prompt's rows are
-    zero rows, and marked absent in per-row masks that the hooks' Prompts receives when it
-    takes them (`input_mask` / `prefix_mask`); until then a zero prefix row still takes
-    attention weight exp(0) with a zero value, and a zero input token is a constant token.
+    zero rows, marked absent in the per-row masks of the hooks' Prompts (`input_mask` /
+    `prefix_mask`): their keys are masked out of attention, so the sample attends only to the
+    prompts it has.
   - `ortho_weight` 1.0, on the mean squared cosine between every row of P_text and every row
     of P_image at each prompted layer (0 when the two are orthogonal), averaged over layers.
   - `length` 16 rows per modality, `layers` 0-5, `position` input: MAP's settings, on which
