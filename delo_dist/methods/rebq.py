@@ -67,8 +67,8 @@ from delo_dist.methods.prompt_pools import (ComponentPool, PromptOutput, PromptS
                                             start_pools)
 from delo_dist.methods.prompting import PromptMethod, layer_list
 from delo_dist.models.adapters import PROXY_IMAGE as DROP_IMAGE
-from delo_dist.models.inputs import concat_batches
 from delo_dist.models.adapters import PROXY_TEXT as DROP_TEXT
+from delo_dist.models.inputs import concat_batches
 
 
 @dataclass
@@ -231,7 +231,7 @@ class RebQ(nn.Module):
             pick = dropped == code
             if bool(pick.any()):
                 pred, tgt = memory[name][rows[pick]], target[name][source[pick]].detach()
-                terms.append(((pred - tgt) ** 2).mean(-1))          # per row, as the code
+                terms.append(((pred.float() - tgt.float()) ** 2).mean(-1))   # per row, as the code
         return torch.cat(terms).mean()
 
 
@@ -264,7 +264,9 @@ class RebQMethod(PromptMethod):
         query = bb.frozen_query(rows) if rows is not batch or query is None else query
         mt_all, mi_all = rows["missing_text"], rows["missing_image"]
         memory, losses = None, {}
-        if rows is not batch or module.needs_memory(mt_all, mi_all):
+        # training: always (every rank's memory pools then get a gradient, even a zero one);
+        # inference: only for a batch with a sample missing a modality
+        if session is not None or module.needs_memory(mt_all, mi_all):
             mem = module.memory_prompts(query, mt_all, mi_all, session, seen)
             model.set_batch(rows)
             memory = bb.prompted_query(rows, mem.prompts)
