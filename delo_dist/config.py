@@ -390,10 +390,13 @@ def _import_plugins(tree: dict, src: str, given: dict) -> None:
 
 
 def check_compatible(recipe: Recipe, src: str) -> None:
-    """The method's needs against the backbone's capabilities: one line naming both."""
+    """The method's needs against the backbone's capabilities: one line naming both. A method
+    whose needs depend on its settings (a prompt position) says them with `needs_for`."""
     method, backbone = plugin_class(recipe.method), plugin_class(recipe.backbone)
     have = getattr(backbone, "capabilities", frozenset())
-    for capability, why in method.needs.items():
+    needs = (method.needs_for(recipe.method.settings) if hasattr(method, "needs_for")
+             else method.needs)
+    for capability, why in needs.items():
         if capability not in have:
             raise RecipeError(
                 f"{src}: key 'method.name' {recipe.method.name!r} needs the backbone capability "

@@ -37,7 +37,8 @@ def tensor_groups(names_sizes: dict[str, int]) -> dict[str, int]:
     """Bytes by part of the model: backbone, adapters, heads, identifier."""
     out = {"backbone": 0, "adapters": 0, "heads": 0, "identifier": 0}
     for name, size in names_sizes.items():
-        part = ("adapters" if ".sessions." in name else "heads" if name.startswith("heads.")
+        part = ("adapters" if ".sessions." in name or name.startswith("prompter.")   # method parts
+                else "heads" if name.startswith("heads.")
                 else "identifier" if name.startswith("identifier.") else "backbone")
         out[part] += size
     return out

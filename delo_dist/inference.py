@@ -8,15 +8,19 @@ backbone (`backbone.pretrained`) is loaded from the hub or its local folder as i
 
 Prediction runs the evaluation's own path: samples are collated by the backbone's `collate`
 (the dummy text and image are exactly training's), and `ContinualModel.predict` routes each
-sample to a session and applies that session's adapters and head, under the training's
+sample to a session and applies that session's adapters and head (a shared-head method, the
+prompt methods: its prompted pass and one head over every seen class), under the training's
 precision (`train.mixed_precision`; `auto`: what the run recorded, else the launch's
 ACCELERATE_MIXED_PRECISION, else fp32), on the GPU when there is one.
 
 Per sample, `predict` returns a dict:
     availability        "complete", "text_only" or "image_only"
-    session             the session whose adapters and head were used
+    session             the session whose adapters and head were used (a shared-head method:
+                        the session whose parts it chose, DualPrompt's E-prompt, or None
+                        where it chooses none; oracle mode: the session given)
     session_confidence  how strongly the task identifier preferred that session (below);
-                        None in oracle mode (the session was given)
+                        None in oracle mode (the session was given) and where no identifier
+                        chose it
     session_scores      the identifier's raw score of every seen session (None: oracle mode,
                         or a source that exposes no scores)
     classes, class_ids  the predicted class name(s) and global id(s): one for single-label
@@ -24,7 +28,8 @@ Per sample, `predict` returns a dict:
                         threshold evaluation uses), possibly none
     scores              probabilities of those classes: single-label, the softmax over the
                         chosen session's classes (a head scores only its own session's
-                        classes); multi-label, each class's sigmoid
+                        classes; a shared head: over every seen class, in oracle mode over
+                        the given session's); multi-label, each class's sigmoid
     truncated           the text had more tokens than the trained length (`max_text_len`)
                         and was cut, as in training
 or, for a sample that cannot be used (an unreadable image, both modalities missing),
@@ -206,17 +211,25 @@ class InferenceModel:
         from delo_dist.training.engines import autocast
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         calls, self._head_out = [], {}
+        shared = self.model.method.head == "shared"
+        n = len(batch["missing_text"])
         try:
             with autocast(self.precision, self.device):
                 if mode == "oracle":
-                    n = len(batch["missing_text"])
                     sessions = (batch["session"] if session is None else
                                 torch.full((n,), session, dtype=torch.long)).to(self.device)
-                    pred, routed = self.model.predict_with(batch, sessions), sessions
+                    if shared:   # the method's own oracle: the given session's parts and classes
+                        out = self.model.predict({**batch, "session": sessions}, self.seen)
+                        pred, logits = out["oracle_pred"], out["oracle_logits"]
+                    else:
+                        pred = self.model.predict_with(batch, sessions)
+                    routed = sessions
                 elif mode == "task_agnostic":
-                    with _recording_route(self.model.identifier, calls):
+                    recording = (_recording_route(self.model.identifier, calls)
+                                 if self.model.identifier is not None else contextlib.nullcontext())
+                    with recording:
                         out = self.model.predict(batch, self.seen, oracle=False)
-                    pred, routed = out["pred"], out.get("routed")
+                    pred, routed, logits = out["pred"], out.get("routed"), out.get("logits")
                 else:
                     raise ValueError(f"mode: {mode!r}, expected 'task_agnostic' or 'oracle'")
             heads = self._head_out
@@ -226,15 +239,19 @@ class InferenceModel:
         if calls and routed is not None:
             scores, conf = identifier_scores(self.model.identifier, *calls[-1])
             scores, conf = scores.cpu().tolist(), conf.cpu().tolist()
-        n = len(batch["missing_text"])
-        probs = self._row_probs(heads, routed, n)
+        if shared:   # columns: the seen sessions' classes in order
+            probs = (logits.float().sigmoid() if self.multilabel else logits.float().softmax(-1)).cpu().tolist()
+            column = {c: i for i, c in enumerate(c for k in range(self.seen)
+                                                 for c in self.info.session_classes[k])}
+        else:
+            probs = self._row_probs(heads, routed, n)
         sessions = [None] * n if routed is None else routed.cpu().tolist()
         pred = pred.cpu()
         ids = ([r.nonzero().squeeze(1).tolist() for r in pred] if self.multilabel
                else [[c] for c in pred.tolist()])
         results = []
         for j, (a, k) in enumerate(zip(availability(batch).tolist(), sessions)):
-            local = None if probs is None else self._local[k]
+            local = column if shared else None if probs is None else self._local[k]
             results.append({
                 "availability": AVAILABILITY[a], "session": k,
                 "session_confidence": None if conf is None else conf[j][k],

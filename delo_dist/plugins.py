@@ -35,6 +35,13 @@ BUILTIN: dict[str, dict[str, str]] = {
         "seq_mail": "delo_dist.methods.mail:SeqMail",
         "mora": "delo_dist.methods.mora:Mora",
         "seq_mora": "delo_dist.methods.mora:SeqMora",
+        # prompt methods: one head shared by the sessions' classes (methods/prompting.py)
+        "map": "delo_dist.methods.map:MapMethod",
+        "msp": "delo_dist.methods.msp:MspMethod",
+        "l2p": "delo_dist.methods.l2p:L2PMethod",
+        "dualprompt": "delo_dist.methods.dualprompt:DualPromptMethod",
+        "coda_prompt": "delo_dist.methods.coda_prompt:CodaPromptMethod",
+        "rebq": "delo_dist.methods.rebq:RebQMethod",
     },
     "backbone": {
         "vilt": "delo_dist.models.vilt:ViltBackbone",

@@ -281,19 +281,58 @@ def test_shared_methods_train_the_same_parameters_in_every_session(name):
     assert ids[0] == ids[1] == {id(p) for p in method.parameters()}
 
 
+@pytest.mark.parametrize("built", ["when_started", "up_front"])
 @pytest.mark.parametrize("backbone", [SMALL_VILT, SMALL_CLIP], ids=["vilt", "clip"])
 @pytest.mark.parametrize("name", ["coda_prompt", "rebq"])
-def test_a_new_slice_starts_orthogonal_to_the_trained_earlier_ones(name, backbone):
-    method = build(name, backbone, sessions=2, **SMALL[name])
+def test_a_new_slice_starts_orthogonal_to_the_trained_earlier_ones(name, backbone, built):
+    """Created when its session starts, or built up front (as the plug-in does, so that a
+    checkpoint loads by name) and drawn again by start_session: either way orthonormal and
+    orthogonal to the trained slice 0; the draw comes from the global RNG (a resumed run,
+    whose checkpoint restores it, draws the same)."""
+    method = build(name, backbone, sessions=2, started=2 if built == "up_front" else 1, **SMALL[name])
     sgd_on(method.session_parameters(0), lambda: toy_loss(forward(method, backbone, 0), {}), steps=3, lr=0.05)
-    method.start_session(1)
     pools = list(method.pools.values()) if name == "coda_prompt" else method.all_pools()
+    state = torch.get_rng_state()
+    method.start_session(1)
+    drawn = [p.detach().clone() for pool in pools for p in pool.session_parameters(1)]
     for pool in pools:
         for params in (pool.K, pool.A, pool.P):
             old, new = params[0].detach().flatten(1), params[1].detach().flatten(1)
             assert (old @ old.t() - torch.eye(len(old))).abs().max() > 1e-3   # slice 0 trained away
             assert (new @ old.t()).abs().max() < 1e-5
             assert torch.allclose(new @ new.t(), torch.eye(len(new)), atol=1e-5)
+    if built == "up_front":
+        torch.set_rng_state(state)
+        method.start_session(1)
+        again = [p.detach() for pool in pools for p in pool.session_parameters(1)]
+        assert all(torch.equal(a, b) for a, b in zip(drawn, again))
+
+
+@pytest.mark.parametrize("name", ["dualprompt", "coda_prompt", "rebq"])
+def test_inference_reads_only_the_seen_sessions_parts(name):
+    """Every session's parts exist from the start; inference over `seen` sessions must not
+    read the later ones (untrained): changing them changes nothing, and DualPrompt routes
+    only among the seen sessions."""
+    method = build(name, SMALL_VILT, sessions=3, started=3, **SMALL[name])
+    query, mt, mi = batch(SMALL_VILT[1])
+    if name == "rebq":
+        kwargs = {"memory": {k: v + 1.0 for k, v in query.items()}}
+    else:
+        kwargs = {}
+    def prompts(seen):
+        p = method(query, mt, mi, seen=seen, **kwargs).prompts
+        return prompt_tensors(p)
+    before = prompts(2)
+    with torch.no_grad():
+        for p in method.session_parameters(2):
+            if all(p is not q for q in method.session_parameters(0)):   # not shared (G-prompt)
+                p.add_(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, prompts(2)))
+    assert not all(torch.equal(a, b) for a, b in zip(before, prompts(3)))
+    if name == "dualprompt":
+        keys = torch.stack(list(method.e_keys)).detach()
+        routed = method({"cls": keys[[2, 2, 1, 0]]}, mt[:4], mi[:4], seen=2).routed
+        assert set(routed.tolist()) <= {0, 1} and routed[2:].tolist() == [1, 0]
 
 
 def test_orthogonal_rows_warns_when_the_width_cannot_hold_them():

@@ -11,11 +11,12 @@ Forward: frozen query pass -> weighted components -> prompted pass -> the shared
 frozen query pass is one more prompt-free forward at training and at inference; no routing.
 
 Continual: the pool grows by a slice of pool_size / sessions components per session (the code:
-100 over 10 tasks, 10 a task). Session k's slice is created at start_session(k), orthonormal
-and orthogonal to every earlier slice (Gram-Schmidt on K, A and the flattened P separately,
-as the code re-initialises a task's new components); in session k's training forward the
-earlier slices take part detached (their components still shape the prompt, but get no
-gradient), and inference uses every slice so far. The orthogonality loss
+100 over 10 tasks, 10 a task). Every slice exists from the start (a checkpoint loads by name);
+session k's is drawn again at start_session(k), orthonormal and orthogonal to the trained
+earlier slices (Gram-Schmidt on K, A and the flattened P separately, as the code
+re-initialises a task's new components); in session k's training forward the earlier slices
+take part detached (their components still shape the prompt, but get no gradient), later ones
+not at all, and inference uses the slices of the sessions seen so far. The orthogonality loss
 ortho_weight * sum_layers (||K K^T - I||^2 + ||A A^T - I||^2 + ||P P^T - I||^2) (entry
 means; earlier rows enter detached) keeps the new slice orthogonal while it trains.
 
@@ -35,7 +36,9 @@ import torch
 from torch import nn
 
 from delo_dist.methods.prompt_pools import (ComponentPool, PromptOutput, PromptSet, check_choice,
-                                            check_layers, query_name, select_sites, site_name)
+                                            check_layers, query_name, select_sites, site_name,
+                                            start_pools)
+from delo_dist.methods.prompting import PromptMethod, layer_list
 
 
 @dataclass
@@ -81,21 +84,32 @@ class CodaPrompt(nn.Module):
         return next(iter(self.pools.values())).sessions
 
     def start_session(self, k: int) -> None:
-        if k != self.sessions:
-            raise RuntimeError(f"start_session({k}) after {self.sessions} sessions: call them in order")
-        for pool in self.pools.values():
-            pool.add_session(self.generator)
+        start_pools(list(self.pools.values()), k, self.generator)
 
     def session_parameters(self, k: int) -> list[nn.Parameter]:
         return [p for pool in self.pools.values() for p in pool.session_parameters(k)]
 
-    def forward(self, query, missing_text, missing_image, session=None, task_ids=None) -> PromptOutput:
+    def forward(self, query, missing_text, missing_image, session=None, task_ids=None,
+                seen=None) -> PromptOutput:
         q = query[self.query].detach()
         want = session is not None and self.cfg.ortho_weight > 0
         out, ortho = PromptSet(), []
         for e, l, _ in self.sites:
-            prompt, penalty = self.pools[site_name(e, l)](q, session, want)   # (B, L, d)
+            prompt, penalty = self.pools[site_name(e, l)](q, session, want, seen)   # (B, L, d)
             out.add((e, l), prompt, "input" if self.cfg.position == "input" else "prefix")
             ortho.append(penalty)
         losses = {"coda_ortho": (self.cfg.ortho_weight, torch.stack(ortho).sum())} if want else {}
         return PromptOutput(out.build(), losses)
+
+
+class CodaPromptMethod(PromptMethod):
+    """CODA-Prompt as a plug-in: a pool slice per session (separate tensors), drawn orthogonal
+    to the trained earlier slices when its session starts."""
+    name = "coda_prompt"
+    Settings = CodaPromptSettings
+    Module = CodaPrompt
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"pool {c.pool_size} (a slice a session) x length {c.length}, {c.position} at "
+                f"layers {layer_list(c.layers)}")

@@ -20,13 +20,16 @@ rows (the code's prefix shape; its ImageNet-R setting uses E length 20), lambda 
 and keys uniform in [0, 1), query "cls". `position: input` is offered (prompt tuning: length
 tokens per layer). One E-prompt per session: the pool size is the number of sessions.
 
-Per session: E-prompt k (every E layer) and key k, separate tensors; earlier sessions' are not
-in session k's training forward at all. Shared: the G-prompt, trained in every session.
+Per session: E-prompt k (every E layer) and key k, separate tensors (the plug-in builds every
+session's at the start, so a checkpoint loads by name; nothing of session k's is trained
+before session k); other sessions' are not in session k's training forward at all, and
+inference chooses among the sessions seen so far. Shared: the G-prompt, trained in every session.
 session_parameters(k): the G-prompt, E-prompt k and key k.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
@@ -34,6 +37,7 @@ from torch import nn
 from delo_dist.methods.prompt_pools import (PromptOutput, PromptSet, check_choice, check_layers,
                                             cosine_matrix, query_name, select_sites, site_name,
                                             uniform_)
+from delo_dist.methods.prompting import PromptMethod, layer_list
 
 
 @dataclass
@@ -81,6 +85,10 @@ class DualPrompt(nn.Module):
         return len(self.e_keys)
 
     def start_session(self, k: int) -> None:
+        """Create session k's E-prompt and key (in order); one that exists is left as it is:
+        nothing of it was trained before its session."""
+        if k < self.sessions:
+            return
         if k != self.sessions:
             raise RuntimeError(f"start_session({k}) after {self.sessions} sessions: call them in order")
         dev = self.anchor.device
@@ -92,9 +100,10 @@ class DualPrompt(nn.Module):
     def session_parameters(self, k: int) -> list[nn.Parameter]:
         return [*self.g.values(), *self.e_prompts[k].values(), self.e_keys[k]]
 
-    def route(self, q: torch.Tensor) -> torch.Tensor:
-        """(B,) the session whose E-key is nearest (cosine) to each query."""
-        return cosine_matrix(q, torch.stack(list(self.e_keys))).argmax(1)
+    def route(self, q: torch.Tensor, seen: Optional[int] = None) -> torch.Tensor:
+        """(B,) the session among the first `seen` (None: all) whose E-key is nearest (cosine)
+        to each query."""
+        return cosine_matrix(q, torch.stack(list(self.e_keys)[:seen])).argmax(1)
 
     def _add(self, out: PromptSet, site, rows: torch.Tensor) -> None:
         if self.cfg.position == "input":
@@ -102,7 +111,10 @@ class DualPrompt(nn.Module):
         else:   # L key rows, then L value rows
             out.add(site, rows, "prefix")
 
-    def forward(self, query, missing_text, missing_image, session=None, task_ids=None) -> PromptOutput:
+    def forward(self, query, missing_text, missing_image, session=None, task_ids=None,
+                seen=None) -> PromptOutput:
+        """task_ids (B,): at inference, the E-prompt of each sample is given (the identifier's
+        choice under `routing: task_id`, or the true session for the oracle); else keys choose."""
         q = query[self.query].detach().float()
         b = q.shape[0]
         losses, routed = {}, None
@@ -110,12 +122,12 @@ class DualPrompt(nn.Module):
             chosen = torch.full((b,), session, dtype=torch.long, device=q.device)
             key_loss = (1.0 - cosine_matrix(q, self.e_keys[session].unsqueeze(0))[:, 0]).mean()
             losses["dualprompt_key"] = (self.cfg.key_weight, key_loss)
+        elif task_ids is not None:
+            chosen = routed = task_ids.long().to(q.device)
         elif self.cfg.routing == "task_id":
-            if task_ids is None:
-                raise ValueError("method.dualprompt.routing=task_id: the forward needs task_ids")
-            chosen = routed = task_ids.long()
+            raise ValueError("method.dualprompt.routing=task_id: the forward needs task_ids")
         else:
-            chosen = routed = self.route(q)
+            chosen = routed = self.route(q, seen)
         out = PromptSet()
         for e, l, _ in self.g_sites:
             self._add(out, (e, l), self.g[site_name(e, l)].unsqueeze(0).expand(b, -1, -1))
@@ -124,6 +136,30 @@ class DualPrompt(nn.Module):
             if session is not None:
                 rows = self.e_prompts[session][name].unsqueeze(0).expand(b, -1, -1)
             else:   # per sample: a batch may mix sessions
-                rows = torch.stack([self.e_prompts[j][name] for j in range(self.sessions)])[chosen]
+                n = self.sessions if seen is None else seen
+                rows = torch.stack([self.e_prompts[j][name] for j in range(n)])[chosen]
             self._add(out, (e, l), rows)
         return PromptOutput(out.build(), losses, routed=routed)
+
+
+class DualPromptMethod(PromptMethod):
+    """DualPrompt as a plug-in: a shared G-prompt, an E-prompt and key per session. At test
+    the E-prompt is chosen by key matching (`routing: keys`, the paper's) or by the product's
+    task identification (`routing: task_id`: the model then builds `task_id.*`'s identifier and
+    the trainer fits it after each session)."""
+    name = "dualprompt"
+    Settings = DualPromptSettings
+    Module = DualPrompt
+
+    @property
+    def uses_identifier(self) -> bool:
+        return self.cfg.routing == "task_id"
+
+    def identified(self, model, batch, seen):
+        return model.route(batch, seen) if self.uses_identifier else None
+
+    def describe(self) -> str:
+        c = self.cfg
+        g = f"G {c.g_length} at {layer_list(c.g_layers)}, " if c.g_length else ""
+        return (f"{c.position}: {g}E {c.e_length} a session at {layer_list(c.e_layers)}, "
+                f"E chosen by {'keys' if c.routing == 'keys' else 'task identification'}")

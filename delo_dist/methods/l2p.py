@@ -31,6 +31,7 @@ from torch import nn
 
 from delo_dist.methods.prompt_pools import (KeyedPool, PromptOutput, PromptSet, check_choice,
                                             check_layers, query_name, select_sites, site_name)
+from delo_dist.methods.prompting import PromptMethod, layer_list
 
 
 @dataclass
@@ -68,7 +69,8 @@ class L2P(nn.Module):
     def session_parameters(self, k: int) -> list[nn.Parameter]:
         return list(self.pool.parameters())
 
-    def forward(self, query, missing_text, missing_image, session=None, task_ids=None) -> PromptOutput:
+    def forward(self, query, missing_text, missing_image, session=None, task_ids=None,
+                seen=None) -> PromptOutput:
         idx, key_loss = self.pool.select(query[self.query], self.cfg.top_n)     # (B, N)
         out = PromptSet()
         for e, l, _ in self.sites:
@@ -80,3 +82,15 @@ class L2P(nn.Module):
                 out.add_prefix((e, l), p[:, :, 0].flatten(1, 2), p[:, :, 1].flatten(1, 2))
         losses = {"l2p_key": (self.cfg.key_weight, key_loss)} if session is not None else {}
         return PromptOutput(out.build(), losses, extras={"prompt_idx": idx})
+
+
+class L2PMethod(PromptMethod):
+    """L2P as a plug-in: top-N prompts of one shared pool chosen by the frozen [CLS] query."""
+    name = "l2p"
+    Settings = L2PSettings
+    Module = L2P
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"pool {c.pool_size} x length {c.length}, top-{c.top_n}, {c.position} at layers "
+                f"{layer_list(c.layers)}, shared by all sessions")

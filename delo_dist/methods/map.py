@@ -31,6 +31,7 @@ from torch import nn
 
 from delo_dist.methods.prompt_pools import (PromptOutput, PromptSet, check_choice, check_layers,
                                             select_sites, site_name)
+from delo_dist.methods.prompting import PromptMethod, layer_list
 
 COMPLETE, MISSING_TEXT, MISSING_IMAGE = 0, 1, 2
 ONEHOT_ROW = {COMPLETE: 0, MISSING_IMAGE: 1, MISSING_TEXT: 2}   # the code's init rows
@@ -88,9 +89,24 @@ class Map(nn.Module):
     def session_parameters(self, k: int) -> list[nn.Parameter]:
         return list(self.prompts.values())
 
-    def forward(self, query, missing_text, missing_image, session=None, task_ids=None) -> PromptOutput:
+    def forward(self, query, missing_text, missing_image, session=None, task_ids=None,
+                seen=None) -> PromptOutput:
         case = missing_case(missing_text, missing_image)               # (B,)
         out = PromptSet()
         for e, l, _ in self.sites:
             out.add((e, l), self.prompts[site_name(e, l)][case], self.cfg.position)  # (B, L, d)
         return PromptOutput(out.build(), extras={"case": case})
+
+
+class MapMethod(PromptMethod):
+    """MAP as a plug-in: each sample's missing-case prompts, no frozen query pass; one prompt
+    set and the shared head fine-tuned session after session (not continual)."""
+    name = "map"
+    Settings = MapSettings
+    Module = Map
+    reads_query = False
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"{c.position} prompts, 3 cases x length {c.length} at layers {layer_list(c.layers)}, "
+                "shared by all sessions")

@@ -12,9 +12,9 @@ choices, each a key under `method.msp`:
   - `missing`: "drop" (default) - a missing modality's prompt is left out, the sample keeps
     the prompts of the modalities it has (the reading of "modality-specific tokens"); "keep" -
     both prompts for every sample. Batches have fixed shapes, so a dropped prompt's rows are
-    zero rows, and marked absent in per-row masks that the hooks' Prompts receives when it
-    takes them (`input_mask` / `prefix_mask`); until then a zero prefix row still takes
-    attention weight exp(0) with a zero value, and a zero input token is a constant token.
+    zero rows, marked absent in the per-row masks of the hooks' Prompts (`input_mask` /
+    `prefix_mask`): their keys are masked out of attention, so the sample attends only to the
+    prompts it has.
   - `ortho_weight` 1.0, on the mean squared cosine between every row of P_text and every row
     of P_image at each prompted layer (0 when the two are orthogonal), averaged over layers.
   - `length` 16 rows per modality, `layers` 0-5, `position` input: MAP's settings, on which
@@ -37,6 +37,7 @@ from torch import nn
 
 from delo_dist.methods.prompt_pools import (PromptOutput, PromptSet, check_choice, check_layers,
                                             select_sites, site_name)
+from delo_dist.methods.prompting import PromptMethod, layer_list
 
 
 @dataclass
@@ -86,7 +87,8 @@ class Msp(nn.Module):
             return rows, None
         return rows * present[:, None, None].to(p.dtype), present[:, None].expand(b, p.shape[0])
 
-    def forward(self, query, missing_text, missing_image, session=None, task_ids=None) -> PromptOutput:
+    def forward(self, query, missing_text, missing_image, session=None, task_ids=None,
+                seen=None) -> PromptOutput:
         out = PromptSet()
         for e, l, _ in self.sites:
             name = site_name(e, l)
@@ -104,3 +106,17 @@ class Msp(nn.Module):
             ortho = torch.stack([cross_orthogonality(self.text[n], self.image[n]) for n in self.text]).mean()
             losses["msp_ortho"] = (self.cfg.ortho_weight, ortho)
         return PromptOutput(out.build(), losses)
+
+
+class MspMethod(PromptMethod):
+    """MSP as a plug-in: a text and an image prompt with their orthogonality loss, no frozen
+    query pass; one prompt pair and the shared head fine-tuned session after session."""
+    name = "msp"
+    Settings = MspSettings
+    Module = Msp
+    reads_query = False
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"{c.position} prompts, 2 modalities x length {c.length} at layers "
+                f"{layer_list(c.layers)}, missing: {c.missing}, shared by all sessions")

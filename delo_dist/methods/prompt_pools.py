@@ -7,28 +7,34 @@ What every method module here holds, so that wrapping it into a `Method` plug-in
   - `<Name>`, an nn.Module built from (settings, sites, query_dims, sessions):
       sites       `backbone.prompt_sites()`: [(encoder, layer, width)], encoder "joint" (ViLT)
                   or "text" / "image" (CLIP's two encoders);
-      query_dims  {name: width} of what `backbone.frozen_query(batch)` returns (ViLT: "cls",
-                  "text_cls", "image_cls"; CLIP: "image", "text", "cls");
+      query_dims  {name: width} of what `backbone.frozen_query(batch)` returns
+                  (`backbone.frozen_query_dims()`; ViLT: "cls", "text_cls", "image_cls";
+                  CLIP: "image", "text", "cls");
       sessions    how many sessions the run has (CODA-Prompt and RebQ split their pool by it);
-    start_session(k)      creates (and initialises) session k's parts; call 0, 1, 2, ... in
-                          order before training each session, and again up to the checkpoint's
-                          session before loading a checkpoint (the load overwrites the values);
+    start_session(k)      session k's parts: created if they do not exist yet (call 0, 1, 2, ...
+                          in order; the plug-in creates every session's at build, so that a
+                          checkpoint loads by name), else re-initialised from the trained
+                          earlier sessions' (CODA-Prompt, RebQ: orthogonal to the earlier
+                          slices; the others have nothing to redo);
     session_parameters(k) exactly what trains in session k: its own parts and what the
                           method shares (earlier sessions' parts never);
-    forward(query, missing_text, missing_image, session=None, ...) -> PromptOutput
-                          session=k: the training forward of session k (loss terms computed,
-                          earlier sessions' parts detached); session=None: inference over every
-                          session started so far.
+    forward(query, missing_text, missing_image, session=None, task_ids=None, seen=None, ...)
+                          -> PromptOutput. session=k: the training forward of session k (loss
+                          terms computed, earlier sessions' parts detached, later ones unused);
+                          session=None: inference over the first `seen` sessions (None: every
+                          session built).
   Layer lists in the settings count per encoder (CLIP: the same layers of both encoders); a
   layer the backbone lacks is an error naming the key.
 
-Contract with the backbone hooks (delo_dist/models/prompts.py, built in parallel):
+Contract with the backbone hooks (delo_dist/models/prompts.py):
   Prompts(input={(encoder, layer): (B, P, d)}, prefix={(encoder, layer): (keys (B, P, d),
-  values (B, P, d))}) for one prompted forward. Input tokens are inserted after the first
-  token at that layer and stay until the encoder's end (removed before pooling); prefix rows
-  are prepended to that layer's self-attention keys and values in hidden width (after the
-  key/value projections, as prefix tuning and the MAP, CODA-Prompt and RebQ codes do).
-  Prompts are float32 parameters: the hook casts them to the activations' dtype.
+  values (B, P, d))}, input_mask / prefix_mask {site: (B, P) bool}) for one prompted forward.
+  Input tokens are inserted after the first token at that layer and stay until the encoder's
+  end (removed before pooling; `replace_input`: a layer's replace the earlier ones); prefix
+  rows are prepended to that layer's self-attention keys and values in hidden width (after
+  the key/value projections, as prefix tuning and the MAP, CODA-Prompt and RebQ codes do); a
+  row a mask marks absent is left out of attention. Prompts are float32 parameters: the hook
+  casts them to the activations' dtype.
 
 Pools:
   KeyedPool (L2P): M prompts with learnable keys, top-N chosen per sample by the cosine of
@@ -36,8 +42,9 @@ Pools:
   ComponentPool (CODA-Prompt, RebQ; one per prompted layer, as in CODA-Prompt): per session
     a slice of n components, each a key K_i, an attention vector A_i (query width) and a
     prompt P_i (L, d); weights a_i = cos(q * A_i, K_i), prompt = sum_i a_i P_i. Every slice
-    is its own tensor; a new slice starts orthonormal and orthogonal to the earlier slices
-    (Gram-Schmidt through QR, on K, A and the flattened P separately); in session k's
+    is its own tensor; a slice starts orthonormal and orthogonal to the earlier slices
+    (Gram-Schmidt through QR, on K, A and the flattened P separately), and is drawn again,
+    orthogonal to the trained earlier slices, when its session starts; in session k's
     training forward the earlier slices are detached.
 """
 from __future__ import annotations
@@ -92,13 +99,14 @@ def split_half(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_prompts(input: dict, prefix: dict, input_mask: Optional[dict] = None,
-                  prefix_mask: Optional[dict] = None):
+                  prefix_mask: Optional[dict] = None, replace_input: bool = False):
     """The hooks' Prompts for one forward. Per-row masks ({site: (B, P) bool}, True = the row
     is there) are passed only where the hooks' Prompts takes them (MSP's dropped prompts)."""
     from delo_dist.models.prompts import Prompts   # the hooks' class, imported when used
     kwargs = {"input": input, "prefix": prefix}
     accepted = _prompt_fields(Prompts)
-    for name, value in (("input_mask", input_mask), ("prefix_mask", prefix_mask)):
+    for name, value in (("input_mask", input_mask), ("prefix_mask", prefix_mask),
+                        ("replace_input", replace_input)):
         if value and name in accepted:
             kwargs[name] = value
     return Prompts(**kwargs)
@@ -137,7 +145,8 @@ class PromptSet:
             k, v = split_half(rows)
             self.add_prefix(site, k, v, None if mask is None else mask[:, : k.shape[1]])
 
-    def build(self):
+    def build(self, replace_input: bool = False):
+        """The Prompts; replace_input: each layer's input prompts replace the earlier ones."""
         input = {s: torch.cat([x for x, _ in parts], 1) for s, parts in self.input.items()}
         prefix = {s: (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1))
                   for s, parts in self.prefix.items()}
@@ -145,7 +154,7 @@ class PromptSet:
                       for s, parts in self.input.items() if any(m is not None for _, m in parts)}
         prefix_mask = {s: _row_mask([(k, m) for k, _, m in parts])
                        for s, parts in self.prefix.items() if any(p[2] is not None for p in parts)}
-        return build_prompts(input, prefix, input_mask, prefix_mask)
+        return build_prompts(input, prefix, input_mask, prefix_mask, replace_input)
 
 
 def _row_mask(parts: list) -> torch.Tensor:
@@ -230,29 +239,38 @@ class ComponentPool(nn.Module):
 
     def add_session(self, generator: Optional[torch.Generator] = None) -> None:
         """Session len(self.K)'s slice, orthonormal and orthogonal to the earlier slices."""
-        def new(earlier: list, shape: tuple) -> nn.Parameter:
-            flat = torch.cat([e.detach().reshape(self.n, -1) for e in earlier]) if earlier else None
-            rows = orthogonal_rows(self.n, int(torch.tensor(shape).prod()), flat, generator)
-            return nn.Parameter(rows.reshape(self.n, *shape).to(self.anchor.device))
-        self.K.append(new(list(self.K), (self.key_dim,)))
-        self.A.append(new(list(self.A), (self.key_dim,)))
-        self.P.append(new(list(self.P), (self.length, self.width)))
+        dev = self.anchor.device
+        self.K.append(nn.Parameter(torch.empty(self.n, self.key_dim, device=dev)))
+        self.A.append(nn.Parameter(torch.empty(self.n, self.key_dim, device=dev)))
+        self.P.append(nn.Parameter(torch.empty(self.n, self.length, self.width, device=dev)))
+        self.init_slice(self.sessions - 1, generator)
 
-    def stacked(self, session: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def init_slice(self, k: int, generator: Optional[torch.Generator] = None) -> None:
+        """Draw slice k again: orthonormal rows orthogonal to slices 0..k-1 as they are now
+        (trained), on K, A and the flattened P separately (the global RNG if no generator)."""
+        for params in (self.K, self.A, self.P):
+            earlier = [p.detach().reshape(self.n, -1) for p in params[:k]]
+            flat = torch.cat(earlier) if earlier else None
+            rows = orthogonal_rows(self.n, params[k][0].numel(), flat, generator)
+            params[k].copy_(rows.reshape(params[k].shape))
+
+    def stacked(self, session: Optional[int], seen: Optional[int] = None):
         """K, A, P over the slices a forward uses: session k's training forward, slices 0..k
-        with 0..k-1 detached; inference (None), every slice."""
-        last = self.sessions - 1 if session is None else session
-        if last >= self.sessions:
+        with 0..k-1 detached; inference (None), the first `seen` slices (None: every one)."""
+        last = session if session is not None else (self.sessions if seen is None else seen) - 1
+        if not 0 <= last < self.sessions:
             raise RuntimeError(f"session {last} has no pool slice: call start_session({last}) first")
         def cat(params):
             return torch.cat([p if session is None or i == session else p.detach()
                               for i, p in enumerate(params[: last + 1])])
         return cat(self.K), cat(self.A), cat(self.P)
 
-    def forward(self, q: torch.Tensor, session: Optional[int], penalty: bool = False):
+    def forward(self, q: torch.Tensor, session: Optional[int], penalty: bool = False,
+                seen: Optional[int] = None):
         """q (B, d_q) -> the prompt (B, L, d), and (if asked) the orthogonality penalty of K, A
         and the flattened P (as CODA-Prompt's: earlier slices enter detached), else None."""
-        K, A, P = self.stacked(session)
+        K, A, P = self.stacked(session, seen)
         q = q.to(A.dtype)                                             # a bf16 query pass, fp32 pool
         aq = F.normalize(q.unsqueeze(1) * A.unsqueeze(0), dim=-1)    # (B, c, d_q)
         w = torch.einsum("bcd,cd->bc", aq, F.normalize(K, dim=-1))    # (B, c) in [-1, 1]
@@ -263,6 +281,16 @@ class ComponentPool(nn.Module):
 
     def session_parameters(self, k: int) -> list[nn.Parameter]:
         return [self.K[k], self.A[k], self.P[k]]
+
+
+def start_pools(pools: list, k: int, generator: Optional[torch.Generator] = None) -> None:
+    """start_session(k) of a module made of ComponentPools: create slice k (in order), or draw
+    it again orthogonal to the trained earlier slices."""
+    have = pools[0].sessions
+    if k > have:
+        raise RuntimeError(f"start_session({k}) after {have} sessions: call them in order")
+    for pool in pools:
+        pool.add_session(generator) if k == have else pool.init_slice(k, generator)
 
 
 def check_layers(check: Check, key: str, layers: list[int]) -> None:

@@ -37,8 +37,9 @@ Our choices and where we differ from the code:
     CODA-Prompt re-initialises each new task's components; the code's default REINIT: False
     keeps the init of the construction, which orthonormalises only the first task's slice
     and leaves the later slices at zero (where, with K = A = P = 0, they get no gradient);
-  - memory prompts in input position accumulate through `memory_layers` (the hooks' input
-    prompts stay to the encoder's end); the code replaces the memory tokens at each layer;
+  - `memory_input`: memory prompts in input position replace the previous layer's memory
+    tokens at each of `memory_layers` ("replace", the code's; the hooks' `replace_input`), or
+    accumulate through them ("accumulate": MAP's way);
   - `reconstruction_target` "frozen" (default): the complete original's frozen query - what
     the pools are queried with when the modality is there, so what a reconstruction stands in
     for; "memory": the code's, the original's memory-pass output. That target moves with the
@@ -62,9 +63,12 @@ from torch import nn
 
 from delo_dist.methods.coda_prompt import per_session
 from delo_dist.methods.prompt_pools import (ComponentPool, PromptOutput, PromptSet, check_choice,
-                                            check_layers, modality_queries, select_sites, site_name)
+                                            check_layers, modality_queries, select_sites, site_name,
+                                            start_pools)
+from delo_dist.methods.prompting import PromptMethod, layer_list
 from delo_dist.models.adapters import PROXY_IMAGE as DROP_IMAGE
 from delo_dist.models.adapters import PROXY_TEXT as DROP_TEXT
+from delo_dist.models.inputs import concat_batches
 
 
 @dataclass
@@ -76,6 +80,7 @@ class RebQSettings:
     memory_length: int = 8
     memory_layers: list[int] = field(default_factory=lambda: list(range(8)))
     memory_position: str = "input"   # input | prefix
+    memory_input: str = "replace"    # replace (the code's) | accumulate: input memory prompts
     reconstruction_weight: float = 0.01
     reconstruction_target: str = "frozen"   # frozen | memory (the code's)
     ortho_weight: float = 0.0
@@ -93,6 +98,7 @@ class RebQSettings:
         check(self.reconstruction_weight >= 0, "reconstruction_weight", "a non-negative weight",
               self.reconstruction_weight)
         check_choice(check, "reconstruction_target", self.reconstruction_target, ("memory", "frozen"))
+        check_choice(check, "memory_input", self.memory_input, ("replace", "accumulate"))
         check(self.ortho_weight >= 0, "ortho_weight", "a non-negative weight", self.ortho_weight)
 
 
@@ -143,10 +149,7 @@ class RebQ(nn.Module):
         return self.all_pools()[0].sessions
 
     def start_session(self, k: int) -> None:
-        if k != self.sessions:
-            raise RuntimeError(f"start_session({k}) after {self.sessions} sessions: call them in order")
-        for pool in self.all_pools():
-            pool.add_session(self.generator)
+        start_pools(self.all_pools(), k, self.generator)
 
     def session_parameters(self, k: int) -> list[nn.Parameter]:
         return [p for pool in self.all_pools() for p in pool.session_parameters(k)]
@@ -160,7 +163,8 @@ class RebQ(nn.Module):
         """Inference: the memory pass is needed only for samples missing a modality."""
         return bool((missing_text | missing_image).any())
 
-    def memory_prompts(self, query: dict, missing_text, missing_image, session=None) -> PromptOutput:
+    def memory_prompts(self, query: dict, missing_text, missing_image, session=None,
+                       seen=None) -> PromptOutput:
         """Prompts of the memory pass over all rows (the batch and its augmented copies)."""
         has_t = (~missing_text)[:, None, None].float()
         has_v = (~missing_image)[:, None, None].float()
@@ -170,23 +174,25 @@ class RebQ(nn.Module):
         for e, l, _ in self.memory_sites:
             pool = self.memory_pools[site_name(e, l)]
             if e == "joint":
-                pt, o1 = pool(t, session, want)
-                pv, o2 = pool(v, session, want)
+                pt, o1 = pool(t, session, want, seen)
+                pv, o2 = pool(v, session, want, seen)
                 rows = pt * has_t + pv * has_v
                 penalties += [o1]
             elif e == "text":                      # the text encoder, from the image
-                rows, o1 = pool(v, session, want)
+                rows, o1 = pool(v, session, want, seen)
                 rows = rows * has_v
                 penalties += [o1]
             else:                                  # the image encoder, from the text
-                rows, o1 = pool(t, session, want)
+                rows, o1 = pool(t, session, want, seen)
                 rows = rows * has_t
                 penalties += [o1]
             out.add((e, l), rows, self.cfg.memory_position)
-        return PromptOutput(out.build(), self._penalties(penalties) if want else {})
+        replace = self.cfg.memory_position == "input" and self.cfg.memory_input == "replace"
+        return PromptOutput(out.build(replace_input=replace), self._penalties(penalties) if want else {})
 
     def forward(self, query: dict, missing_text, missing_image, session=None, task_ids=None,
-                memory: Optional[dict] = None, augmented: Optional[tuple] = None) -> PromptOutput:
+                seen=None, memory: Optional[dict] = None,
+                augmented: Optional[tuple] = None) -> PromptOutput:
         """query, missing_*, memory: over all rows, the batch first, then the A augmented copies
         (augmented = (source, dropped) from `augmentation`; None: no copies). Returns the main
         pass's prompts for the batch's rows and, in training, the reconstruction loss."""
@@ -205,7 +211,7 @@ class RebQ(nn.Module):
             name = site_name(e, l)
             for pools, q in ((self.text_pools, t), (self.image_pools, v)):
                 if name in pools:
-                    prompt, penalty = pools[name](q, session, want)
+                    prompt, penalty = pools[name](q, session, want, seen)
                     out.add((e, l), prompt, self.cfg.position)
                     penalties.append(penalty)
         losses = self._penalties(penalties) if want else {}
@@ -225,5 +231,59 @@ class RebQ(nn.Module):
             pick = dropped == code
             if bool(pick.any()):
                 pred, tgt = memory[name][rows[pick]], target[name][source[pick]].detach()
-                terms.append(((pred - tgt) ** 2).mean(-1))          # per row, as the code
+                terms.append(((pred.float() - tgt.float()) ** 2).mean(-1))   # per row, as the code
         return torch.cat(terms).mean()
+
+
+class RebQMethod(PromptMethod):
+    """RebQ as a plug-in. A training step runs, over [batch; its complete samples twice, text
+    then image replaced by the backbone's dummy (`Backbone.with_dummy`)]: the frozen query
+    pass, the memory pass (`Backbone.prompted_query` under the memory prompts, with gradient),
+    then the main prompted pass over the batch's rows. Inference runs the memory pass only for
+    batches with a sample missing a modality."""
+    name = "rebq"
+    Settings = RebQSettings
+    Module = RebQ
+    position_keys = ("position", "memory_position")
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"text and image pools {c.pool_size} (a slice a session) x length {c.length}, "
+                f"{c.position} at layers {layer_list(c.layers)}; memory pool x length "
+                f"{c.memory_length}, {c.memory_position} at layers {layer_list(c.memory_layers)}")
+
+    def prompts(self, model, batch, session=None, seen=None, task_ids=None, query=None, aux=True):
+        module, bb = model.prompter, model.backbone
+        mt, mi = batch["missing_text"], batch["missing_image"]
+        rows, augmented = batch, None
+        if session is not None and aux and module.cfg.reconstruction_weight > 0:
+            source, dropped = augmentation(mt, mi)      # every step, maybe empty: ranks agree
+            augmented = (source, dropped)
+            if len(source):
+                rows = concat_batches([batch, bb.with_dummy(batch, source, dropped == DROP_TEXT)])
+        query = bb.frozen_query(rows) if rows is not batch or query is None else query
+        mt_all, mi_all = rows["missing_text"], rows["missing_image"]
+        memory, losses = None, {}
+        # training: always (every rank's memory pools then get a gradient, even a zero one);
+        # inference: only for a batch with a sample missing a modality
+        if session is not None or module.needs_memory(mt_all, mi_all):
+            mem = module.memory_prompts(query, mt_all, mi_all, session, seen)
+            model.set_batch(rows)
+            memory = bb.prompted_query(rows, mem.prompts)
+            losses = mem.losses
+        out = module(query, mt_all, mi_all, session, seen=seen, memory=memory, augmented=augmented)
+        for name, (weight, value) in losses.items():   # the memory pools' orthogonality, if on
+            w, v = out.losses.get(name, (weight, 0.0))
+            out.losses[name] = (w, v + value)
+        return out
+
+    def loss_terms(self, model, batch, out, session):
+        """The reconstruction loss is a mean over this rank's augmented rows: weighted by them,
+        so that after the ranks' gradients are averaged it is the global batch's mean."""
+        from delo_dist.training.losses import complete_scale
+        terms = dict(out["prompt_losses"])
+        if "rebq_reconstruction" in terms:
+            weight, value = terms["rebq_reconstruction"]
+            complete = ~(batch["missing_text"] | batch["missing_image"])
+            terms["rebq_reconstruction"] = (weight, value * complete.sum() * complete_scale(batch, complete))
+        return terms

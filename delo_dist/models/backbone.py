@@ -39,7 +39,11 @@ targets). Methods never import ViLT or CLIP. A backbone tells them:
     layer norm, "text_cls", "image_cls"; CLIP: "image", "text" and their projected pair
     "cls"; both: "pooled"). The pass is the backbone's `forward` with `ctx.enabled` False: a
     frozen `forward` of the same batch just before (e.g. identification's pooled feature)
-    is reused, not run again.
+    is reused, not run again. `frozen_query_dims()`: their widths, without a forward;
+    `prompted_query(batch, prompts)`: the same features from a pass under prompts, with
+    gradient to them (RebQ's memory pass);
+  - `with_dummy(batch, rows, drop_text)`: rows of a collated batch with one modality replaced
+    by exactly the dummy `collate` gives a sample missing it (RebQ trains on such copies).
 Two-encoder models (CLIP) implement the same calls; their encoders never see each other's
 tokens, so each gives its adapters the other modality's query from outside (clip.py).
 """
@@ -98,6 +102,7 @@ class Backbone(Plugin, nn.Module):
     query_dim: int     # width of first_layer_queries' outputs (task keys)
     prompt_hooks: tuple = ()   # prompts.PromptHooks, one per encoder, if it takes prompts
     _frozen = None     # (batch tensors, features) of the last frozen forward: frozen_query
+    _capture = None    # a dict while prompted_query runs: forward puts its query features there
     # What a missing image becomes (the method chooses, `Method.dummies`): "ones" / "zeros"
     # after normalisation, "white" through it, "backbone": this backbone's own convention.
     default_dummy_image: str = "ones"
@@ -192,6 +197,10 @@ class Backbone(Plugin, nn.Module):
         """[PromptSite(encoder, layer, width)]: where `ctx.prompts` may put prompts."""
         return [site for hooks in self.prompt_hooks for site in hooks.sites()]
 
+    def frozen_query_dims(self) -> dict[str, int]:
+        """{name: width} of what `frozen_query` returns (no forward needed)."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def frozen_query(self, batch: dict) -> dict[str, torch.Tensor]:
         """Features of an adapter-free, prompt-free pass, (B, width) each (see the module
@@ -206,11 +215,49 @@ class Backbone(Plugin, nn.Module):
             kept = self._frozen
         return dict(kept[2])
 
+    def prompted_query(self, batch: dict, prompts) -> dict[str, torch.Tensor]:
+        """The `frozen_query` features of one pass under `prompts` (prompts.Prompts), with
+        gradient to the prompts: the same entries, from the prompted backbone's output."""
+        from delo_dist.models.prompts import use_prompts
+        self._capture = {}
+        try:
+            with use_prompts(self.ctx, prompts):
+                self(batch)
+            return self._capture
+        finally:
+            self._capture = None
+
     def _remember_frozen(self, batch: dict, feats: dict) -> None:
         """Called by `forward` in a frozen pass: keep its queries (copies, so the pass's
-        activations are freed), keyed by the batch's tensors (weakly: no batch kept alive)."""
+        activations are freed), keyed by the batch's tensors (weakly: no batch kept alive).
+        Inside `prompted_query` (a prompted pass) they are handed over as they are instead."""
+        if self.ctx.enabled:
+            if self._capture is not None:
+                self._capture.update(feats)
+            return
         feats = {k: v.detach().clone() for k, v in feats.items()}
         self._frozen = (weakref.ref(batch["input_ids"]), weakref.ref(batch["pixel_values"]), feats)
+
+    def with_dummy(self, batch: dict, rows: torch.Tensor, drop_text: torch.Tensor) -> dict:
+        """Rows `rows` (A,) of a collated batch, each with one modality replaced by its dummy
+        (drop_text (A,) bool: the text, else the image), exactly as `collate` fills a sample
+        missing it: the empty string tokenized and padded alike, `dummy_pixels()`."""
+        from delo_dist.models.inputs import subset
+        out = subset(batch, rows)
+        drop_text = drop_text.to(out["missing_text"].device)
+        if bool(drop_text.any()):
+            ids, mask = out["input_ids"], out["attention_mask"]
+            tok = self.tokenizer([""], padding="max_length", truncation=True,
+                                 max_length=ids.shape[1], return_tensors="pt")
+            ids[drop_text] = tok["input_ids"].to(ids.device, ids.dtype)
+            mask[drop_text] = tok["attention_mask"].to(mask.device, mask.dtype)
+        drop_image = ~drop_text
+        if bool(drop_image.any()):
+            pixels = out["pixel_values"]
+            pixels[drop_image] = self.dummy_pixels().to(pixels.device, pixels.dtype)
+        out["missing_text"] = out["missing_text"] | drop_text
+        out["missing_image"] = out["missing_image"] | drop_image
+        return out
 
 
 def build_backbone(cfg, ctx) -> Backbone:

@@ -308,7 +308,7 @@ class ClipBackbone(Backbone):
             ctx.text_query = ctx.image_query = None
             ctx.cached_input = ctx.cached_queries = None
         pooled = torch.cat([image, text], dim=-1)
-        if not ctx.enabled:  # a frozen pass: keep its queries for frozen_query
+        if not ctx.enabled or self._capture is not None:  # frozen_query / prompted_query
             self._remember_frozen(batch, {"image": vision.pooler_output, "text": words.pooler_output,
                                           "cls": pooled, "pooled": pooled})
         return pooled
@@ -322,6 +322,11 @@ class ClipBackbone(Backbone):
             sites += [IdentificationLayer(m, encoder, i, len(layers), ((encoder, d),))
                       for i, m in enumerate(layers)]
         return sites
+
+    def frozen_query_dims(self) -> dict[str, int]:
+        c = self.clip.config
+        return {"image": c.vision_config.hidden_size, "text": c.text_config.hidden_size,
+                "cls": self.hidden_size, "pooled": self.hidden_size}
 
     @torch.no_grad()
     def first_layer_queries(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,8 +26,13 @@ encoders; layer is 0-based; `Backbone.prompt_sites()` lists them with their widt
           DualPrompt, CODA-Prompt). d is the model's hidden width: the rows are already in key
           and value space (the layer's key / value projections, and adapters wrapping them,
           do not act on them) and are split into heads like the projected keys. Every query
-          attends to them; they are never masked.
+          attends to them (unless a row mask leaves a row out, below).
 A tensor may also be (1, P, d) or (P, d): one prompt shared by every sample.
+  input_mask, prefix_mask  {(encoder, layer): (B, P) bool}, optional: False marks a row that
+          is absent for that sample (MSP drops the prompt of a missing modality; batches keep
+          fixed shapes, so the row is there but must not count). An absent row's key is masked
+          out of every query's attention (an absent input token still computes, nobody reads
+          it, and it is removed at the end like the others). Without masks every row counts.
 
 Masks. The hooks rebuild the attention mask of a prompted layer from transformers' own, in
 its own form (ViLT's additive padding mask; CLIP text's causal + padding mask, boolean under
@@ -67,6 +72,8 @@ class Prompts:
     prefix: dict = field(default_factory=dict)   # {(encoder, layer): ((B, P, d), (B, P, d))}
     replace_input: bool = False                  # a layer's input prompts replace earlier ones
     outputs: dict = field(default_factory=dict)  # filled: {encoder: (B, n, d)} final prompt states
+    input_mask: dict = field(default_factory=dict)    # {(encoder, layer): (B, P) bool}, True = there
+    prefix_mask: dict = field(default_factory=dict)   # {(encoder, layer): (B, P) bool}
 
 
 @contextmanager
@@ -98,6 +105,28 @@ def _insert_false(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return torch.cat([mask[:, :1], mask.new_zeros(mask.shape[0], n), mask[:, 1:]], 1)
 
 
+def _row_mask(masks: dict, site, batch: int, rows: int, device) -> torch.Tensor | None:
+    """The (B, rows) presence mask given for a site, checked, or None (every row there)."""
+    m = masks.get(site) if masks else None
+    if m is None:
+        return None
+    if m.shape != (batch, rows):
+        raise ValueError(f"prompts mask [{site}]: expected (B={batch}, P={rows}), got {tuple(m.shape)}")
+    return m.to(device=device, dtype=torch.bool)
+
+
+def mask_keys(mask: torch.Tensor | None, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask (None, bool or additive; (B or 1, 1, Q, K)) with the keys where keep
+    (B, K) is False masked for every query. Without a mask, an additive one in `dtype`."""
+    drop = ~keep[:, None, None, :]
+    if mask is None:
+        return torch.zeros(drop.shape, dtype=dtype, device=keep.device).masked_fill(
+            drop, torch.finfo(dtype).min)
+    if mask.dtype == torch.bool:
+        return mask & ~drop
+    return torch.where(drop, torch.finfo(mask.dtype).min, mask)   # broadcasts (1, 1, Q, K) up
+
+
 def extend_mask(mask: torch.Tensor | None, n: int, n_pre: int, causal: bool,
                 length: int, device) -> torch.Tensor | None:
     """transformers' self-attention mask for a sequence of `length` tokens (None; bool, True =
@@ -126,6 +155,13 @@ def extend_mask(mask: torch.Tensor | None, n: int, n_pre: int, causal: bool,
     return mask
 
 
+def _attention_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype attention scores are computed in: autocast's when it is on (a float mask
+    must match the query's dtype under SDPA), else the hidden states'."""
+    kind = hidden.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+
+
 class PromptHooks:
     """The prompt hooks of one encoder: a forward pre-hook on each layer inserts that layer's
     input prompts and gives it the mask for prompts and prefix; a forward hook on the encoder
@@ -137,6 +173,8 @@ class PromptHooks:
         self.ctx, self.encoder, self.width, self.causal = ctx, encoder, width, causal
         self.encoders = tuple(encoders) or (encoder,)   # every encoder of the backbone
         self.n = 0                     # prompt tokens now in the sequence (after the first token)
+        self._keep = None              # (B, n) bool presence of those tokens (None: all there)
+        self._keep_version = 0         # changes with _keep: masks are cached per version
         self._saved = None             # the context's token masks at the encoder's input
         self._masks, self._mask_src = {}, None   # prompted masks of this pass, by (n, n_pre)
         self._handles = [encoder_module.register_forward_hook(self._after_encoder)]
@@ -174,7 +212,7 @@ class PromptHooks:
             return None
         if i == 0:  # a new pass through this encoder
             self._check_sites(p)
-            self.n, self._masks, self._mask_src = 0, {}, None
+            self.n, self._keep, self._masks, self._mask_src = 0, None, {}, None
             self._saved = (self.ctx.text_tokens, self.ctx.image_tokens)
             p.outputs.pop(self.encoder, None)
         site = (self.encoder, i)
@@ -184,24 +222,32 @@ class PromptHooks:
         if new is not None and _check("input", site, new, b, self.width):
             if p.replace_input and self.n:
                 hidden = torch.cat([hidden[:, :1], hidden[:, 1 + self.n:]], 1)
-                self.n = 0
+                self.n, self._keep = 0, None
+                self._keep_version += 1
             at = 1 + self.n
             hidden = torch.cat([hidden[:, :at], batched(new, b, hidden.dtype), hidden[:, at:]], 1)
+            keep = _row_mask(p.input_mask, site, b, new.shape[-2], hidden.device)
+            if keep is not None or self._keep is not None:   # presence of every prompt token
+                ones = lambda k: torch.ones(b, k, dtype=torch.bool, device=hidden.device)  # noqa: E731
+                keep = ones(new.shape[-2]) if keep is None else keep
+                self._keep = torch.cat([ones(self.n) if self._keep is None else self._keep, keep], 1)
+                self._keep_version += 1
             self.n += new.shape[-2]
             text, image = self._saved
             self.ctx.text_tokens = _insert_false(text, self.n)
             self.ctx.image_tokens = _insert_false(image, self.n)
-        kv, n_pre = p.prefix.get(site), 0
+        kv, n_pre, pre_keep = p.prefix.get(site), 0, None
         if kv is not None:
             n_pre = _check("prefix", site, kv[0], b, self.width)
             if _check("prefix", site, kv[1], b, self.width) != n_pre:
                 raise ValueError(f"prompts.prefix[{site}]: keys and values differ in length "
                                  f"({n_pre} and {kv[1].shape[-2]})")
+            pre_keep = _row_mask(p.prefix_mask, site, b, n_pre, hidden.device)
         if self.n == 0 and n_pre == 0:
             return None
         positional = len(args) > 1
         mask = args[1] if positional else kwargs.get("attention_mask")
-        mask = self._mask(mask, n_pre, hidden)
+        mask = self._mask(mask, n_pre, hidden, pre_keep, i)
         if positional:
             return (hidden, mask, *args[2:]), kwargs
         return (hidden, *args[1:]), {**kwargs, "attention_mask": mask}
@@ -217,20 +263,34 @@ class PromptHooks:
                                      f"{list(self.encoders)}, layers 0..{layers - 1} of "
                                      f"{self.encoder!r}")
 
-    def _mask(self, mask, n_pre: int, hidden: torch.Tensor):
+    def _mask(self, mask, n_pre: int, hidden: torch.Tensor, pre_keep=None, layer: int = -1):
         if mask is not self._mask_src:  # transformers passes one mask object to every layer
             self._masks, self._mask_src = {}, mask
-        key = (self.n, n_pre)
+        # row masks: the prompt tokens' by version, the prefix's by the Prompts' own tensor
+        # (alive for the whole pass, so its id is not reused)
+        src = self.ctx.prompts.prefix_mask.get((self.encoder, layer)) if pre_keep is not None else None
+        key = (self.n, n_pre, self._keep_version if self._keep is not None else -1, id(src))
         if key not in self._masks:
-            self._masks[key] = extend_mask(mask, self.n, n_pre, self.causal,
-                                           hidden.shape[1] - self.n, hidden.device)
+            out = extend_mask(mask, self.n, n_pre, self.causal, hidden.shape[1] - self.n,
+                              hidden.device)
+            if self._keep is not None or pre_keep is not None:
+                out = mask_keys(out, self._key_presence(hidden, n_pre, pre_keep), _attention_dtype(hidden))
+            self._masks[key] = out
         return self._masks[key]
+
+    def _key_presence(self, hidden: torch.Tensor, n_pre: int, pre_keep) -> torch.Tensor:
+        """(B, n_pre + N) presence of every key: [prefix rows][first token][prompt tokens][rest]."""
+        b, length = hidden.shape[:2]
+        ones = lambda k: torch.ones(b, k, dtype=torch.bool, device=hidden.device)  # noqa: E731
+        parts = [pre_keep if pre_keep is not None else ones(n_pre), ones(1),
+                 self._keep if self._keep is not None else ones(self.n), ones(length - 1 - self.n)]
+        return torch.cat(parts, 1)
 
     def _after_encoder(self, module, args, output):
         p = self.active()
         if p is None:
             return None
-        n, self.n, self._masks, self._mask_src = self.n, 0, {}, None
+        n, self.n, self._keep, self._masks, self._mask_src = self.n, 0, None, {}, None
         if self._saved is not None:
             self.ctx.text_tokens, self.ctx.image_tokens = self._saved
             self._saved = None

@@ -159,12 +159,15 @@ class ViltBackbone(Backbone):
         out = self.vilt(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         pixel_values=batch["pixel_values"],
                         pixel_mask=torch.ones_like(batch["pixel_values"][:, 0], dtype=torch.long))
-        if not self.ctx.enabled:  # a frozen pass: keep its queries for frozen_query
+        if not self.ctx.enabled or self._capture is not None:  # frozen_query / prompted_query
             h = out.last_hidden_state  # (B, N, d) after the last layer norm; text first
             self._remember_frozen(batch, {"cls": h[:, 0], "text_cls": h[:, 0],
                                           "image_cls": h[:, self._text_len],
                                           "pooled": out.pooler_output})
         return out.pooler_output
+
+    def frozen_query_dims(self) -> dict[str, int]:
+        return dict.fromkeys(("cls", "text_cls", "image_cls", "pooled"), self.hidden_size)
 
     def first_layer_module(self) -> torch.nn.Module:
         return self.vilt.encoder.layer[0].layernorm_before

@@ -1,6 +1,6 @@
 """Checkpoints: tensors in safetensors, everything else in JSON. Loading runs no pickle.
 
-    <output_dir>/checkpoints/<tag>/model.safetensors        adapters, heads, task keys (by name)
+    <output_dir>/checkpoints/<tag>/model.safetensors        adapters, prompts, heads, task keys (by name)
     <output_dir>/checkpoints/<tag>/engine-rank<r>.safetensors + .json   optimiser/scheduler
     <output_dir>/checkpoints/<tag>/state.json               progress, metrics so far, Python RNG
     <output_dir>/checkpoints/<tag>/rng-rank<r>.safetensors  torch RNG of each rank
@@ -61,7 +61,7 @@ def model_tensors(model, include_backbone: bool) -> dict[str, torch.Tensor]:
     """Everything that training changes, by name; the frozen backbone only if asked."""
     out = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        learned = ".sessions." in name or name.startswith(("heads.", "identifier."))
+        learned = ".sessions." in name or name.startswith(("heads.", "identifier.", "prompter."))
         if learned or include_backbone:
             out[name] = t.detach().cpu().contiguous()
     return out

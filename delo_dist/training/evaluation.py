@@ -10,7 +10,8 @@ device), returning values: the trainer calls them after each session and for
 A row per test sample: (key, label, pred, oracle pred, routed session, availability); labels
 and predictions are class ids (a list of them when multi-label). Rows are gathered from every
 rank and sorted by key, so the metric does not depend on the world size. `routed` is None for
-methods where nothing routes (one shared head): routing accuracy is then NaN.
+methods where nothing routes (a shared head without per-session parts to choose): routing
+accuracy is then None (empty in metrics.json, not logged).
 """
 from __future__ import annotations
 
@@ -90,9 +91,10 @@ def evaluate(model, test_loader: Callable[[int], Iterable[dict]], seen: int, sco
                    samples if keep_samples else None)
 
 
-def score(rows: list, session: int, seen: int, scoring: Scoring) -> tuple[float, float, float]:
+def score(rows: list, session: int, seen: int, scoring: Scoring) -> tuple[float, float, float | None]:
     """rows (key, label, pred, oracle pred, routed, ...) of session `session`'s test split after
-    `seen` sessions -> (performance, oracle performance, routing accuracy)."""
+    `seen` sessions -> (performance, oracle performance, routing accuracy: None where nothing
+    routes)."""
     if scoring.multilabel:
         classes = M.scored_classes([list(c) for c in scoring.session_classes], session, seen,
                                    scoring.multilabel_classes)
@@ -104,7 +106,7 @@ def score(rows: list, session: int, seen: int, scoring: Scoring) -> tuple[float,
     labels = column(1)
     oracle = metric(column(3), labels) if rows and rows[0][3] is not None else float("nan")
     routed = rows and rows[0][4] is not None
-    routing = float(np.mean([r[4] == session for r in rows])) if routed else float("nan")
+    routing = float(np.mean([r[4] == session for r in rows])) if routed else None
     return metric(column(2), labels), oracle, routing
 
 

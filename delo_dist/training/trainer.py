@@ -49,6 +49,18 @@ class LaunchError(RuntimeError):
     """The launch (processes, devices) and the recipe disagree."""
 
 
+def mean_or_none(values: list) -> float | None:
+    """The mean routing accuracy, or None where nothing routes (a shared head)."""
+    return None if not values or any(v is None for v in values) else float(np.mean(values))
+
+
+def _routing_text(info: dict) -> str:
+    if info["mean_routing_accuracy"] is None:
+        return "routing -"
+    return (f"routing {100 * info['mean_routing_accuracy']:.1f}%"
+            f" ({_availability_line(info['routing_by_availability'])})")
+
+
 def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2 ** 20
 
@@ -161,12 +173,13 @@ class Trainer:
         if self.main:
             m, s0 = r.method, counts["sessions"][0]
             differ = f" (by session: {per})" if len(set(per)) > 1 else ""
+            parts = "prompts" if hasattr(self.model, "prompter") else "adapters"
             shape = self.model.method.describe()
             shape = f" ({shape})" if shape else ""
             print(f"parameters: {m.name} on {r.backbone.pretrained or r.backbone.name + '-tiny'}"
                   f"{shape}: backbone "
                   f"{counts['backbone_frozen']:,} frozen; per session {s0['trainable']:,} trainable "
-                  f"(adapters {s0['adapters']:,} + head {s0['head']:,}){differ}; total "
+                  f"({parts} {s0['adapters']:,} + head {s0['head']:,}){differ}; total "
                   f"{counts['total']:,} with {len(per)} sessions; {summary['adapted_linears']} "
                   f"adapted linears, {summary['trainable_percent']:.3g} % of the backbone a "
                   "session", flush=True)
@@ -465,7 +478,7 @@ class Trainer:
                 "fg": M.forgetting(res["accuracy_matrix"]),
                 "oracle_ap": M.average_performance(res["oracle_matrix"]),
                 "oracle_fg": M.forgetting(res["oracle_matrix"]),
-                "mean_routing_accuracy": float(np.mean(routing_row))}
+                "mean_routing_accuracy": mean_or_none(routing_row)}
         bad = self._bad_samples(session=k)
         info["bad_samples"] = len(bad)
         if bad and self.main:
@@ -489,14 +502,16 @@ class Trainer:
                             if isinstance(v, (int, float)) and n != "rank"})
         for i, (p, o, rt) in enumerate(zip(info["performance"], info["oracle_performance"],
                                            info["routing_accuracy"])):
-            scalars.update({f"perf_s{i}": p, f"oracle_perf_s{i}": o, f"routing_acc_s{i}": rt})
+            scalars.update({f"perf_s{i}": p, f"oracle_perf_s{i}": o})
+            if rt is not None:   # None: nothing routes (a shared head)
+                scalars[f"routing_acc_s{i}"] = rt
         scalars.update(_availability_scalars(info["routing_by_availability"]))
         self.tracker.log_metrics(scalars, step=k)
         if self.main:
             cells = " ".join(f"{100 * p:5.1f}" for p in info["performance"])
             print(f"session {k}: perf [{cells}]  AP {100 * info['ap']:.2f}  FG {100 * info['fg']:.2f}"
-                  f"  oracle AP {100 * info['oracle_ap']:.2f}  routing {100 * info['mean_routing_accuracy']:.1f}%"
-                  f" ({_availability_line(info['routing_by_availability'])})  loss {info.get('train_loss', float('nan')):.3f}", flush=True)
+                  f"  oracle AP {100 * info['oracle_ap']:.2f}  {_routing_text(info)}"
+                  f"  loss {info.get('train_loss', float('nan')):.3f}", flush=True)
 
     # ================================================================ checkpoints and outputs
     def save(self, tag: str, session: int, epoch: int, step: int, engine, mid_session=False) -> None:
@@ -524,7 +539,7 @@ class Trainer:
             "bwt": M.backward_transfer(res["accuracy_matrix"]),
             "oracle_ap": M.average_performance(res["oracle_matrix"]),
             "oracle_fg": M.forgetting(res["oracle_matrix"]),
-            "routing_accuracy": float(np.mean(res["routing_matrix"][-1])),
+            "routing_accuracy": mean_or_none(res["routing_matrix"][-1]),
             "routing_by_availability": res["routing_by_availability"][-1],
             "task_id_source": r.task_id.source if self.model.identifier is not None else None,
             "chance": None if self.multilabel else 1.0 / seen_classes,
@@ -536,16 +551,18 @@ class Trainer:
         accuracy_heatmap(res["accuracy_matrix"], self.out / "accuracy_matrix.png",
                          f"{r.name}: {r.method.name}, task-agnostic {metric} "
                          f"(AP {100 * summary['ap']:.1f}, FG {100 * summary['fg']:.1f})", metric)
-        self.tracker.log_metrics({"final_ap": summary["ap"], "final_fg": summary["fg"],
-                                  "final_oracle_ap": summary["oracle_ap"],
-                                  "final_routing_accuracy": summary["routing_accuracy"]},
-                                 step=self.n_sessions - 1)
+        final = {"final_ap": summary["ap"], "final_fg": summary["fg"],
+                 "final_oracle_ap": summary["oracle_ap"]}
+        if summary["routing_accuracy"] is not None:
+            final["final_routing_accuracy"] = summary["routing_accuracy"]
+        self.tracker.log_metrics(final, step=self.n_sessions - 1)
         for name in ("metrics.json", "recipe.resolved.yaml", "run.json", "accuracy_matrix.png"):
             self.tracker.log_artifact(self.out / name)
         stopping.clear_marker(self.out)
         chance = "" if summary["chance"] is None else f", chance {100 * summary['chance']:.2f}"
+        routing = ("" if summary["routing_accuracy"] is None
+                   else f", routing {100 * summary['routing_accuracy']:.1f}%")
         print(f"\nfinal: AP {100 * summary['ap']:.2f}  FG {100 * summary['fg']:.2f}  "
-              f"(oracle AP {100 * summary['oracle_ap']:.2f}, "
-              f"routing {100 * summary['routing_accuracy']:.1f}%{chance})  wall {wall:.0f}s\n"
+              f"(oracle AP {100 * summary['oracle_ap']:.2f}{routing}{chance})  wall {wall:.0f}s\n"
               f"wrote {self.out / 'metrics.json'}", flush=True)
 
