@@ -7,8 +7,8 @@ Runs are grouped by their whole recipe: the flattened recipe each run logs as ML
 less the keys that cannot change results (`config.result_neutral`), the seed, and values
 the trainer derives from the recipe (`missing.*`, `params.*`), plus the data's identity
 (`data.manifest_sha256`, tag or param, when logged). Runs that differ in anything but the seed
-are never merged. Keys equal in every run are listed once above the table; the keys that
-differ lay it out:
+are never merged. Keys equal in every run are counted above the table and listed in
+constant_keys.md (a recipe has about 80); the keys that differ lay it out:
   - rows: the missing setting (eta, % of samples with an image, % with a text; both_ratio
     only when it differs);
   - column groups: method.name, then every other differing key (e.g. method x backbone), a
@@ -17,9 +17,11 @@ A cell is `mean ± std (n=N)` over the seeds of the FINISHED runs (percent, samp
 deviation); runs still running, failed or killed are named in the cell, never averaged.
 The runs' performance metric (tag `metric`: accuracy, macro_f1/seen or macro_f1/session)
 ends the table; runs that mix metrics are refused.
-Writes compare.md, compare.csv (one line per cell: the differing keys, mean, std, n, seeds)
-and compare.png (AP and FG against eta, std error bars) under --out, prints the table, and
-logs the three files to a summary run (tag kind=compare-summary, which comparisons skip).
+Writes compare.md, compare.csv (one line per cell: the differing keys, mean, std, n, seeds),
+constant_keys.md and compare.png (AP and FG against eta, std error bars) under --out, prints
+the table, and logs the files to a summary run (tag kind=compare-summary, which comparisons
+skip). Hashes (the data's manifest sha256) are shortened to 12 hex digits in the table and
+the plot; compare.csv and constant_keys.md keep them whole.
 Runs logged without recipe params (not by this trainer) are keyed by their tags alone and
 shown with `?` for the keys they lack.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import statistics
 import sys
 from collections import Counter, defaultdict
@@ -42,6 +45,8 @@ ROW_KEYS = ("data.eta", "data.missing_type", "data.both_ratio")
 DERIVED_PREFIXES = ("missing.", "params.")        # logged by the trainer, computed from the recipe
 DATA_ID = "data.manifest_sha256"
 UNKNOWN = "?"
+CONSTANT_FILE = "constant_keys.md"
+OUTPUTS = ("compare.md", "compare.csv", CONSTANT_FILE, "compare.png")
 # tag -> recipe key, for runs without recipe params
 TAG_KEYS = {"method": "method.name", "eta": "data.eta", "missing_type": "data.missing_type",
             "both_ratio": "data.both_ratio", "dataset": "data.dataset"}
@@ -213,8 +218,13 @@ def build_table(runs: list[Run]) -> Table:
                  "data.both_ratio" in differing)
 
 
+def short(value: str) -> str:
+    """A 40- or 64-digit hex hash (a sha1 or sha256) cut to 12 digits; other values as they are."""
+    return value[:12] if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", value) else value
+
+
 def group_label(table: Table, group: tuple) -> str:
-    return " / ".join(group)
+    return " / ".join(short(v) for v in group)
 
 
 def _pct(v: float | None) -> str:
@@ -231,8 +241,7 @@ def _eta(v: str) -> str:
 def to_markdown(table: Table) -> str:
     lines = []
     if table.constant:
-        lines.append("Same in every run: " + ", ".join(f"`{k}={v}`" for k, v in sorted(table.constant.items()
-                                                                                     )) + "\n")
+        lines.append(f"Same in every run: {len(table.constant)} keys, listed in {CONSTANT_FILE}.\n")
     lines.append(f"Column groups: {' / '.join(table.group_keys)}. Cells: mean ± std over seeds "
                  "(percent, sample std), n finished runs; unfinished runs named, never averaged.\n")
     head = ["eta", "image %", "text %"] + (["both_ratio"] if table.show_both_ratio else [])
@@ -244,6 +253,16 @@ def to_markdown(table: Table) -> str:
         cells += [row["cells"][g].text(x) for g in table.groups for x in ("ap", "fg")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def constant_markdown(table: Table) -> str:
+    rows = [f"| `{k}` | `{v}` |" for k, v in sorted(table.constant.items())]
+    return "\n".join([f"Keys with one value in all {table_runs(table)} runs compared:", "",
+                      "| key | value |", "|---|---|", *rows]) + "\n"
+
+
+def table_runs(table: Table) -> int:
+    return sum(len(c.runs) for row in table.rows for c in row["cells"].values())
 
 
 def write_csv(table: Table, path: Path) -> None:
@@ -352,10 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     md = to_markdown(table) + f"\nperformance: {metrics[0] if metrics else 'unrecorded'}\n"
     (out / "compare.md").write_text(md)
+    (out / CONSTANT_FILE).write_text(constant_markdown(table))
     write_csv(table, out / "compare.csv")
     plot(table, out / "compare.png")
     print(md)
-    print(f"{len(runs)} runs; wrote {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'compare.png'}")
+    print(f"{len(runs)} runs; wrote " + ", ".join(str(out / name) for name in OUTPUTS))
     if not args.no_log:
         mlflow.set_tracking_uri(uri)
         exp = args.summary_experiment or (args.experiment[0] if len(args.experiment) == 1
@@ -365,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  **args.tags}.items() if v}
         with mlflow.start_run(run_name="compare", tags={SUMMARY_TAG[0]: SUMMARY_TAG[1], **filters}) as run:
             mlflow.log_param("n_runs", len(runs))
-            for name in ("compare.md", "compare.csv", "compare.png"):
+            for name in OUTPUTS:
                 mlflow.log_artifact(str(out / name))
         print(f"logged to summary run {run.info.run_id} in experiment {exp!r}")
     return 0
