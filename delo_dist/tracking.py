@@ -174,7 +174,7 @@ class Tracker:
             what = "server" if uri.startswith(("http://", "https://")) else "store"
             raise TrackingUnreachable(
                 f"MLflow tracking {what} {redact(uri)} failed while the job opened its run "
-                f"({type(e).__name__}: {redact(_first_line(e))[:200]}); {OFFLINE_HINT}") from None
+                f"({type(e).__name__}: {_reason(e)}); {OFFLINE_HINT}") from None
         self._first_records(recipe, out, manifest_sha256)
 
     def _open(self, recipe: Recipe, out: Path) -> bool:
@@ -275,10 +275,16 @@ class Tracker:
             os.fsync(f.fileno())
 
 
-def _first_line(e: BaseException) -> str:
-    """MLflow's messages can hold a whole HTML page or a chained traceback: keep line one."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def _reason(e: BaseException) -> str:
+    """MLflow's messages can hold a whole HTML page or urllib3's retry chain: keep the request
+    and its root cause ('.../get-by-name: [Errno 111] Connection refused'), else line one."""
+    text = redact(str(e)).strip()
+    request = re.match(r"API request to (\S+) failed", text)
+    cause = re.search(r"\[Errno -?\d+\] [^'\")]+|Remote end closed connection without response|"
+                      r"Read timed out|HTTP \d{3}[^,;]*", text)
+    if request:
+        return f"{request.group(1)}: {cause.group(0) if cause else 'no answer'}"
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def apply(client, run_id: str, rec: dict) -> None:

@@ -661,8 +661,12 @@ class Trainer:
             "world_size": self.world, "mixed_precision": self.precision,
         }
         tmp = self.out / "metrics.json.tmp"   # strict JSON: NaN/inf (an absent oracle) as null
-        tmp.write_text(json.dumps(_strict(summary), indent=1, allow_nan=False))
-        os.replace(tmp, self.out / "metrics.json")
+        try:
+            tmp.write_text(json.dumps(_strict(summary), indent=1, allow_nan=False))
+            os.replace(tmp, self.out / "metrics.json")
+        except OSError as e:   # disk full: no half file left; train.py says where and why
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(tmp)) from None
         accuracy_heatmap(res["accuracy_matrix"], self.out / "accuracy_matrix.png",
                          f"{r.name}: {r.method.name}, task-agnostic {metric} "
                          f"(AP {100 * summary['ap']:.1f}, FG {100 * summary['fg']:.1f})", metric)
