@@ -42,11 +42,12 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
 
 
 _job_args: list[str] | None = None   # the trainer's arguments (train.main records them)
+_prefix: list[str] | None = None     # and its launcher, read at start: a dead one cannot be
 
 
 def set_job_args(args: list[str]) -> None:
-    global _job_args
-    _job_args = list(args)
+    global _job_args, _prefix
+    _job_args, _prefix = list(args), _launcher()
 
 
 def launch_command(*extra: str) -> str:
@@ -58,7 +59,7 @@ def launch_command(*extra: str) -> str:
     for item in extra:
         key = item.split("=", 1)[0] + "="
         args = [a for a in args if not a.startswith(key)] + [item]
-    return shlex.join(_launcher() + args)
+    return shlex.join((_prefix if _prefix is not None else _launcher()) + args)
 
 
 def _launcher() -> list[str]:
