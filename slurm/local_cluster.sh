@@ -95,7 +95,7 @@ SlurmctldPidFile=$DIR/slurmctld.pid
 SlurmdPidFile=$DIR/slurmd.pid
 SlurmctldLogFile=$DIR/slurmctld.log
 SlurmdLogFile=$DIR/slurmd.log
-NodeName=$NODE CPUs=$(nproc) RealMemory=$MEM State=UNKNOWN
+NodeName=$NODE CPUs=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 
@@ -108,4 +108,4 @@ slurmd
 for _ in $(seq 60); do node_up && break; sleep 0.5; done
 node_up || { scontrol update nodename="$NODE" state=resume 2>/dev/null || true; sleep 1; }
 node_up || die "node $NODE did not come up: see $DIR/slurmctld.log and $DIR/slurmd.log"
-echo "slurm: node $NODE is up ($(nproc) CPUs, ${MEM} MiB)"
+echo "slurm: node $NODE is up ($(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) CPUs, ${MEM} MiB)"
