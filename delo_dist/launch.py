@@ -27,9 +27,9 @@ def _status_of(e: BaseException) -> int:
         return e.code if isinstance(e.code, int) else 1
     if isinstance(e, subprocess.CalledProcessError):
         return e.returncode
-    failures = getattr(e, "failures", None)   # torch elastic's ChildFailedError
-    if failures:
-        return failures[min(failures)].exitcode or 1
+    if hasattr(e, "get_first_failure"):   # torch elastic's ChildFailedError: the root cause
+        code = e.get_first_failure()[1].exitcode
+        return 128 - code if code < 0 else code or 1   # killed by signal N: 128 + N
     return 1
 
 

@@ -31,24 +31,24 @@ ERROR_FILE_ENV = "DELO_ERROR_FILE"   # where delo_dist.launch reads the last lin
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
-def _main_rank() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def record(status: int, line: str) -> None:
-    """Leave the final line and status where a wrapping launcher looks (delo_dist.launch)."""
+    """Leave the final line and status where a wrapping launcher looks (delo_dist.launch);
+    the first rank to get there writes it (the others said the same)."""
     path = os.environ.get(ERROR_FILE_ENV)
-    if path and _main_rank():
-        try:
-            Path(path).write_text(json.dumps({"status": status, "line": line}))
-        except OSError:
-            pass   # the line is on stderr anyway
+    if not path:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError:
+        return   # written by another rank, or unwritable: the line is on stderr anyway
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"status": status, "line": line}))
 
 
 def fail(status: int, line: str) -> int:
-    """Print the job's last line (once, from the main rank: every rank raised the same)."""
-    if _main_rank():
-        print(line, file=sys.stderr, flush=True)
+    """Print the job's last line. Every rank does: these errors are agreed, and a launcher
+    stops the other ranks as soon as one exits, so no single rank is sure to get it out."""
+    print(line, file=sys.stderr, flush=True)
     record(status, line)
     return status
 

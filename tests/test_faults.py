@@ -463,7 +463,7 @@ def test_the_trainers_line_is_the_last_a_user_sees(shards, tmp_path, config):
                              capture_output=True, text=True, timeout=300)
     assert wrapped.returncode == 2, wrapped.stderr[-3000:]
     assert last_line(wrapped.stderr).startswith(expected) and "Traceback" not in wrapped.stderr
-    assert wrapped.stderr.count(expected) == 2          # the trainer's rank 0, then the wrapper
+    assert wrapped.stderr.count(expected) >= 2          # the trainer's rank(s), then the wrapper
 
 
 # ---------------------------------------------------------------- small parts
