@@ -447,6 +447,30 @@ def test_a_full_disk_ends_in_one_line_and_the_relaunch_is_exact(two_runs, shards
     same_results(two_runs / "straight", out)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, policy", [(2, "stop"), (0, "skip")])
+def test_two_ranks_agree_on_a_nan_step(shards, tmp_path, stage, policy):
+    """2 processes, DeepSpeed over gloo: ZeRO-2 drops a non-finite step itself, stage 0 by
+    our hand; either way both ranks agree to stop, or to skip and count."""
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "delo_dist.launch", "--config_file", "accelerate_configs/cpu_2proc_zero2.yaml",
+         "--main_process_port", str(free_port()), "delo_dist/train.py", RECIPE,
+         *tiny_overrides(shards, out, **{"data.sessions": 1, "train.batch_size": 4, "train.lr": "1e6",
+                                         "distributed.zero_stage": stage, "train.nonfinite": policy,
+                                         "train.max_nonfinite_steps": 100})],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    if policy == "stop":
+        assert done.returncode == 3, done.stderr[-3000:]
+        assert last_line(done.stderr).startswith("training diverged: non-finite ")
+        assert not (out / "metrics.json").exists()
+    else:
+        assert done.returncode == 0, done.stderr[-3000:]
+        m = strict_json(out / "metrics.json")
+        assert m["world_size"] == 2 and m["nonfinite_steps"] > 0
+        assert done.stdout.count("step skipped, no update applied") == m["nonfinite_steps"]
+
+
 # ---------------------------------------------------------------- what a user sees
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["default.yaml", "cpu_2proc_zero2.yaml"])

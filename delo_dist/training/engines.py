@@ -172,7 +172,8 @@ class DeepSpeedEngine:
         """At an optimizer step, the global gradient norm (equal on every rank). ZeRO 1/2
         computes it and drops a non-finite step itself (its overflow rule); stage 0 would
         apply it, so the norm is taken here from the all-reduced gradients and a non-finite
-        one removed first (AdamW leaves a parameter without a gradient untouched)."""
+        one removed first: AdamW leaves a parameter without a gradient untouched (its state
+        too), only the schedule moves on."""
         boundary = self.engine.is_gradient_accumulation_boundary()
         norm = None
         if boundary and self.zero_stage == 0:
@@ -181,6 +182,13 @@ class DeepSpeedEngine:
             if not math.isfinite(norm):
                 for p in self.params:
                     p.grad = None
+                config, clip = self.engine._config, self.engine._config.gradient_clipping
+                config.gradient_clipping = 0.0   # DeepSpeed's clipping fails on no gradient
+                try:
+                    self.engine.step()
+                finally:
+                    config.gradient_clipping = clip
+                return norm
         self.engine.step()
         if not boundary:
             return None
