@@ -19,7 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ERROR_FILE_ENV = "DELO_ERROR_FILE"   # the same name as delo_dist/train.py's
+from delo_dist.train import ERROR_FILE_ENV
+
 
 
 def _status_of(e: BaseException) -> int:
