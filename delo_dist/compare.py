@@ -7,10 +7,11 @@ Runs are grouped by their whole recipe: the flattened recipe each run logs as ML
 less the keys that cannot change results (`config.result_neutral`), the seed, and values
 the trainer derives from the recipe (`missing.*`, `params.*`), plus the data's identity
 (`data.manifest_sha256`, tag or param, when logged). Runs that differ in anything but the seed
-are never merged. A key of a plug-in's own section (`method.delo.*`, `backbone.vilt.*`) is
-no setting of a run that has none of that section (a LoRA run has no `method.delo.*`): it
-splits groups only where runs that have it differ. Keys equal wherever set are listed once
-above the table; the keys that differ lay it out as the DeLo paper's Tables 2 and 3:
+are never merged. Keys equal wherever set are counted above the table and listed in
+constant_keys.md (a recipe has about 80). A key of a plug-in's own section (`method.delo.*`,
+`backbone.vilt.*`) is no setting of a run that has none of that section (a LoRA run has no
+`method.delo.*`): it splits groups only where runs that have it differ. The keys that differ
+lay it out as the DeLo paper's Tables 2 and 3:
   - rows: eta, then per eta the missing types text, image, both, each with the % of samples
     that keep an image (#Image) and a text (#Text) (both_ratio only when it differs);
   - column groups: method.name in the paper's order (MAP, MSP, L2P, DualPrompt, CODA-Prompt,
@@ -24,7 +25,9 @@ The runs' performance metric (tag `metric`: accuracy, macro_f1/seen or macro_f1/
 ends the table; runs that mix metrics are refused.
 Writes under --out: compare.md (that table), compare_table.csv (the same rows and columns,
 mean, std and n apart), compare.csv (one line per cell: the differing keys, mean, std, n,
-seeds) and compare.png (AP and FG against eta, a panel per missing type, std error bars);
+seeds), constant_keys.md and compare.png (AP and FG against eta, a panel per missing type,
+std error bars; hashes such as the data's manifest sha256 cut to 12 digits in the table and
+the plot, whole in the CSVs and constant_keys.md);
 prints the table and logs the files to a summary run (tag kind=compare-summary, which
 comparisons skip).
 Runs logged without recipe params (not by this trainer) are keyed by their tags alone and
@@ -36,6 +39,7 @@ import argparse
 import csv
 import math
 import os
+import re
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -51,7 +55,8 @@ DISPLAY = {"map": "MAP", "msp": "MSP", "l2p": "L2P", "dualprompt": "DualPrompt",
            "coda_prompt": "CODA-Prompt", "rebq": "RebQ", "delo": "DeLo", "lora": "DeLo-LoRA",
            "seq_lora": "seq-LoRA", "head_only": "head-only", "mail": "MAIL", "seq_mail": "seq-MAIL",
            "mora": "MoRA", "seq_mora": "seq-MoRA"}
-FILES = ("compare.md", "compare_table.csv", "compare.csv", "compare.png")
+CONSTANT_FILE = "constant_keys.md"
+FILES = ("compare.md", "compare_table.csv", "compare.csv", CONSTANT_FILE, "compare.png")
 NOT_SET = None  # a plug-in section key of a run without that section: no value, not unknown
 SUMMARY_TAG = ("kind", "compare-summary")
 ROW_KEYS = ("data.eta", "data.missing_type", "data.both_ratio")
@@ -255,7 +260,13 @@ def group_label(table: Table, group: tuple) -> str:
     """`DeLo`, `MAIL / clip`: the method's name as papers write it, then the other keys' values
     (a key the group's runs do not have is left out)."""
     method, *rest = group
-    return " / ".join([DISPLAY.get(method, str(method))] + [str(v) for v in rest if v is not NOT_SET])
+    return " / ".join([DISPLAY.get(method, str(method))] + [short(str(v)) for v in rest
+                                                            if v is not NOT_SET])
+
+
+def short(value: str) -> str:
+    """A 40- or 64-digit hex hash (a sha1 or sha256) cut to 12 digits; other values as they are."""
+    return value[:12] if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", value) else value
 
 
 def columns(table: Table, group: tuple) -> tuple[str, ...]:
@@ -282,8 +293,7 @@ def to_markdown(table: Table) -> str:
     % of samples that keep that modality, a column group per method."""
     lines = []
     if table.constant:
-        lines.append("Same in every run: " + ", ".join(f"`{k}={v}`" for k, v in sorted(table.constant.items()
-                                                                                     )) + "\n")
+        lines.append(f"Same in every run: {len(table.constant)} keys, listed in {CONSTANT_FILE}.\n")
     lines.append(f"Column groups: {' / '.join(table.group_keys)}. Cells: mean ± std over seeds "
                  "(percent, sample std), n finished runs; unfinished runs named, never averaged. "
                  "Rows: eta, then text, image and both missing; #Image / #Text: % of samples "
@@ -351,6 +361,17 @@ def write_table_csv(table: Table, path: Path) -> None:
 
 def _num(v: float | None) -> str:
     return "" if v is None else f"{v:.6f}"
+
+
+def constant_markdown(table: Table) -> str:
+    rows = [f"| `{k}` | `{v}` |" for k, v in sorted(table.constant.items())]
+    return "\n".join([f"Keys with one value in all {table_runs(table)} runs compared (wherever "
+                      "set: a plug-in's own keys in the runs of that plug-in):", "",
+                      "| key | value |", "|---|---|", *rows]) + "\n"
+
+
+def table_runs(table: Table) -> int:
+    return sum(len(c.runs) for row in table.rows for c in row["cells"].values())
 
 
 def plot(table: Table, path: Path) -> None:
@@ -453,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     md = to_markdown(table) + f"\nperformance: {metrics[0] if metrics else 'unrecorded'}\n"
     (out / "compare.md").write_text(md)
+    (out / CONSTANT_FILE).write_text(constant_markdown(table))
     write_csv(table, out / "compare.csv")
     write_table_csv(table, out / "compare_table.csv")
     plot(table, out / "compare.png")

@@ -119,6 +119,16 @@ class TrainConfig:
     # autocast of forward passes (training and evaluation); trainable tensors stay fp32.
     # auto: the launch's ACCELERATE_MIXED_PRECISION (no if unset); fp16 needs a GPU.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # A NaN/inf loss or gradient norm (agreed by all ranks, checked every optimizer step; its
+    # update is never applied). stop: end the job naming the step, the last good checkpoint
+    # left as it was; skip: drop that step and go on, at most max_nonfinite_steps a session.
+    nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_steps: int = 10
+    keep_checkpoints: Optional[int] = None  # session checkpoints kept besides the latest (null: all)
+    # A checkpoint that fails its integrity check at resume: stop naming the newest earlier one
+    # that verifies (and the command to resume from it), or fall back to it automatically.
+    damaged_checkpoint: Literal["stop", "fall_back"] = "stop"
+    resume_from: Optional[str] = None       # a checkpoint of this output_dir instead of `latest`
 
 
 @dataclass
@@ -331,13 +341,29 @@ def _set_dotted(tree: dict, dotted: str, value: Any, src: str) -> None:
     node[parts[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """safe_load's loader, plus exponent floats without a dot (`1e-4`, `1e3`, `5E+2`): YAML 1.1
+    reads those as strings, YAML 1.2 and every person who writes a learning rate as floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, with exponent floats (`lr: 1e-4`) read as floats."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     out = []
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"command line: override '{item}' must look like key.sub=value")
         k, v = item.split("=", 1)
-        out.append((k.strip(), yaml.safe_load(v) if v != "" else None))
+        out.append((k.strip(), load_yaml(v) if v != "" else None))
     return out
 
 
@@ -350,7 +376,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise RecipeError(f"{src}: recipe file not found")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise RecipeError(f"{src}: not valid YAML: {e}") from e
         if not isinstance(tree, dict):
@@ -443,8 +469,11 @@ def _blame_command_line(e: RecipeError, src: str, given: dict[str, str]) -> Reci
         # a key of an earlier version was moved into its plug-in's section: method.rank was
         # given, method.delo.rank is named
         moved = ".".join(parts[:1] + parts[2:]) if len(parts) > 2 else None
+        # the override set this key, a section above it (a mapping given whole), or a key
+        # below it (`trian.epochs=3` makes the unknown section 'trian')
         item = given.get(key) or given.get(moved) or next(
-            (it for k, it in given.items() if key.startswith(k + ".")), None)
+            (it for k, it in given.items() if key.startswith(k + ".") or k.startswith(key + ".")),
+            None)
         if item is not None:
             break
     if item is None or not msg.startswith(src + ": "):
@@ -480,6 +509,12 @@ def validate(r: Recipe, src: str) -> None:
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), src, "train.betas",
            "two floats in [0, 1)", t.betas)
     _check(0.0 <= t.warmup_ratio < 1.0, src, "train.warmup_ratio", "a float in [0, 1)", t.warmup_ratio)
+    _check(t.max_nonfinite_steps >= 0, src, "train.max_nonfinite_steps", "an int >= 0",
+           t.max_nonfinite_steps)
+    _check(t.keep_checkpoints is None or t.keep_checkpoints >= 0, src, "train.keep_checkpoints",
+           "null (keep all) or an int >= 0", t.keep_checkpoints)
+    _check(t.resume_from is None or (Path(t.resume_from) / "state.json").is_file(), src,
+           "train.resume_from", "a checkpoint folder holding state.json", t.resume_from)
     _check(r.eval.batch_size >= 1, src, "eval.batch_size", "an int >= 1", r.eval.batch_size)
     _check(r.eval.checkpoint is None or (Path(r.eval.checkpoint) / "state.json").is_file(), src,
            "eval.checkpoint", "a checkpoint folder holding state.json", r.eval.checkpoint)
@@ -553,7 +588,10 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 RESULT_NEUTRAL_KEYS = (
     "name", "output_dir", "data.shards", "plugins", "data.num_workers", "eval.batch_size",
     "eval.checkpoint", "train.log_every", "train.checkpoint_every", "tracking.*",
-    "distributed.engine",
+    "distributed.engine", "train.keep_checkpoints", "train.damaged_checkpoint", "train.resume_from",
+    # how a NaN step is handled: a run that finishes under `stop` met none, one under `skip`
+    # reports how many it dropped (metrics.json); a relaunch may switch to skip and go on
+    "train.nonfinite", "train.max_nonfinite_steps",
 )
 
 

@@ -96,6 +96,9 @@ def parse_grid(spec: str, extra: list[str]) -> tuple[str, str, list[str], dict, 
         name = tree.get("name", Path(spec).stem)
         recipe = tree["recipe"]
         fixed = {str(k): _text(v) for k, v in (tree.get("overrides") or {}).items()}
+        if "output_dir" in fixed or "output_dir" in tree["axes"]:
+            raise RecipeError(f"{spec}: output_dir is set per run (<output_root>/<its values>): "
+                              "give the sweep's output_root instead")
         axes = {str(k): [_text(x) for x in v] for k, v in tree["axes"].items()}
         for k, v in axes.items():
             if not isinstance(tree["axes"][k], list) or not v:
@@ -108,6 +111,9 @@ def parse_grid(spec: str, extra: list[str]) -> tuple[str, str, list[str], dict, 
         if "=" not in item:
             raise RecipeError(f"command line: '{item}' must look like key=value or key=v1,v2")
         k, v = item.split("=", 1)
+        if k == "output_dir":   # every run has its own: <output_root>/<its values>
+            raise RecipeError(f"command line: '{item}': a sweep sets each run's output_dir to "
+                              "<output_root>/<its values>; give output_root=" + v + " instead")
         if k == "output_root":
             root = v
         elif is_axis(v) or k in axes:  # a file's axis given one value stays an axis: run

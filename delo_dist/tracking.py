@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import subprocess
@@ -133,6 +134,20 @@ def _experiment(mlflow, name: str, uri: str) -> str:
         return mlflow.get_experiment_by_name(name).experiment_id
 
 
+def run_name(recipe: Recipe) -> str:
+    """What a run is, at a glance in MLflow's list: 'quickstart: delo vilt-tiny both eta=0.7 seed=0'."""
+    d, b = recipe.data, recipe.backbone
+    backbone = Path(b.pretrained.rstrip("/")).name if b.pretrained else f"{b.name}-tiny"
+    missing = "complete" if d.missing_type == "none" else f"{d.missing_type} eta={d.eta:g}"
+    if d.missing_type == "both" and d.both_ratio != 0.5:
+        missing += f" both_ratio={d.both_ratio:g}"
+    return f"{recipe.name}: {recipe.method.name} {backbone} {missing} seed={recipe.seed}"
+
+
+# MLflow announces creating and migrating a new sqlite store at INFO on the job's console.
+QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic")
+
+
 class Tracker:
     def __init__(self, recipe: Recipe, enabled: bool, manifest_sha256: str | None = None):
         self.enabled = enabled
@@ -142,6 +157,8 @@ class Tracker:
             return
         for k, v in HTTP_LIMITS.items():
             os.environ.setdefault(k, v)
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
         import mlflow
         self.mlflow = mlflow
         out = Path(recipe.output_dir)
@@ -150,17 +167,33 @@ class Tracker:
         mlflow.set_tracking_uri(uri)
         self.uri = uri
         self.client = mlflow.MlflowClient(uri)
+        try:
+            if self._open(recipe, out):
+                return
+        except Exception as e:  # noqa: BLE001 - any failure here leaves the job without a run
+            what = "server" if uri.startswith(("http://", "https://")) else "store"
+            raise TrackingUnreachable(
+                f"MLflow tracking {what} {redact(uri)} failed while the job opened its run "
+                f"({type(e).__name__}: {_reason(e)}); {OFFLINE_HINT}") from None
+        self._first_records(recipe, out, manifest_sha256)
+
+    def _open(self, recipe: Recipe, out: Path) -> bool:
+        """Find or create the experiment, then reopen this folder's run (True) or create one."""
         id_file = out / RUN_ID_FILE
-        with _store_lock(uri):
-            experiment_id = _experiment(mlflow, recipe.tracking.experiment, uri)
+        with _store_lock(self.uri):
+            experiment_id = _experiment(self.mlflow, recipe.tracking.experiment, self.uri)
             if id_file.is_file():  # resume the run this output dir already has
                 self.run_id = id_file.read_text().strip()
                 self._reopen()
-                return
+                return True
             run = self.client.create_run(experiment_id,
-                                         run_name=recipe.tracking.run_name or recipe.name)
+                                         run_name=recipe.tracking.run_name or run_name(recipe))
         self.run_id = run.info.run_id
-        _write(id_file, self.run_id)
+        return False
+
+    def _first_records(self, recipe: Recipe, out: Path, manifest_sha256: str | None) -> None:
+        uri = self.uri
+        _write(out / RUN_ID_FILE, self.run_id)
         _write(out / TRACKING_FILE, json.dumps({"uri": redact(uri), "run_id": self.run_id}))
         params = {k: redact(v)[:500] for k, v in flatten(to_dict(recipe)).items()}
         if manifest_sha256:
@@ -240,6 +273,18 @@ class Tracker:
             f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def _reason(e: BaseException) -> str:
+    """MLflow's messages can hold a whole HTML page or urllib3's retry chain: keep the request
+    and its root cause ('.../get-by-name: [Errno 111] Connection refused'), else line one."""
+    text = redact(str(e)).strip()
+    request = re.match(r"API request to (\S+) failed", text)
+    cause = re.search(r"\[Errno -?\d+\] [^'\")]+|Remote end closed connection without response|"
+                      r"Read timed out|HTTP \d{3}[^,;]*", text)
+    if request:
+        return f"{request.group(1)}: {cause.group(0) if cause else 'no answer'}"
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def apply(client, run_id: str, rec: dict) -> None:

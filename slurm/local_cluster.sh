@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # A single-node Slurm cluster on this machine, from Debian's packages: for the tests and
-# for trying slurm/sweep.sbatch. Idempotent: does nothing when the node already answers.
-#   sudo slurm/local_cluster.sh          # install if needed, configure, start
+# for trying slurm/sweep.sbatch.
+#   sudo slurm/local_cluster.sh          # install if needed, configure, start; a node that
+#                                        # already answers is left as it is
+#   sudo slurm/local_cluster.sh fresh    # the same, but a cluster this script started before
+#                                        # is shut down and started again with no job, job id
+#                                        # or state from earlier runs (what the tests use)
 #   slurm/local_cluster.sh stop          # stop the daemons it started
-# Needs root (apt, daemons). State, spool and logs go under $DELO_SLURM_DIR.
+# Needs root (apt, daemons). State, spool and logs go under $DELO_SLURM_DIR. Exits 77 (the
+# usual "skipped" status) when it cannot install or start as it is: not root, no apt-get,
+# no package mirror; 1 when a started cluster does not come up.
 set -euo pipefail
 DIR=${DELO_SLURM_DIR:-/var/tmp/delo-slurm}
 CONF=/etc/slurm/slurm.conf
 NODE=$(hostname -s)
 
+MARK="# written by delo_dist slurm/local_cluster.sh"
 die() { echo "local_cluster.sh: $*" >&2; exit 1; }
+cannot() { echo "local_cluster.sh: $*" >&2; exit 77; }
 
 if [[ ${1:-start} == stop ]]; then
     for f in "$DIR/slurmd.pid" "$DIR/slurmctld.pid"; do
@@ -19,18 +27,35 @@ if [[ ${1:-start} == stop ]]; then
 fi
 
 node_up() { sinfo -h -n "$NODE" -o %T 2>/dev/null | grep -Eq '^(idle|mixed|allocated|completing)'; }
+ours() { [[ -f $CONF ]] && head -1 "$CONF" | grep -qF "$MARK"; }
 if command -v sinfo >/dev/null && [[ -f $CONF ]] && node_up; then
-    echo "slurm: node $NODE is up"; exit 0
+    if [[ ${1:-start} != fresh ]]; then
+        echo "slurm: node $NODE is up"; exit 0
+    fi
+    ours || cannot "a Slurm cluster configured elsewhere ($CONF) is running: not restarting it"
+    [[ $(id -u) == 0 ]] || cannot "needs root to restart the cluster"
+    # A cluster left by an earlier run: shut it down (slurmctld and every slurmd) and start
+    # again from empty state, so job ids, queued or requeued jobs and old settings go with it.
+    echo "slurm: restarting the cluster an earlier run left up"
+    scontrol shutdown >/dev/null 2>&1 || true
+    for _ in $(seq 100); do
+        { scontrol ping 2>/dev/null | grep -q "is UP"; } || break
+        sleep 0.2
+    done
+    for f in "$DIR/slurmd.pid" "$DIR/slurmctld.pid"; do   # daemons that missed the shutdown
+        [[ -f $f ]] && kill "$(cat "$f")" 2>/dev/null || true
+    done
+    sleep 1
 fi
-[[ $(id -u) == 0 ]] || die "needs root (apt-get and the Slurm daemons)"
+[[ $(id -u) == 0 ]] || cannot "needs root (apt-get and the Slurm daemons)"
 
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
-    command -v apt-get >/dev/null || die "apt-get not found: install slurmctld slurmd slurm-client munge by hand"
+    command -v apt-get >/dev/null || cannot "apt-get not found: install slurmctld slurmd slurm-client munge by hand"
     echo "slurm: installing slurmctld slurmd slurm-client munge from Debian"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq || die "apt-get update failed (no package mirror reachable?)"
+    apt-get update -qq || cannot "apt-get update failed (no package mirror reachable?)"
     apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null \
-        || die "apt-get install slurmctld slurmd slurm-client munge failed"
+        || cannot "apt-get install slurmctld slurmd slurm-client munge failed"
 fi
 
 # munge: the authentication daemon every Slurm RPC goes through; runs as user munge.
@@ -45,10 +70,11 @@ if ! munge -n >/dev/null 2>&1; then
 fi
 
 # One node, all its cores; memory a little below the total so slurmd does not drain it.
+[[ ${1:-start} == fresh ]] && rm -rf "$DIR/state" "$DIR/spool"   # no job ids carried over
 mkdir -p "$DIR/state" "$DIR/spool" /etc/slurm
 MEM=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) * 9 / 10 ))
 cat > "$CONF" <<EOF
-# written by delo_dist slurm/local_cluster.sh: a single-node test cluster
+$MARK: a single-node test cluster
 ClusterName=local
 SlurmctldHost=$NODE
 SlurmUser=root
@@ -69,7 +95,7 @@ SlurmctldPidFile=$DIR/slurmctld.pid
 SlurmdPidFile=$DIR/slurmd.pid
 SlurmctldLogFile=$DIR/slurmctld.log
 SlurmdLogFile=$DIR/slurmd.log
-NodeName=$NODE CPUs=$(nproc) RealMemory=$MEM State=UNKNOWN
+NodeName=$NODE CPUs=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 
@@ -82,4 +108,4 @@ slurmd
 for _ in $(seq 60); do node_up && break; sleep 0.5; done
 node_up || { scontrol update nodename="$NODE" state=resume 2>/dev/null || true; sleep 1; }
 node_up || die "node $NODE did not come up: see $DIR/slurmctld.log and $DIR/slurmd.log"
-echo "slurm: node $NODE is up ($(nproc) CPUs, ${MEM} MiB)"
+echo "slurm: node $NODE is up ($(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) CPUs, ${MEM} MiB)"

@@ -48,6 +48,7 @@ def tiny_overrides(shards: Path, out: Path, **extra) -> list[str]:
         "backbone.tiny.num_attention_heads": 2,
         "method.delo.experts": 4, "method.delo.rank": 2, "method.lora.rank": 2,
         "train.epochs": 1, "train.batch_size": 8, "train.log_every": 2,
+        "train.global_batch_size": "null",   # batch_size per process, whatever the recipe says
         "eval.batch_size": 16, "output_dir": str(out),
         "tracking.uri": f"sqlite:///{out.parent / 'mlflow.db'}",
     }

@@ -122,7 +122,9 @@ def test_compare_table_matches_the_runs(shards, tmp_path):
         fg = {m: f"{100 * r.data.metrics['final_fg']:.2f}" for m, r in runs.items()}
 
         lines = (out / "compare.md").read_text().splitlines()
-        assert lines[0].startswith("Same in every run: ") and "`train.epochs=1`" in lines[0]
+        assert lines[0].startswith("Same in every run: ") and "keys, listed in constant_keys.md" in lines[0]
+        constant = (out / "constant_keys.md").read_text()
+        assert "| `train.epochs` | `1` |" in constant and "| `method.name` |" not in constant
         assert lines[2].startswith("Column groups: method.name.")
         rt = {m: f"{100 * r.data.metrics['final_routing_accuracy']:.2f}" for m, r in runs.items()}
         # both methods route by session (a head per session behind task identification)
@@ -147,7 +149,8 @@ def test_compare_table_matches_the_runs(shards, tmp_path):
         summary = client.search_runs([exp], "tags.kind = 'compare-summary'")
         assert len(summary) == 1
         logged = {a.path for a in client.list_artifacts(summary[0].info.run_id)}
-        assert logged == {"compare.md", "compare_table.csv", "compare.csv", "compare.png"}
+        assert logged == {"compare.md", "compare_table.csv", "compare.csv", "constant_keys.md",
+                          "compare.png"}
 
 
 # ---------------------------------------------------------------- grouping, on a sqlite store
@@ -208,7 +211,8 @@ def test_runs_differing_in_a_recipe_key_are_never_merged(store, tmp_path):
     assert [(r["train.lr"], r["task_id.source"], r["ap_mean"], r["n"]) for r in table] == [
         ("0.001", "analytic", "40.000000", "1"), ("0.01", "analytic", "60.000000", "1"),
         ("0.01", "frozen_pooled", "50.000000", "1")]
-    assert "`train.epochs=3`" in md[0] and "train.lr" not in md[0]
+    constant = (tmp_path / "cmp" / "constant_keys.md").read_text()
+    assert "| `train.epochs` | `3` |" in constant and "train.lr" not in constant
 
 
 def test_seeds_are_averaged_with_their_sample_std(store, tmp_path):
@@ -232,7 +236,9 @@ def test_result_neutral_keys_do_not_split_groups(store, tmp_path):
     log_run(store, 0.60, seed=1, **{"output_dir": "b", "eval.batch_size": 64, "data.num_workers": 2})
     md, table = compare_table(store, tmp_path / "cmp")
     assert len(table) == 1 and table[0]["n"] == "2" and table[0]["ap_mean"] == "50.000000"
-    assert "`output_dir=" not in md[0] and "`missing." not in md[0] and "`seed=" not in md[0]
+    constant = (tmp_path / "cmp" / "constant_keys.md").read_text()
+    assert "`output_dir`" not in constant and "`missing." not in constant and "`seed`" not in constant
+    assert md[0].startswith("Same in every run: ") and "keys, listed in constant_keys.md" in md[0]
     assert md[4] == "| η | #Image | #Text | DeLo AP ↑ | DeLo FG ↓ |"
 
 
@@ -297,6 +303,20 @@ def test_a_plugin_section_key_splits_only_the_runs_that_have_it(store, tmp_path)
                      "DeLo / 4 FG ↓ | DeLo-LoRA AP ↑ | DeLo-LoRA FG ↓ |")
     assert [(r["method.name"], r["method.delo.factor_rank"], r["ap_mean"]) for r in table] == [
         ("delo", "1", "40.000000"), ("delo", "4", "50.000000"), ("lora", "", "30.000000")]
+
+
+def test_hashes_are_short_in_the_table_and_whole_in_the_csv(store, tmp_path):
+    import mlflow
+    client = mlflow.MlflowClient(store)
+    for sha, ap in (("a" * 64, 0.4), ("b" * 64, 0.6)):
+        log_run(store, ap)
+        exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
+        run = client.search_runs([exp], order_by=["attributes.start_time DESC"])[0]
+        client.set_tag(run.info.run_id, "data.manifest_sha256", sha)
+    md, table = compare_table(store, tmp_path / "cmp")
+    assert md[4] == ("| η | #Image | #Text | DeLo / aaaaaaaaaaaa AP ↑ | DeLo / aaaaaaaaaaaa FG ↓ | "
+                     "DeLo / bbbbbbbbbbbb AP ↑ | DeLo / bbbbbbbbbbbb FG ↓ |")
+    assert sorted(r["data.manifest_sha256"] for r in table) == ["a" * 64, "b" * 64]
 
 
 def test_plot_axes_have_no_offset_notation(tmp_path):

@@ -85,6 +85,7 @@ def test_a_manifest_with_wrong_counts_stops_the_stream(shards, tmp_path):
     root, m = copy(shards, tmp_path)
     entry = m["sessions"][0]["splits"]["test"]
     entry["count"] += 1
+    entry["keys"].append("s00-test-9999999")   # consistent with itself, not with the tars
     first = entry["shards"][0]
     entry["files"][first]["count"] += 1
     save(root, m)

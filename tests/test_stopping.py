@@ -65,6 +65,9 @@ def test_sigterm_to_the_one_process_launcher(shards, tmp_path):
     log = term_the_launcher_mid_session(cmd, out, trainers=1)
     marker = json.loads((out / "PREEMPTED").read_text())
     assert marker["checkpoint"].endswith("checkpoints/latest_step")
+    # the hint is the launch as typed: without --config_file accelerate would guess and warn
+    assert marker["resume"].startswith("accelerate launch --config_file accelerate_configs/default.yaml "
+                                       "--main_process_port ")
     state = json.loads((out / "checkpoints" / "latest_step" / "state.json").read_text())
     assert state["session"] == 1 and state["mid_session"]
     assert "preempted: checkpoint" in log and "resume by relaunching the same command" in log

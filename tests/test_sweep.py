@@ -25,6 +25,19 @@ PAPER_ETAS = ["0.1", "0.3", "0.5", "0.7", "0.9"]
 PROMPTS_WIRED = set(PROMPT_METHODS) <= set(plugins.names("method"))
 
 
+def sweep_overrides(shards, out, **extra) -> list[str]:
+    """The tiny recipe's overrides less output_dir: a sweep sets each run's own."""
+    return [o for o in tiny_overrides(shards, out, **extra) if not o.startswith("output_dir=")]
+
+
+def test_output_dir_is_refused_naming_output_root(shards, tmp_path, capsys):
+    assert main([str(REPO / "recipes" / "quickstart.yaml"), f"data.shards={shards}",
+                 f"output_dir={tmp_path / 'mine'}", "seed=0,1", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"give output_root={tmp_path / 'mine'} instead" in err and "output_dir" in err
+    assert not (tmp_path / "mine").exists()
+
+
 def test_compare_all_grid_and_exclusion_rule():
     name, recipe, fixed, axes, root = parse_grid(str(SWEEP), [])
     assert (name, recipe) == ("compare_all", "recipes/quickstart.yaml")
@@ -49,7 +62,7 @@ def test_compare_all_grid_and_exclusion_rule():
 
 
 def test_a_bad_grid_value_stops_before_any_training(shards, tmp_path, capsys):
-    args = [str(REPO / "recipes" / "quickstart.yaml"), *tiny_overrides(shards, tmp_path / "x"),
+    args = [str(REPO / "recipes" / "quickstart.yaml"), *sweep_overrides(shards, tmp_path / "x"),
             "data.eta=0.1,1.5", f"output_root={tmp_path / 'sweep'}"]
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -62,8 +75,8 @@ def test_runner_trains_a_two_run_grid_skips_it_after_and_refuses_a_changed_recip
         shards, tmp_path, capsys):
     root = tmp_path / "sweep"
     base = [str(REPO / "recipes" / "quickstart.yaml"),
-            *tiny_overrides(shards, tmp_path / "unused", **{"data.sessions": 2,
-                                                             "tracking.uri": f"sqlite:///{root / 'mlflow.db'}"}),
+            *sweep_overrides(shards, tmp_path / "unused", **{"data.sessions": 2,
+                                                              "tracking.uri": f"sqlite:///{root / 'mlflow.db'}"}),
             "method.name=head_only,mail", f"output_root={root}"]
     assert main(base + ["--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -112,21 +112,67 @@ def write_manifest(root: Path, manifest: dict) -> None:
     os.replace(tmp, Path(root) / "manifest.json")
 
 
+class ManifestError(DataIntegrityError, ValueError):
+    """manifest.json is missing, malformed, or disagrees with itself or the folder."""
+
+
 def read_manifest(root: str | Path) -> dict:
+    """The manifest, checked for what can be checked without reading a tar: format, every
+    split of every session present, counts that agree (split count = its keys = the sum of
+    its files' counts), files recorded for exactly the listed shards, and those shards on
+    disk. So a manifest that contradicts itself stops a job before any training."""
     path = Path(root) / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; prepare the shards first")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    for k, sess in enumerate(manifest["sessions"]):
-        for split in SPLITS:
-            if split not in sess["splits"]:
-                raise ValueError(f"{path}: session {k} has no '{split}' split")
-            for shard in sess["splits"][split]["shards"]:
-                if not (Path(root) / shard).is_file():
-                    raise FileNotFoundError(f"{path}: shard {shard} listed but missing")
+        raise ManifestError(f"{path}: no manifest; prepare the shards first")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e}); re-prepare the shards") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ManifestError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    problems = _inconsistencies(Path(root), manifest)
+    if problems:
+        raise ManifestError(f"{path} contradicts itself or the folder: " + "; ".join(problems[:5])
+                            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+                            + ": re-prepare the shards")
     return manifest
+
+
+def _inconsistencies(root: Path, manifest: dict) -> list[str]:
+    sessions, n_classes = manifest.get("sessions"), manifest.get("num_classes")
+    if not isinstance(sessions, list) or not sessions:
+        return ["no sessions listed"]
+    out = []
+    for k, sess in enumerate(sessions):
+        classes = sess.get("classes") or []
+        if not classes:
+            out.append(f"session {k} lists no classes")
+        elif isinstance(n_classes, int) and not all(0 <= c < n_classes for c in classes):
+            out.append(f"session {k} lists classes outside [0, num_classes={n_classes}): {classes}")
+        for split in SPLITS:
+            entry = sess.get("splits", {}).get(split)
+            if entry is None:
+                out.append(f"session {k} has no '{split}' split")
+                continue
+            where, count, keys = f"session {k} {split}", entry.get("count"), entry.get("keys", [])
+            if count != len(keys):
+                out.append(f"{where}: count {count}, but {len(keys)} sample keys listed")
+            if len(set(keys)) != len(keys):
+                out.append(f"{where}: {len(keys) - len(set(keys))} sample key(s) listed twice")
+            files = entry.get("files")
+            if files is not None:
+                if set(files) != set(entry["shards"]):
+                    out.append(f"{where}: files recorded for {sorted(files)}, shards listed "
+                               f"{entry['shards']}")
+                held = sum(f.get("count", 0) for f in files.values())
+                if held != count:
+                    out.append(f"{where}: count {count}, but its files hold {held} samples ("
+                               + ", ".join(f"{s}: {f.get('count')}" for s, f in files.items()) + ")")
+            for shard in entry["shards"]:
+                if not (root / shard).is_file():
+                    out.append(f"shard {shard} listed but missing")
+    return out
 
 
 def encode_jpeg(image, quality: int = 90) -> bytes:

@@ -124,8 +124,12 @@ class SessionStream(IterableDataset):
             return
         self.faults_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.faults_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.bad))
-        tmp.replace(self.faults_path)
+        try:
+            tmp.write_text(json.dumps(self.bad))
+            tmp.replace(self.faults_path)
+        except OSError as e:   # a full disk: no half file left behind
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(tmp)) from None
 
     def _ordered(self):
         urls = list(self.urls)

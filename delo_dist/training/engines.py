@@ -10,6 +10,10 @@ Both expose forward / backward / step, the optimiser-state size and a state for 
 With gradient accumulation (`accum` micro-batches per optimizer step) the trainer still
 calls backward and step once per micro-batch: backward scales the loss by 1 / accum and
 step only updates on the accum-th call (DeepSpeed does both itself from its config).
+At that call `step` returns the gradient norm, and neither engine applies a non-finite one:
+the update is dropped and the schedule does not advance (what DeepSpeed's ZeRO optimizer
+does on overflow; the torch engine and ZeRO stage 0 do the same here). The trainer reads the
+norm to stop or to count the dropped step (train.nonfinite).
 
 Mixed precision (`train.mixed_precision`) is torch autocast around the forward pass and the
 loss (`autocast(precision, device)`), for both engines: the trainable tensors, their
@@ -22,6 +26,7 @@ fp16 runs with a GradScaler on a GPU with the torch engine only.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -86,21 +91,33 @@ class TorchEngine:
         loss = loss / self.accum if self.accum > 1 else loss
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self) -> None:
+    def step(self) -> float | None:
+        """Count a micro-batch; at the step's last one, update unless the gradient norm is
+        non-finite. Returns that norm (None between micro-batches, and under fp16, whose
+        GradScaler skips overflowing steps and lowers its scale as it should)."""
         self.micro_steps += 1
         if self.micro_steps % self.accum:
-            return  # gradients keep accumulating until the step's last micro-batch
+            return None  # gradients keep accumulating until the step's last micro-batch
         if self.scaler:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        if self.scaler:
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
-            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        total = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        norm = float(total)
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)   # dropped: no update, no schedule step
+            return norm
+        if self.cfg.grad_clip > 0:   # clip_grad_norm_ is these two calls; the norm is kept
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.grad_clip, total)
+        self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -126,6 +143,7 @@ class DeepSpeedEngine:
                  micro: int | None = None, accum: int = 1):
         import deepspeed
         self.cfg, self.zero_stage = cfg, zero_stage
+        self.params = list(params.values())
         micro = micro or cfg.batch_size
         config = {
             "train_micro_batch_size_per_gpu": micro,
@@ -150,8 +168,34 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self) -> None:
+    def step(self) -> float | None:
+        """At an optimizer step, the global gradient norm (equal on every rank). ZeRO 1/2
+        computes it and drops a non-finite step itself (its overflow rule); stage 0 would
+        apply it, so the norm is taken here from the all-reduced gradients and a non-finite
+        one removed first: AdamW leaves a parameter without a gradient untouched (its state
+        too), only the schedule moves on."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        norm = None
+        if boundary and self.zero_stage == 0:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads))
+            if not math.isfinite(norm):
+                for p in self.params:
+                    p.grad = None
+                config, clip = self.engine._config, self.engine._config.gradient_clipping
+                config.gradient_clipping = 0.0   # DeepSpeed's clipping fails on no gradient
+                try:
+                    self.engine.step()
+                finally:
+                    config.gradient_clipping = clip
+                return norm
         self.engine.step()
+        if not boundary:
+            return None
+        if norm is None:
+            got = self.engine.get_global_grad_norm()
+            norm = None if got is None else float(got)
+        return norm
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

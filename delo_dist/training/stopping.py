@@ -6,6 +6,8 @@
   it, and a launcher killed outright leaves its trainers behind. Linux's parent-death signal
   makes the kernel send SIGTERM to the trainer when its parent (the launcher, or torchrun's
   agent) dies, so the trainer checkpoints and exits instead of running on as an orphan.
+- `launch_command`: how to run this job again, read from the launcher that started it (so a
+  resume hint keeps `--config_file`, without which accelerate warns about guessed values).
 - The PREEMPTED marker: `<output_dir>/PREEMPTED` (JSON: checkpoint, how to resume) is what
   scripts test, since the exit code a launcher reports for its trainers varies (75, 1, 143).
   It is removed when the job resumes or finishes.
@@ -39,14 +41,63 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
     return True
 
 
-def resume_command() -> str:
-    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
-    return f"accelerate launch delo_dist/train.py {args}"
+_job_args: list[str] | None = None   # the trainer's arguments (train.main records them)
+_prefix: list[str] | None = None     # and its launcher, read at start: a dead one cannot be
+
+
+def set_job_args(args: list[str]) -> None:
+    global _job_args, _prefix
+    _job_args, _prefix = list(args), _launcher()
+
+
+def launch_command(*extra: str) -> str:
+    """The command that started this job, as its user would type it again, `extra` overrides
+    replacing earlier values of their keys: the launcher with every option it was given
+    (`accelerate launch --config_file ...`, or `python -m delo_dist.launch ...`) when it is
+    this trainer's parent process, else the way this Python was started."""
+    args = list(_job_args if _job_args is not None else sys.argv[1:])
+    for item in extra:
+        key = item.split("=", 1)[0] + "="
+        args = [a for a in args if not a.startswith(key)] + [item]
+    return shlex.join((_prefix if _prefix is not None else _launcher()) + args)
+
+
+def _launcher() -> list[str]:
+    """Everything before the recipe: launcher, its options and the script."""
+    script = sys.argv[0]
+    try:
+        import psutil
+        parent = psutil.Process(os.getppid()).cmdline()
+    except Exception:  # noqa: BLE001 - no parent to read: describe this process
+        parent = []
+    for i, word in enumerate(parent):
+        name = os.path.basename(word)
+        if name == "accelerate-launch" or (name == "accelerate" and parent[i + 1:i + 2] == ["launch"]):
+            start = [_short(word), *(["launch"] if name == "accelerate" else [])]
+            rest = parent[i + len(start):]
+        elif word == "-m" and parent[i + 1:i + 2] == ["delo_dist.launch"]:
+            start, rest = ["python", "-m", "delo_dist.launch"], parent[i + 2:]
+        else:
+            continue
+        if script in rest:   # the launcher's own options end at this trainer's script
+            return start + rest[:rest.index(script) + 1]
+    own = getattr(sys, "orig_argv", [])
+    if script.endswith("train.py") and "-m" not in own:
+        return ["python", script]
+    return ["python", "-m", "delo_dist.train"]
+
+
+def _short(path: str) -> str:
+    """A program by its name when that is what the shell would run, else its path."""
+    import shutil
+    name = os.path.basename(path)
+    found = shutil.which(name)
+    return name if found and os.path.realpath(found) == os.path.realpath(path) else path
 
 
 def mark_preempted(out: Path, checkpoint: Path) -> str:
     """Write the marker; return the one line to print."""
-    info = {"checkpoint": str(checkpoint), "resume": resume_command(),
+    info = {"checkpoint": str(checkpoint), "resume": launch_command(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid()}
     tmp = Path(out) / (MARKER + ".tmp")
     tmp.write_text(json.dumps(info, indent=1))

@@ -7,12 +7,19 @@ sends before preemption or the time limit) or SIGINT makes every rank agree to s
 the current step, write a checkpoint, leave `<output_dir>/PREEMPTED` and exit with
 EXIT_PREEMPTED; relaunched with the same output dir and recipe, the job resumes from it, in
 the same MLflow run. Before any work the main rank takes the output folder's lock, checks
-the run identity (run_identity.py) and probes the tracking server; every rank stops if any
-of that fails.
+the run identity (run_identity.py), probes the tracking server and verifies the checkpoint it
+will resume from (checkpoint.py); every rank stops if any of that fails.
+
+A NaN or inf loss or gradient norm is caught at every optimizer step, agreed by all ranks,
+and never applied: `train.nonfinite: stop` ends the job (TrainingDiverged: session, epoch,
+step, value, the last good checkpoint and how to resume; MLflow run FAILED, no metrics.json),
+`skip` drops the step and counts it (metrics.json, MLflow), up to `train.max_nonfinite_steps`
+a session.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -47,6 +54,10 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, relaunch to resume
 
 class LaunchError(RuntimeError):
     """The launch (processes, devices) and the recipe disagree."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm under train.nonfinite=stop (or past its skip limit)."""
 
 
 def mean_or_none(values: list) -> float | None:
@@ -131,23 +142,46 @@ class Trainer:
         if self.main:
             try:
                 step(*args)
-            except (RunLockError, RunIdentityError, TrackingUnreachable, FileExistsError) as e:
-                error = str(e)
+            except (RunLockError, RunIdentityError, TrackingUnreachable, FileExistsError,
+                    checkpoint.CheckpointError) as e:
+                error = (type(e).__name__, str(e))
         errors = [e for e in dist.all_gather_objects(error) if e]
-        if errors:
-            raise LaunchError(errors[0])
+        if errors:   # the same kind of error on every rank (train.py words each kind)
+            kind = {"CheckpointError": checkpoint.CheckpointError,
+                    "TrackingUnreachable": TrackingUnreachable}.get(errors[0][0], LaunchError)
+            raise kind(errors[0][1])
 
     def _preflight(self, evaluating: bool) -> None:
         """Main rank, before any work: the folder's lock, its recorded recipe, the tracker."""
         note = self.lock.acquire()
         if note:
             print(note, flush=True)
-        if not evaluating:
-            neutral = run_identity.check_recipe(self.out, to_dict(self.recipe))
-            if neutral:
-                print("continuing this output folder's run; result-neutral keys differ "
-                      "(allowed): " + "; ".join(neutral), flush=True)
-            probe(resolve_uri(self.recipe))
+        if evaluating:
+            checkpoint.check_for_eval(Path(self.recipe.eval.checkpoint), lambda p: stopping.launch_command(
+                f"eval.checkpoint={p}"))
+            return
+        neutral = run_identity.check_recipe(self.out, to_dict(self.recipe))
+        if neutral:
+            print("continuing this output folder's run; result-neutral keys differ "
+                  "(allowed): " + "; ".join(neutral), flush=True)
+        probe(resolve_uri(self.recipe))
+        if not (self.out / "metrics.json").is_file():   # a finished run resumes nothing
+            self._resume_choice = self._choose_checkpoint()
+
+    def _choose_checkpoint(self) -> Path | None:
+        """Main rank: the checkpoint to resume from, verified (checkpoint.choose_resume)."""
+        t = self.recipe.train
+        mine = (self.out / "checkpoints").resolve()
+        if t.resume_from and Path(t.resume_from).resolve().parent != mine:
+            raise checkpoint.CheckpointError(
+                f"train.resume_from={t.resume_from}: not a checkpoint of this output_dir "
+                f"(expected a folder in {self.out / 'checkpoints'})")
+        path, note = checkpoint.choose_resume(
+            self.out, t.resume_from, t.damaged_checkpoint == "fall_back",
+            lambda p: stopping.launch_command(f"train.resume_from={p}"))
+        if note:
+            print(note, flush=True)
+        return path
 
     def _record_identity(self) -> None:
         """Main rank, data in hand: same data as the folder's run? Then record the identity."""
@@ -224,13 +258,14 @@ class Trainer:
 
     def _make_synthetic(self, root: Path) -> None:
         from delo_dist.data.synthetic import make_synthetic
-        print(f"data.shards={root} has no manifest.json: making the synthetic benchmark there "
-              "(data.make_synthetic=true)", flush=True)
         s = self.recipe.data.synthetic
+        t0 = time.time()   # a foreign folder is refused inside, before a word is printed here
         make_synthetic(root, s.sessions, s.classes_per_session, s.train_per_class,
                        s.val_per_class, s.test_per_class, s.image_size,
                        s.samples_per_shard, s.seed, progress=sys.stderr.isatty(),
                        variant=s.variant)
+        print(f"data.shards={root} had no manifest.json: made the synthetic benchmark there "
+              f"(data.make_synthetic=true, {time.time() - t0:.0f} s)", flush=True)
 
     def _missing_tables(self) -> dict:
         d = self.recipe.data
@@ -247,17 +282,21 @@ class Trainer:
         return tables
 
     def _resume(self) -> dict | None:
-        path = checkpoint.latest(self.out)
+        # the main rank chose and verified it before any work (_preflight); every rank loads it
+        path = dist.all_gather_objects(getattr(self, "_resume_choice", None))[0]
         if self.main:
             stopping.clear_marker(self.out)
         if path is None:
             return None
+        path = Path(path)
         checkpoint.load_model(path, self.model)
         state = checkpoint.load_state(path)
         self.result = state["result"]
+        self.wall_before = state.get("wall_time_s", 0.0)   # earlier attempts' time, to the checkpoint
+        self.resumes = state.get("resumes", 0) + 1
         if self.main:
-            print(f"resuming from {path} (session {state['session']}, epoch {state['epoch']}, "
-                  f"step {state['step_in_epoch']})", flush=True)
+            print(f"resuming from {path} ({checkpoint.describe(path)}; resume "
+                  f"{self.resumes})", flush=True)
         state["path"] = str(path)
         return state
 
@@ -268,7 +307,8 @@ class Trainer:
 
     # ================================================================ run
     def run(self) -> int:
-        start = time.time()
+        start = self.started = time.time()
+        self.wall_before, self.resumes = 0.0, 0   # from the checkpoint when resuming
         try:
             self.setup()
             if self.already_finished:
@@ -290,12 +330,15 @@ class Trainer:
                     if self.main:
                         line = stopping.mark_preempted(self.out, self.out / "checkpoints" / "latest_step")
                         print(line, flush=True)
+                        self.final_line = line
                     self.tracker.end("KILLED")
                     return EXIT_PREEMPTED
                 self.evaluate_session(k)
                 self.save(tag=f"session_{k:02d}", session=k + 1, epoch=0, step=0, engine=None)
+                if self.main:
+                    checkpoint.prune(self.out, self.recipe.train.keep_checkpoints)
                 self.tracker.flush()   # records buffered while the server was unreachable
-            self.finish(time.time() - start)
+            self.finish(self.wall_before + time.time() - start)
             self.tracker.end("FINISHED")
             return 0
         except BaseException:
@@ -349,6 +392,7 @@ class Trainer:
             self.session_losses = self.resume["session_losses"]
         else:
             self.session_losses = {"steps": 0}   # + each loss part, summed over steps
+        self.session_losses.setdefault("nonfinite_steps", 0)
         self.resume = None
         n_trainable = sum(p.numel() for p in params.values())
         t0 = time.time()
@@ -363,18 +407,22 @@ class Trainer:
                 if len(micro) < self.accum:
                     continue
                 micro, i = [], j // self.accum
-                for name, v in parts.items():
-                    self.session_losses[name] = self.session_losses.get(name, 0.0) + v
-                self.session_losses["steps"] += 1
+                where = f"session {k} epoch {epoch + 1}/{t.epochs} step {i + 1}/{steps_per_epoch}"
                 global_step = k * steps_per_epoch * t.epochs + epoch * steps_per_epoch + i + 1
-                if self.main:
+                if self.nonfinite is not None:   # agreed by every rank; its update was dropped
+                    self._nonfinite_step(k, where, engine)
+                else:
+                    for name, v in parts.items():
+                        self.session_losses[name] = self.session_losses.get(name, 0.0) + v
+                    self.session_losses["steps"] += 1
+                # every log_every optimizer steps of the epoch, and its last: step 10/12, 12/12
+                if self.main and self.nonfinite is None:
                     bar.set_postfix(loss=f"{parts['loss']:.3f}")
-                    if global_step % t.log_every == 0:
+                    if (i + 1) % t.log_every == 0 or i + 1 == steps_per_epoch:
                         self.tracker.log_metrics({"step/loss": parts["loss"], "step/lr": engine.lr()},
                                                  global_step)
                         if bar.disable:  # a log file, not a terminal: one plain line, no frames
-                            print(f"session {k} epoch {epoch + 1}/{t.epochs} step {i + 1}/"
-                                  f"{steps_per_epoch} loss {parts['loss']:.3f}", flush=True)
+                            print(f"{where} loss {parts['loss']:.3f}", flush=True)
                 stop = self.stop_agreed  # reduced with the step's losses: every rank agrees
                 due = t.checkpoint_every and global_step % t.checkpoint_every == 0
                 if stop or due:
@@ -391,7 +439,9 @@ class Trainer:
             "optimizer_state_bytes": engine.optimizer_state_bytes(),
             "train_time_s": time.time() - t0, "engine": engine.name,
             "zero_stage": getattr(engine, "zero_stage", None),
-            **{f"train_{n}": v / steps for n, v in self.session_losses.items() if n != "steps"},
+            **{f"train_{n}": v / steps for n, v in self.session_losses.items()
+               if n not in ("steps", "nonfinite_steps")},
+            "nonfinite_steps": self.session_losses["nonfinite_steps"],
             **fit_info,
         }
         engine.destroy()
@@ -425,24 +475,61 @@ class Trainer:
 
     def train_step(self, engine, micro: list[dict], k: int, epoch: int) -> dict:
         """One micro-batch (the last of `micro`, this optimizer step's micro-batches so far).
-        Returns the loss parts averaged over the step's micro-batches so far and the ranks."""
+        Returns the loss parts averaged over the step's micro-batches so far and the ranks;
+        at the step's last micro-batch sets `self.nonfinite` (None, or what was not finite)."""
         self.model.train()
         with autocast(self.precision, self.device):  # forward and loss; backward outside
             loss, parts = objective(engine, self.model, micro[-1], k, epoch, self.multilabel)
         engine.backward(loss)
-        engine.step()
-        if len(micro) == self.accum:  # the EMA sees the optimizer step's whole global batch
-            observe_task_id(self.model, concat_batches(micro), k)
+        norm = engine.step()   # the gradient norm at the step's last micro-batch; never applied
+        bad_norm = norm is not None and not math.isfinite(norm)   # if non-finite (engines.py)
         # One reduction: global means of the loss parts (rank 0 alone would report its own
-        # slice of the batch) and whether any rank was asked to stop.
+        # slice of the batch), whether any rank was asked to stop, whether any saw a
+        # non-finite gradient norm (a NaN loss on any rank makes the summed loss NaN).
         names = sorted(parts)
-        packed = [parts[n] for n in names] + [1.0 if self.stop_requested else 0.0]
+        packed = [parts[n] for n in names] + [float(self.stop_requested), float(bad_norm)]
         sums = dist.all_reduce_sum(torch.tensor(packed, dtype=torch.float64)).tolist()
-        self.stop_agreed = sums[-1] > 0
+        self.stop_agreed = sums[-2] > 0
         n = len(micro)
         self._step_parts = {nm: v / self.world for nm, v in zip(names, sums)} if n == 1 else {
             nm: (self._step_parts[nm] * (n - 1) + v / self.world) / n for nm, v in zip(names, sums)}
+        self.nonfinite = None
+        if n == self.accum:
+            if not math.isfinite(self._step_parts["loss"]):
+                self.nonfinite = f"loss {self._step_parts['loss']}"
+            elif sums[-1] > 0:
+                self.nonfinite = f"gradient norm {norm} (loss {self._step_parts['loss']:.4g})"
+            else:  # the EMA sees the optimizer step's whole global batch, of applied steps only
+                observe_task_id(self.model, concat_batches(micro), k)
         return self._step_parts
+
+    def _nonfinite_step(self, k: int, where: str, engine) -> None:
+        """A step whose loss or gradient norm was not finite (its update was not applied):
+        stop, or count it and go on (train.nonfinite=skip) up to the session's limit."""
+        t = self.recipe.train
+        losses = self.session_losses
+        losses["nonfinite_steps"] += 1
+        if t.nonfinite == "skip" and losses["nonfinite_steps"] <= t.max_nonfinite_steps:
+            if self.main:
+                print(f"{where}: non-finite {self.nonfinite}: step skipped, no update applied "
+                      f"({losses['nonfinite_steps']} of at most {t.max_nonfinite_steps} this "
+                      "session, train.max_nonfinite_steps)", flush=True)
+            return
+        engine.destroy()
+        why = ("train.nonfinite=stop" if t.nonfinite == "stop" else
+               f"{losses['nonfinite_steps']} skipped steps this session, more than "
+               f"train.max_nonfinite_steps={t.max_nonfinite_steps}")
+        good = checkpoint.latest(self.out)
+        if good is None:
+            resume = "no checkpoint was written before it: relaunching starts from the beginning"
+        else:
+            resume = (f"nothing was saved after the last good checkpoint {good} "
+                      f"({checkpoint.describe(good)}), which relaunching resumes from: "
+                      f"`{stopping.launch_command()}`")
+        skip = ("" if t.nonfinite == "skip" else
+                "; add train.nonfinite=skip to drop such steps and go on")
+        raise TrainingDiverged(f"training diverged: non-finite {self.nonfinite} at {where} "
+                               f"({why}); {resume}{skip}; a lower train.lr needs a new output_dir")
 
     # ================================================================ evaluation
     def evaluate_checkpoint(self, path: Path) -> None:
@@ -518,7 +605,10 @@ class Trainer:
         state = {"session": session, "epoch": epoch, "step_in_epoch": step, "mid_session": mid_session,
                  "n_sessions": self.n_sessions,
                  "result": self.result, "run_id": self.tracker.run_id,
-                 "session_losses": getattr(self, "session_losses", None)}
+                 "session_losses": getattr(self, "session_losses", None),
+                 # time spent on the work this checkpoint holds, over every attempt so far
+                 "wall_time_s": self.wall_before + time.time() - self.started,
+                 "resumes": self.resumes}
         checkpoint.save(self.out, tag, self.model, engine, state,
                         include_backbone=not self.recipe.backbone.pretrained)
 
@@ -545,9 +635,19 @@ class Trainer:
             "chance": None if self.multilabel else 1.0 / seen_classes,
             "sessions": res["sessions"], "missing": self.missing_summary,
             "bad_samples": self._bad_samples(), "manifest_sha256": self.manifest_sha,
-            "wall_time_s": wall, "world_size": self.world, "mixed_precision": self.precision,
+            "nonfinite_steps": sum(s.get("nonfinite_steps", 0) for s in res["sessions"]),
+            "nonfinite": r.train.nonfinite,
+            # every attempt's time up to the checkpoint the next one resumed from, plus the last
+            "wall_time_s": wall, "resumes": self.resumes,
+            "world_size": self.world, "mixed_precision": self.precision,
         }
-        (self.out / "metrics.json").write_text(json.dumps(summary, indent=1))
+        tmp = self.out / "metrics.json.tmp"   # strict JSON: NaN/inf (an absent oracle) as null
+        try:
+            tmp.write_text(json.dumps(_strict(summary), indent=1, allow_nan=False))
+            os.replace(tmp, self.out / "metrics.json")
+        except OSError as e:   # disk full: no half file left; train.py says where and why
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(tmp)) from None
         accuracy_heatmap(res["accuracy_matrix"], self.out / "accuracy_matrix.png",
                          f"{r.name}: {r.method.name}, task-agnostic {metric} "
                          f"(AP {100 * summary['ap']:.1f}, FG {100 * summary['fg']:.1f})", metric)
@@ -560,9 +660,22 @@ class Trainer:
             self.tracker.log_artifact(self.out / name)
         stopping.clear_marker(self.out)
         chance = "" if summary["chance"] is None else f", chance {100 * summary['chance']:.2f}"
+        resumed = f" over {self.resumes + 1} attempts" if self.resumes else ""
+        skipped = (f"  {summary['nonfinite_steps']} non-finite steps skipped"
+                   if summary["nonfinite_steps"] else "")
         routing = ("" if summary["routing_accuracy"] is None
                    else f", routing {100 * summary['routing_accuracy']:.1f}%")
         print(f"\nfinal: AP {100 * summary['ap']:.2f}  FG {100 * summary['fg']:.2f}  "
-              f"(oracle AP {100 * summary['oracle_ap']:.2f}{routing}{chance})  wall {wall:.0f}s\n"
-              f"wrote {self.out / 'metrics.json'}", flush=True)
+              f"(oracle AP {100 * summary['oracle_ap']:.2f}{routing}{chance})  wall {wall:.0f}s"
+              f"{resumed}{skipped}\nwrote {self.out / 'metrics.json'}", flush=True)
 
+
+def _strict(obj):
+    """The same tree with NaN and inf as None: JSON that every reader accepts."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
