@@ -106,6 +106,7 @@ class CodaPromptMethod(PromptMethod):
     """CODA-Prompt as a plug-in: a pool slice per session (separate tensors), drawn orthogonal
     to the trained earlier slices when its session starts."""
     name = "coda_prompt"
+    bench = {"method.coda_prompt.layers": [0, 1]}   # 0-4 of 12 layers, at the bench's 4
     Settings = CodaPromptSettings
     Module = CodaPrompt
 

@@ -148,6 +148,8 @@ class DualPromptMethod(PromptMethod):
     task identification (`routing: task_id`: the model then builds `task_id.*`'s identifier and
     the trainer fits it after each session)."""
     name = "dualprompt"
+    # the bench's 4 layers: G in the first (0-1 of 12), E in the next (2-4 of 12)
+    bench = {"method.dualprompt.g_layers": [0], "method.dualprompt.e_layers": [1]}
     Settings = DualPromptSettings
     Module = DualPrompt
 

@@ -102,6 +102,8 @@ class MapMethod(PromptMethod):
     """MAP as a plug-in: each sample's missing-case prompts, no frozen query pass; one prompt
     set and the shared head fine-tuned session after session (not continual)."""
     name = "map"
+    # the bench's 4 layers: the paper's first half of the encoder (0-5 of 12) is 0-1
+    bench = {"method.map.layers": [0, 1]}
     Settings = MapSettings
     Module = Map
     reads_query = False

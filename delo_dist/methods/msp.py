@@ -112,6 +112,7 @@ class MspMethod(PromptMethod):
     """MSP as a plug-in: a text and an image prompt with their orthogonality loss, no frozen
     query pass; one prompt pair and the shared head fine-tuned session after session."""
     name = "msp"
+    bench = {"method.msp.layers": [0, 1]}   # 0-5 of 12 layers, at the bench's 4
     Settings = MspSettings
     Module = Msp
     reads_query = False

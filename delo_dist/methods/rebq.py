@@ -242,6 +242,8 @@ class RebQMethod(PromptMethod):
     then the main prompted pass over the batch's rows. Inference runs the memory pass only for
     batches with a sample missing a modality."""
     name = "rebq"
+    # 0-7 of 12 layers, at the bench's 4
+    bench = {"method.rebq.layers": [0, 1, 2], "method.rebq.memory_layers": [0, 1, 2]}
     Settings = RebQSettings
     Module = RebQ
     position_keys = ("position", "memory_position")
@@ -280,7 +282,7 @@ class RebQMethod(PromptMethod):
     def loss_terms(self, model, batch, out, session):
         """The reconstruction loss is a mean over this rank's augmented rows: weighted by them,
         so that after the ranks' gradients are averaged it is the global batch's mean."""
-        from delo_dist.training.losses import complete_scale
+        from delo_dist.models.method import complete_scale
         terms = dict(out["prompt_losses"])
         if "rebq_reconstruction" in terms:
             weight, value = terms["rebq_reconstruction"]

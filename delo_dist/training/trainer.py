@@ -198,11 +198,12 @@ class Trainer:
         r, counts = self.recipe, self.model.parameter_counts()
         per = [s["trainable"] for s in counts["sessions"]]
         summary = parameter_summary(self.model)   # adapted linears, trainable share
+        ident = self.model.identifier             # None: the method routes by nothing
         self.tracker.log_params({"params.backbone_frozen": counts["backbone_frozen"],
                                  "params.total": counts["total"],
                                  "params.adapted_linears": summary["adapted_linears"],
                                  "params.trainable_percent": summary["trainable_percent"],
-                                 "params.task_id_state_bytes": self.model.identifier.state_bytes(),
+                                 "params.task_id_state_bytes": ident.state_bytes() if ident else 0,
                                  **{f"params.trainable_s{k}": n for k, n in enumerate(per)}})
         if self.main:
             m, s0 = r.method, counts["sessions"][0]
@@ -219,8 +220,8 @@ class Trainer:
                   "session", flush=True)
             print(f"batch: {self.micro} x {self.accum} accumulated x {self.world} devices = "
                   f"{self.global_batch} a step", flush=True)
-            print(f"task identification ({r.task_id.source}): {self.model.identifier.describe()}",
-                  flush=True)
+            print(f"task identification ({r.task_id.source}): {ident.describe()}" if ident else
+                  "task identification: none (the method routes by nothing)", flush=True)
 
     def _engine_kind(self) -> str:
         kind = self.recipe.distributed.engine
