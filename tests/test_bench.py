@@ -54,7 +54,7 @@ def test_bench_vilt_rows_ratios_targets_and_prediction(tmp_path, capsys, probe_r
     expected = {"frozen/vilt", "frozen/vilt_eager", "loader/vilt", "loader/vilt_reference",
                 "predict/delo", "evaluate/delo"}
     expected |= {f"{k}/{m}" for m in ("head_only", "delo", "lora") for k in ("train", "oracle", "agnostic")}
-    expected |= {"train_ce/delo", "train/delo_naive", "oracle/delo_naive", "train/delo_fr1",
+    expected |= {"train_ce/delo", "train/delo_naive", "oracle/delo_naive", "train/delo_fr1", "train_ce/delo_fr1",
                  "oracle/delo_fr1", "oracle/delo_first_layer", "agnostic/delo_first_layer",
                  "train_ce/delo_T1", "agnostic/delo_T1", "train_ce/delo_T10", "agnostic/delo_T10",
                  "train/lora_peft", "oracle/lora_peft",
