@@ -263,7 +263,7 @@ def test_quickstart_with_clip_and_mora_runs_to_metrics_json(recipe_for, capsys):
     from delo_dist.training.trainer import Trainer
     recipe = recipe_for(**{"backbone.name": "clip", "method.name": "mora", "data.sessions": 2})
     assert Trainer(recipe).run() == 0
-    assert "parameters: mora on clip-tiny: backbone " in capsys.readouterr().out
+    assert "parameters: mora on clip-tiny (r=8, alpha=0.1): backbone " in capsys.readouterr().out
     res = json.loads(open(f"{recipe.output_dir}/metrics.json").read())
     assert len(res["accuracy_matrix"]) == 2 and res["method"] == "mora"
     assert res["routing_accuracy"] >= 0.0 and res["sessions"][1]["trainable_params"] > 0

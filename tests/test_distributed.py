@@ -108,7 +108,8 @@ def test_task_identifier_state_of_two_ranks_is_the_one_rank_state(runs):
     for n in ("identifier.sketch_bucket", "identifier.sketch_sign", "identifier.layout"):
         assert torch.equal(one[n], two[n]), n                       # the same projection
     if "identifier.ridge" in one:
-        assert one["identifier.ridge"].item() == pytest.approx(two["identifier.ridge"].item(), rel=1e-9)
+        # the same grid point: lambda = grid value x mean diag(G), G summed in another order
+        assert one["identifier.ridge"].item() == pytest.approx(two["identifier.ridge"].item(), rel=1e-7)
 
 
 def test_one_checkpoint_evaluates_identically_on_one_and_two_ranks(runs, shards):

@@ -3,6 +3,7 @@ registered from its own file through the recipe key `plugins`, and a method inst
 separate package, found through its entry point. No other file names either."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -72,7 +73,9 @@ def test_a_one_file_method_trains_resumes_and_appears_in_sweep_and_compare(shard
                            timeout=300)
     assert table.returncode == 0, table.stderr[-3000:]
     md = (tmp_path / "compare" / "compare.md").read_text()
-    assert "bitfit" in md and "head_only" in md
+    assert "| bitfit AP ↑ | bitfit FG ↓ | bitfit routing |" in md   # the plug-in's own column
+    methods = {r["method.name"] for r in csv.DictReader(open(tmp_path / "compare" / "compare.csv"))}
+    assert methods == {"bitfit", "head_only"}
 
     # killed in session 1, relaunched: the same result as the sweep's uninterrupted run
     out = tmp_path / "killed"

@@ -48,7 +48,9 @@ def tracking(tmp_path_factory):
 
 def submit(grid: list[str], shards: Path, root: Path, uri: str, **extra) -> str:
     """sbatch the sweep over `grid` (one array task per setting); returns the array job id."""
-    overrides = tiny_overrides(shards, root / "unused", **{"tracking.experiment": EXPERIMENT, **extra})
+    overrides = [o for o in tiny_overrides(shards, root / "unused",
+                                           **{"tracking.experiment": EXPERIMENT, **extra})
+                 if not o.startswith("output_dir=")]   # the script names each task's folder
     args = ["slurm/sweep.sbatch", "recipes/quickstart.yaml", *overrides, *grid]
     n = int(subprocess.run(["bash", "slurm/sweep.sbatch", "--count", *args[1:]], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout)
