@@ -280,7 +280,7 @@ def _settings(plugin, values: dict, prefix: str, src: str) -> Any:
 def _build_plugin_config(cls: type, values: dict, prefix: str, src: str) -> Any:
     """backbone / method / task_id: the common keys, the chosen plug-in's own section
     (defaults filled in), and keys of earlier versions moved into that section with a note.
-    Another plug-in's section may be given (a sweep fixes method.mail.* while method.name
+    Another plug-in's section may be given (a sweep fixes method.<other>.* while method.name
     varies): it is checked, then left out, since it cannot change what this run computes."""
     kind, name_key = cls._plugin_kind, cls._name_key
     fields = {f.name: f for f in dataclasses.fields(cls)}

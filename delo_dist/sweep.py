@@ -191,7 +191,7 @@ def summary_of(out: Path) -> dict:
 
 
 def label(p: Point) -> str:
-    """method=delo eta=0.1 seed=0: the axes, by their last key part (`*.name`: the first)."""
+    """method=<name> eta=0.1 seed=0: the axes, by their last key part (`*.name`: the first)."""
     short = lambda k: k.split(".")[0] if k.endswith(".name") else k.rsplit(".", 1)[-1]  # noqa: E731
     return " ".join(f"{short(k)}={v}" for k, v in p.axes.items()) or "setting"
 

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             return fail(EXIT_BAD_INPUT, f"tracking error: {e}")
     from delo_dist.data.shards import DataIntegrityError
     from delo_dist.training.checkpoint import CheckpointError, CheckpointWriteError, write_failure
-    from delo_dist.training.trainer import EXIT_PREEMPTED, LaunchError, Trainer, TrainingDiverged
+    from delo_dist.training.stopping import TrainingDiverged
+    from delo_dist.training.trainer import EXIT_PREEMPTED, LaunchError, Trainer
     trainer = Trainer(recipe)
     try:
         status = trainer.run()

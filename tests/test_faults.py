@@ -513,6 +513,6 @@ def test_a_resume_hint_replaces_the_key_it_sets():
 
 
 def test_nonfinite_values_never_reach_metrics_json():
-    from delo_dist.training.trainer import _strict
+    from delo_dist.training.results import _strict
     tree = {"a": [1.0, math.nan, {"b": math.inf}], "c": "nan", "d": 2}
     assert json.dumps(_strict(tree), allow_nan=False) == '{"a": [1.0, null, {"b": null}], "c": "nan", "d": 2}'

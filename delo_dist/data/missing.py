@@ -71,3 +71,17 @@ def table_summary(table: dict[str, int]) -> dict[str, float | str | int]:
         "image_missing": float((status == IMAGE_MISSING).sum() / n),
         "hash": digest,
     }
+
+
+def session_tables(manifest: dict, n_sessions: int, spec: MissingSpec) -> tuple[dict, dict]:
+    """({(session, split): table}, {"s<k>_<split>": summary}) for the first n sessions: train
+    and test tables (summarised: their realised fractions and hash), and val (the task
+    identifier's lambda is chosen on it)."""
+    tables, summary = {}, {}
+    for k in range(n_sessions):
+        splits = manifest["sessions"][k]["splits"]
+        for split in ("train", "test"):
+            tables[(k, split)] = missing_table(splits[split]["keys"], spec, k, split)
+            summary[f"s{k}_{split}"] = table_summary(tables[(k, split)])
+        tables[(k, "val")] = missing_table(splits.get("val", {}).get("keys", []), spec, k, "val")
+    return tables, summary

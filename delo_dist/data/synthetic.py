@@ -44,6 +44,8 @@ import argparse
 import json
 import math
 import random
+import sys
+import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -263,6 +265,16 @@ def make_synthetic(out: str | Path, sessions: int = 4, classes_per_session: int 
 
 
 GENERATOR = "delo_dist.data.synthetic"
+
+
+def make_from_config(root: Path, s) -> None:
+    """The benchmark a recipe's data.synthetic section describes, made in `root`."""
+    t0 = time.time()   # a foreign folder is refused inside, before a word is printed here
+    make_synthetic(root, s.sessions, s.classes_per_session, s.train_per_class, s.val_per_class,
+                   s.test_per_class, s.image_size, s.samples_per_shard, s.seed,
+                   progress=sys.stderr.isatty(), variant=s.variant)
+    print(f"data.shards={root} had no manifest.json: made the synthetic benchmark there "
+          f"(data.make_synthetic=true, {time.time() - t0:.0f} s)", flush=True)
 
 
 def synthetic_folder_ready(out: Path, settings: dict) -> bool:

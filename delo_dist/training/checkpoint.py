@@ -316,6 +316,9 @@ def choose_resume(out_dir: Path, requested: str | None, fall_back: bool,
     verifies with `command_for(it)`, or, when `fall_back`, is replaced by that one (the
     second value is then the note to print)."""
     root = Path(out_dir) / "checkpoints"
+    if requested is not None and Path(requested).resolve().parent != root.resolve():
+        raise CheckpointError(f"train.resume_from={requested}: not a checkpoint of this "
+                              f"output_dir (expected a folder in {root})")
     if requested is not None:
         target = Path(requested)
     else:

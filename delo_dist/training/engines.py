@@ -224,3 +224,49 @@ class DeepSpeedEngine:
     def destroy(self) -> None:
         self.engine.destroy()
         self.engine = self.optimizer = self.scheduler = None
+
+
+class LaunchError(RuntimeError):
+    """The launch (processes, devices) and the recipe disagree."""
+
+
+def engine_kind(recipe, world: int) -> str:
+    """distributed.engine resolved for this launch: torch (one process) or deepspeed."""
+    kind = recipe.distributed.engine
+    launched_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if kind == "auto":
+        kind = "deepspeed" if (launched_ds or world > 1) else "torch"
+    if kind == "torch" and world > 1:
+        raise LaunchError(f"distributed.engine=torch runs one process, but {world} were "
+                          "launched: use engine=deepspeed (zero_stage 0 is plain data parallel)")
+    if kind == "deepspeed" and world == 1 and not torch.cuda.is_available():
+        raise LaunchError("DeepSpeed ZeRO on CPU needs 2 or more processes (gloo); this launch "
+                          "has 1 and no GPU: launch with accelerate_configs/cpu_2proc_zero2.yaml "
+                          "or set distributed.engine=torch")
+    return kind
+
+
+def build_engine(kind: str, model, params: dict, recipe, total_steps: int, world: int,
+                 micro: int, accum: int, precision: str):
+    """A fresh engine over session k's parameters (`params`) for `total_steps` steps."""
+    if kind == "torch":
+        return TorchEngine(model, params, recipe.train, total_steps, accum=accum,
+                           precision=precision)
+    stage = recipe.distributed.zero_stage  # the recipe wins, else the launch config
+    if stage is None:
+        stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0))
+    return DeepSpeedEngine(model, params, recipe.train, total_steps, world, stage,
+                           micro=micro, accum=accum)
+
+
+def check_launch(manifest: dict, n_sessions: int, world: int, micro: int, accum: int) -> None:
+    """Several ranks: every rank needs a test sample and a share of every global batch."""
+    for k in range(n_sessions if world > 1 else 0):
+        count = manifest["sessions"][k]["splits"]["test"]["count"]
+        if count < world:
+            raise LaunchError(f"session {k} has {count} test samples for {world} ranks: "
+                              "each rank needs at least one")
+        train = manifest["sessions"][k]["splits"]["train"]["count"]
+        if train < micro * accum * world:
+            raise LaunchError(f"session {k} has {train} training samples, fewer than one global "
+                              f"batch ({micro} x {accum} accumulated x {world} ranks)")

@@ -108,3 +108,34 @@ def mark_preempted(out: Path, checkpoint: Path) -> str:
 
 def clear_marker(out: Path) -> None:
     (Path(out) / MARKER).unlink(missing_ok=True)
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm under train.nonfinite=stop (or past its skip limit)."""
+
+
+def nonfinite_step(train, what: str, where: str, count: int, out: Path, engine, main: bool) -> None:
+    """A step whose loss or gradient norm was not finite (`what`; its update was not applied),
+    the session's `count`-th: go on (train.nonfinite=skip, up to train.max_nonfinite_steps) or
+    raise TrainingDiverged with how to resume from the last good checkpoint (left intact)."""
+    from delo_dist.training import checkpoint
+    if train.nonfinite == "skip" and count <= train.max_nonfinite_steps:
+        if main:
+            print(f"{where}: non-finite {what}: step skipped, no update applied ({count} of at "
+                  f"most {train.max_nonfinite_steps} this session, train.max_nonfinite_steps)",
+                  flush=True)
+        return
+    engine.destroy()
+    why = ("train.nonfinite=stop" if train.nonfinite == "stop" else
+           f"{count} skipped steps this session, more than "
+           f"train.max_nonfinite_steps={train.max_nonfinite_steps}")
+    good = checkpoint.latest(out)
+    if good is None:
+        resume = "no checkpoint was written before it: relaunching starts from the beginning"
+    else:
+        resume = (f"nothing was saved after the last good checkpoint {good} "
+                  f"({checkpoint.describe(good)}), which relaunching resumes from: "
+                  f"`{launch_command()}`")
+    skip = "" if train.nonfinite == "skip" else "; add train.nonfinite=skip to drop such steps and go on"
+    raise TrainingDiverged(f"training diverged: non-finite {what} at {where} ({why}); "
+                           f"{resume}{skip}; a lower train.lr needs a new output_dir")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -28,52 +27,28 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 from tqdm import tqdm
 
 from delo_dist import dist
 from delo_dist import metrics as M
 from delo_dist.config import Recipe, RecipeError, batch_plan, to_dict
-from delo_dist.data.missing import MissingSpec, missing_table, table_summary
+from delo_dist.data.missing import MissingSpec, session_tables
 from delo_dist.data.shards import check_sizes, has_file_records, manifest_sha256, read_manifest
 from delo_dist.data.stream import SessionStream, make_loader
-from delo_dist.models.continual import ContinualModel, parameter_summary
+from delo_dist.models.continual import ContinualModel
 from delo_dist.models.inputs import concat_batches
 from delo_dist.plots import accuracy_heatmap
 from delo_dist.tracking import Tracker, TrackingUnreachable, probe, resolve_uri
-from delo_dist.training import checkpoint, evaluation, run_identity, stopping
-from delo_dist.training.engines import DeepSpeedEngine, TorchEngine, autocast, resolve_precision
-from delo_dist.training.evaluation import _availability_line, _availability_scalars, to_device
+from delo_dist.training import checkpoint, evaluation, results, run_identity, stopping
+from delo_dist.training.engines import (LaunchError, autocast, build_engine, check_launch,
+                                        engine_kind, resolve_precision)
+from delo_dist.training.evaluation import to_device
 from delo_dist.training.objective import objective, observe_task_id
 from delo_dist.training.run_identity import RunIdentityError
 from delo_dist.training.run_lock import RunLock, RunLockError
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, relaunch to resume
-
-
-class LaunchError(RuntimeError):
-    """The launch (processes, devices) and the recipe disagree."""
-
-
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient norm under train.nonfinite=stop (or past its skip limit)."""
-
-
-def mean_or_none(values: list) -> float | None:
-    """The mean routing accuracy, or None where nothing routes (a shared head)."""
-    return None if not values or any(v is None for v in values) else float(np.mean(values))
-
-
-def _routing_text(info: dict) -> str:
-    if info["mean_routing_accuracy"] is None:
-        return "routing -"
-    return (f"routing {100 * info['mean_routing_accuracy']:.1f}%"
-            f" ({_availability_line(info['routing_by_availability'])})")
-
-
-def rss_mb() -> float:
-    return psutil.Process().memory_info().rss / 2 ** 20
 
 
 class Trainer:
@@ -92,16 +67,14 @@ class Trainer:
         self.rank, self.world = dist.rank(), dist.world()
         self.main = self.rank == 0
         self.device = self.accelerator.device
-        self.engine_kind = self._engine_kind()
+        self.engine_kind = engine_kind(r, self.world)
         try:  # per-device micro-batch and accumulation: the same global batch on any world size
             self.micro, self.accum = batch_plan(r.train, self.world)
         except RecipeError as e:
             raise LaunchError(str(e)) from e
         self.global_batch = self.micro * self.accum * self.world
         self.precision = resolve_precision(r.train.mixed_precision, self.device, self.engine_kind)
-        random.seed(r.seed)
-        np.random.seed(r.seed)
-        torch.manual_seed(r.seed)
+        random.seed(r.seed), np.random.seed(r.seed), torch.manual_seed(r.seed)
         self.out = Path(r.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         evaluating = r.eval.checkpoint is not None  # evaluation only: no run, no resume
@@ -122,8 +95,10 @@ class Trainer:
         if r.eval.checkpoint:  # evaluate with the model the checkpoint was trained as
             state = json.loads((Path(r.eval.checkpoint) / "state.json").read_text())
             self.n_sessions = state["n_sessions"]
-        self._check_launch()
-        self.tables = self._missing_tables()
+        check_launch(self.manifest, self.n_sessions, self.world, self.micro, self.accum)
+        d = r.data
+        self.tables, self.missing_summary = session_tables(
+            self.manifest, self.n_sessions, MissingSpec(d.eta, d.missing_type, d.both_ratio, d.missing_seed))
 
         torch.manual_seed(r.seed)  # the tiny random backbone is the same on every rank and resume
         self.model = ContinualModel(r, [s["classes"] for s in sessions[:self.n_sessions]],
@@ -131,9 +106,11 @@ class Trainer:
         self.tracker = Tracker(r, enabled=self.main and not evaluating,
                                manifest_sha256=self.manifest_sha)
         self.tracker.set_tags({"metric": M.metric_name(self.multilabel, r.eval.multilabel_classes)})
-        self._report_parameters()
-        self.result = {"accuracy_matrix": [], "oracle_matrix": [], "routing_matrix": [],
-                       "routing_by_availability": [], "sessions": []}
+        params, lines = results.parameter_report(self.model, r, self.micro, self.accum, self.world)
+        self.tracker.log_params(params)
+        if self.main:
+            print("\n".join(lines), flush=True)
+        self.result = {"sessions": []}   # + the matrices, a row per evaluated session
         self.resume = None if evaluating else self._resume()
 
     def _agree(self, step, *args) -> None:
@@ -171,11 +148,6 @@ class Trainer:
     def _choose_checkpoint(self) -> Path | None:
         """Main rank: the checkpoint to resume from, verified (checkpoint.choose_resume)."""
         t = self.recipe.train
-        mine = (self.out / "checkpoints").resolve()
-        if t.resume_from and Path(t.resume_from).resolve().parent != mine:
-            raise checkpoint.CheckpointError(
-                f"train.resume_from={t.resume_from}: not a checkpoint of this output_dir "
-                f"(expected a folder in {self.out / 'checkpoints'})")
         path, note = checkpoint.choose_resume(
             self.out, t.resume_from, t.damaged_checkpoint == "fall_back",
             lambda p: stopping.launch_command(f"train.resume_from={p}"))
@@ -193,94 +165,14 @@ class Trainer:
         if not has_file_records(self.manifest):
             print(f"{self.recipe.data.shards}/manifest.json records no tar sizes (written by an "
                   "older version): sizes could not be checked; re-prepare to get them", flush=True)
-    def _report_parameters(self) -> None:
-        """Print and log what each session trains (Table 5's count) and the model's total."""
-        r, counts = self.recipe, self.model.parameter_counts()
-        per = [s["trainable"] for s in counts["sessions"]]
-        summary = parameter_summary(self.model)   # adapted linears, trainable share
-        ident = self.model.identifier             # None: the method routes by nothing
-        self.tracker.log_params({"params.backbone_frozen": counts["backbone_frozen"],
-                                 "params.total": counts["total"],
-                                 "params.adapted_linears": summary["adapted_linears"],
-                                 "params.trainable_percent": summary["trainable_percent"],
-                                 "params.task_id_state_bytes": ident.state_bytes() if ident else 0,
-                                 **{f"params.trainable_s{k}": n for k, n in enumerate(per)}})
-        if self.main:
-            m, s0 = r.method, counts["sessions"][0]
-            differ = f" (by session: {per})" if len(set(per)) > 1 else ""
-            parts = "prompts" if hasattr(self.model, "prompter") else "adapters"
-            shape = self.model.method.describe()
-            shape = f" ({shape})" if shape else ""
-            print(f"parameters: {m.name} on {r.backbone.pretrained or r.backbone.name + '-tiny'}"
-                  f"{shape}: backbone "
-                  f"{counts['backbone_frozen']:,} frozen; per session {s0['trainable']:,} trainable "
-                  f"({parts} {s0['adapters']:,} + head {s0['head']:,}){differ}; total "
-                  f"{counts['total']:,} with {len(per)} sessions; {summary['adapted_linears']} "
-                  f"adapted linears, {summary['trainable_percent']:.3g} % of the backbone a "
-                  "session", flush=True)
-            print(f"batch: {self.micro} x {self.accum} accumulated x {self.world} devices = "
-                  f"{self.global_batch} a step", flush=True)
-            print(f"task identification ({r.task_id.source}): {ident.describe()}" if ident else
-                  "task identification: none (the method routes by nothing)", flush=True)
-
-    def _engine_kind(self) -> str:
-        kind = self.recipe.distributed.engine
-        launched_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-        if kind == "auto":
-            kind = "deepspeed" if (launched_ds or self.world > 1) else "torch"
-        if kind == "torch" and self.world > 1:
-            raise LaunchError(f"distributed.engine=torch runs one process, but {self.world} were "
-                              "launched: use engine=deepspeed (zero_stage 0 is plain data parallel)")
-        if kind == "deepspeed" and self.world == 1 and not torch.cuda.is_available():
-            raise LaunchError("DeepSpeed ZeRO on CPU needs 2 or more processes (gloo); this launch "
-                              "has 1 and no GPU: launch with accelerate_configs/cpu_2proc_zero2.yaml "
-                              "or set distributed.engine=torch")
-        return kind
-
-    def _check_launch(self) -> None:
-        if self.world == 1:
-            return
-        for k in range(self.n_sessions):
-            count = self.manifest["sessions"][k]["splits"]["test"]["count"]
-            if count < self.world:
-                raise LaunchError(f"session {k} has {count} test samples for {self.world} ranks: "
-                                  "each rank needs at least one")
-            train = self.manifest["sessions"][k]["splits"]["train"]["count"]
-            if train < self.global_batch:
-                raise LaunchError(f"session {k} has {train} training samples, fewer than one global "
-                                  f"batch ({self.micro} x {self.accum} accumulated x {self.world} ranks)")
 
     def _data(self) -> dict:
         d = self.recipe.data
         root = Path(d.shards)
         if d.make_synthetic and not (root / "manifest.json").is_file():
-            self._agree(self._make_synthetic, root)
+            from delo_dist.data.synthetic import make_from_config
+            self._agree(make_from_config, root, d.synthetic)
         return read_manifest(root)
-
-    def _make_synthetic(self, root: Path) -> None:
-        from delo_dist.data.synthetic import make_synthetic
-        s = self.recipe.data.synthetic
-        t0 = time.time()   # a foreign folder is refused inside, before a word is printed here
-        make_synthetic(root, s.sessions, s.classes_per_session, s.train_per_class,
-                       s.val_per_class, s.test_per_class, s.image_size,
-                       s.samples_per_shard, s.seed, progress=sys.stderr.isatty(),
-                       variant=s.variant)
-        print(f"data.shards={root} had no manifest.json: made the synthetic benchmark there "
-              f"(data.make_synthetic=true, {time.time() - t0:.0f} s)", flush=True)
-
-    def _missing_tables(self) -> dict:
-        d = self.recipe.data
-        spec = MissingSpec(d.eta, d.missing_type, d.both_ratio, d.missing_seed)
-        tables, summary = {}, {}
-        for k in range(self.n_sessions):
-            for split in ("train", "test"):
-                keys = self.manifest["sessions"][k]["splits"][split]["keys"]
-                tables[(k, split)] = missing_table(keys, spec, k, split)
-                summary[f"s{k}_{split}"] = table_summary(tables[(k, split)])
-            val = self.manifest["sessions"][k]["splits"].get("val", {}).get("keys", [])
-            tables[(k, "val")] = missing_table(val, spec, k, "val")  # task identifier's lambda
-        self.missing_summary = summary
-        return tables
 
     def _resume(self) -> dict | None:
         # the main rank chose and verified it before any work (_preflight); every rank loads it
@@ -325,7 +217,7 @@ class Trainer:
                 return 0
             first = self.resume["session"] if self.resume else 0
             for k in range(first, self.n_sessions):
-                if len(self.result["accuracy_matrix"]) > k:
+                if len(self.result.get("accuracy_matrix", [])) > k:
                     continue  # this session was trained and evaluated before the restart
                 if not self.train_session(k):
                     if self.main:
@@ -365,17 +257,6 @@ class Trainer:
             accum=self.accum if train else 1)
         return stream, make_loader(stream, r.data.num_workers)
 
-    def _build_engine(self, params: dict, total_steps: int):
-        t = self.recipe.train
-        if self.engine_kind == "torch":
-            return TorchEngine(self.model, params, t, total_steps, accum=self.accum,
-                               precision=self.precision)
-        stage = self.recipe.distributed.zero_stage  # the recipe wins, else the launch config
-        if stage is None:
-            stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0))
-        return DeepSpeedEngine(self.model, params, t, total_steps, self.world, stage,
-                               micro=self.micro, accum=self.accum)
-
     def train_session(self, k: int) -> bool:
         """Train session k; False if a stop signal interrupted it (checkpoint written)."""
         t = self.recipe.train
@@ -385,7 +266,9 @@ class Trainer:
         params = self.model.set_trainable(k)  # before the engine: it only sees these
         n_train = self.manifest["sessions"][k]["splits"]["train"]["count"]
         steps_per_epoch = n_train // self.global_batch  # optimizer steps
-        engine = self._build_engine(params, steps_per_epoch * t.epochs)
+        engine = build_engine(self.engine_kind, self.model, params, self.recipe,
+                              steps_per_epoch * t.epochs, self.world, self.micro, self.accum,
+                              self.precision)
         epoch0, step0 = 0, 0
         if mid_session:
             checkpoint.load_engine(Path(self.resume["path"]), engine)
@@ -411,7 +294,10 @@ class Trainer:
                 where = f"session {k} epoch {epoch + 1}/{t.epochs} step {i + 1}/{steps_per_epoch}"
                 global_step = k * steps_per_epoch * t.epochs + epoch * steps_per_epoch + i + 1
                 if self.nonfinite is not None:   # agreed by every rank; its update was dropped
-                    self._nonfinite_step(k, where, engine)
+                    self.session_losses["nonfinite_steps"] += 1
+                    stopping.nonfinite_step(self.recipe.train, self.nonfinite, where,
+                                            self.session_losses["nonfinite_steps"], self.out,
+                                            engine, self.main)
                 else:
                     for name, v in parts.items():
                         self.session_losses[name] = self.session_losses.get(name, 0.0) + v
@@ -434,23 +320,11 @@ class Trainer:
                     return False
             step0 = 0
         fit_info = self.fit_task_identifier(k)
-        steps = max(self.session_losses["steps"], 1)
-        self.session_info = {
-            "session": k, "trainable_params": n_trainable,
-            "optimizer_state_bytes": engine.optimizer_state_bytes(),
-            "train_time_s": time.time() - t0, "engine": engine.name,
-            "zero_stage": getattr(engine, "zero_stage", None),
-            **{f"train_{n}": v / steps for n, v in self.session_losses.items()
-               if n not in ("steps", "nonfinite_steps")},
-            "nonfinite_steps": self.session_losses["nonfinite_steps"],
-            **fit_info,
-        }
+        self.session_info = results.session_entry(k, engine, n_trainable, time.time() - t0,
+                                                  self.session_losses, fit_info)
         engine.destroy()
         del engine
-        self.session_info["rss_mb"] = rss_mb()
-        if torch.cuda.is_available():
-            self.session_info["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
-            torch.cuda.reset_peak_memory_stats()
+        self.session_info.update(results.memory_now())
         mine = {n: self.session_info.get(n) for n in
                 ("trainable_params", "optimizer_state_bytes", "rss_mb", "peak_gpu_mb")}
         if self.model.identifier is not None:
@@ -504,34 +378,6 @@ class Trainer:
                 observe_task_id(self.model, concat_batches(micro), k)
         return self._step_parts
 
-    def _nonfinite_step(self, k: int, where: str, engine) -> None:
-        """A step whose loss or gradient norm was not finite (its update was not applied):
-        stop, or count it and go on (train.nonfinite=skip) up to the session's limit."""
-        t = self.recipe.train
-        losses = self.session_losses
-        losses["nonfinite_steps"] += 1
-        if t.nonfinite == "skip" and losses["nonfinite_steps"] <= t.max_nonfinite_steps:
-            if self.main:
-                print(f"{where}: non-finite {self.nonfinite}: step skipped, no update applied "
-                      f"({losses['nonfinite_steps']} of at most {t.max_nonfinite_steps} this "
-                      "session, train.max_nonfinite_steps)", flush=True)
-            return
-        engine.destroy()
-        why = ("train.nonfinite=stop" if t.nonfinite == "stop" else
-               f"{losses['nonfinite_steps']} skipped steps this session, more than "
-               f"train.max_nonfinite_steps={t.max_nonfinite_steps}")
-        good = checkpoint.latest(self.out)
-        if good is None:
-            resume = "no checkpoint was written before it: relaunching starts from the beginning"
-        else:
-            resume = (f"nothing was saved after the last good checkpoint {good} "
-                      f"({checkpoint.describe(good)}), which relaunching resumes from: "
-                      f"`{stopping.launch_command()}`")
-        skip = ("" if t.nonfinite == "skip" else
-                "; add train.nonfinite=skip to drop such steps and go on")
-        raise TrainingDiverged(f"training diverged: non-finite {self.nonfinite} at {where} "
-                               f"({why}); {resume}{skip}; a lower train.lr needs a new output_dir")
-
     # ================================================================ evaluation
     def evaluate_checkpoint(self, path: Path) -> None:
         """Evaluate a checkpoint on every session it has seen; write eval.json (no training)."""
@@ -555,51 +401,16 @@ class Trainer:
     def evaluate_session(self, k: int) -> None:
         """After session k: evaluate sessions 0..k, extend the matrices, log."""
         row, oracle_row, routing_row, by_availability, _ = self.evaluate(k + 1)
-        res = self.result
-        res["accuracy_matrix"].append(row)
-        res["oracle_matrix"].append(oracle_row)
-        res["routing_matrix"].append(routing_row)
-        res.setdefault("routing_by_availability", []).append(by_availability)
-        info = {**self.session_info, "performance": row, "oracle_performance": oracle_row,
-                "routing_accuracy": routing_row, "routing_by_availability": by_availability,
-                "ap": M.average_performance(res["accuracy_matrix"]),
-                "fg": M.forgetting(res["accuracy_matrix"]),
-                "oracle_ap": M.average_performance(res["oracle_matrix"]),
-                "oracle_fg": M.forgetting(res["oracle_matrix"]),
-                "mean_routing_accuracy": mean_or_none(routing_row)}
-        bad = self._bad_samples(session=k)
-        info["bad_samples"] = len(bad)
-        if bad and self.main:
-            print(f"session {k}: skipped {len(bad)} undecodable sample(s): " + "; ".join(
-                f"{b['split']} {b['key']} in {b['shard']} ({b['error']})" for b in bad[:5]), flush=True)
-        res["sessions"].append(info)
-        self._log_session(k, info)
-
-    def _bad_samples(self, session: int | None = None) -> list[dict]:
-        """Samples the streams skipped as undecodable (key, shard, why), from their reports."""
-        found = []
-        for path in sorted((self.out / "data_faults").glob("s*.json")):
-            found += [b for b in json.loads(path.read_text())
-                      if session is None or b["session"] == session]
-        return found
-
-    def _log_session(self, k: int, info: dict) -> None:
-        scalars = {n: v for n, v in info.items() if isinstance(v, (int, float)) and n != "session"}
-        for r in info.get("per_rank", []):
-            scalars.update({f"rank{r['rank']}/{n}": v for n, v in r.items()
-                            if isinstance(v, (int, float)) and n != "rank"})
-        for i, (p, o, rt) in enumerate(zip(info["performance"], info["oracle_performance"],
-                                           info["routing_accuracy"])):
-            scalars.update({f"perf_s{i}": p, f"oracle_perf_s{i}": o})
-            if rt is not None:   # None: nothing routes (a shared head)
-                scalars[f"routing_acc_s{i}"] = rt
-        scalars.update(_availability_scalars(info["routing_by_availability"]))
-        self.tracker.log_metrics(scalars, step=k)
+        bad = results.bad_samples(self.out, session=k)
+        info = results.add_session(self.result, {**self.session_info, "bad_samples": len(bad)},
+                                   row, oracle_row, routing_row, by_availability)
+        self.tracker.log_metrics(results.session_scalars(info), step=k)
         if self.main:
-            cells = " ".join(f"{100 * p:5.1f}" for p in info["performance"])
-            print(f"session {k}: perf [{cells}]  AP {100 * info['ap']:.2f}  FG {100 * info['fg']:.2f}"
-                  f"  oracle AP {100 * info['oracle_ap']:.2f}  {_routing_text(info)}"
-                  f"  loss {info.get('train_loss', float('nan')):.3f}", flush=True)
+            if bad:
+                print(f"session {k}: skipped {len(bad)} undecodable sample(s): " + "; ".join(
+                    f"{b['split']} {b['key']} in {b['shard']} ({b['error']})" for b in bad[:5]),
+                    flush=True)
+            print(results.session_line(k, info), flush=True)
 
     # ================================================================ checkpoints and outputs
     def save(self, tag: str, session: int, epoch: int, step: int, engine, mid_session=False) -> None:
@@ -616,67 +427,21 @@ class Trainer:
     def finish(self, wall: float) -> None:
         if not self.main:
             return
-        res, r = self.result, self.recipe
-        seen_classes = sum(len(s["classes"]) for s in self.manifest["sessions"][:self.n_sessions])
-        metric = "macro_f1" if self.multilabel else "accuracy"
-        summary = {
-            "dataset": r.data.dataset, "method": r.method.name, "metric": metric,
-            "multilabel_classes": r.eval.multilabel_classes if self.multilabel else None,
-            "eta": r.data.eta, "missing_type": r.data.missing_type, "both_ratio": r.data.both_ratio,
-            **{n: res[n] for n in ("accuracy_matrix", "oracle_matrix", "routing_matrix")},
-            "ap": M.average_performance(res["accuracy_matrix"]),
-            "fg": M.forgetting(res["accuracy_matrix"]),
-            "fg_diagonal_form": M.forgetting_diag(res["accuracy_matrix"]),
-            "bwt": M.backward_transfer(res["accuracy_matrix"]),
-            "oracle_ap": M.average_performance(res["oracle_matrix"]),
-            "oracle_fg": M.forgetting(res["oracle_matrix"]),
-            "routing_accuracy": mean_or_none(res["routing_matrix"][-1]),
-            "routing_by_availability": res["routing_by_availability"][-1],
-            "task_id_source": r.task_id.source if self.model.identifier is not None else None,
-            "chance": None if self.multilabel else 1.0 / seen_classes,
-            "sessions": res["sessions"], "missing": self.missing_summary,
-            "bad_samples": self._bad_samples(), "manifest_sha256": self.manifest_sha,
-            "nonfinite_steps": sum(s.get("nonfinite_steps", 0) for s in res["sessions"]),
-            "nonfinite": r.train.nonfinite,
+        r = self.recipe
+        summary = results.summary(
+            r, self.result, self.manifest, self.n_sessions, self.multilabel,
+            routes=self.model.identifier is not None, missing=self.missing_summary,
+            bad_samples=results.bad_samples(self.out), manifest_sha256=self.manifest_sha,
             # every attempt's time up to the checkpoint the next one resumed from, plus the last
-            "wall_time_s": wall, "resumes": self.resumes,
-            "world_size": self.world, "mixed_precision": self.precision,
-        }
-        tmp = self.out / "metrics.json.tmp"   # strict JSON: NaN/inf (an absent oracle) as null
-        try:
-            tmp.write_text(json.dumps(_strict(summary), indent=1, allow_nan=False))
-            os.replace(tmp, self.out / "metrics.json")
-        except OSError as e:   # disk full: no half file left; train.py says where and why
-            tmp.unlink(missing_ok=True)
-            raise OSError(e.errno, e.strerror, str(tmp)) from None
-        accuracy_heatmap(res["accuracy_matrix"], self.out / "accuracy_matrix.png",
-                         f"{r.name}: {r.method.name}, task-agnostic {metric} "
-                         f"(AP {100 * summary['ap']:.1f}, FG {100 * summary['fg']:.1f})", metric)
-        final = {"final_ap": summary["ap"], "final_fg": summary["fg"],
-                 "final_oracle_ap": summary["oracle_ap"]}
-        if summary["routing_accuracy"] is not None:
-            final["final_routing_accuracy"] = summary["routing_accuracy"]
-        self.tracker.log_metrics(final, step=self.n_sessions - 1)
+            wall_time_s=wall, resumes=self.resumes, world_size=self.world,
+            mixed_precision=self.precision)
+        results.write_strict_json(self.out / "metrics.json", summary)
+        accuracy_heatmap(self.result["accuracy_matrix"], self.out / "accuracy_matrix.png",
+                         f"{r.name}: {r.method.name}, task-agnostic {summary['metric']} "
+                         f"(AP {100 * summary['ap']:.1f}, FG {100 * summary['fg']:.1f})",
+                         summary["metric"])
+        self.tracker.log_metrics(results.final_metrics(summary), step=self.n_sessions - 1)
         for name in ("metrics.json", "recipe.resolved.yaml", "run.json", "accuracy_matrix.png"):
             self.tracker.log_artifact(self.out / name)
         stopping.clear_marker(self.out)
-        chance = "" if summary["chance"] is None else f", chance {100 * summary['chance']:.2f}"
-        resumed = f" over {self.resumes + 1} attempts" if self.resumes else ""
-        skipped = (f"  {summary['nonfinite_steps']} non-finite steps skipped"
-                   if summary["nonfinite_steps"] else "")
-        routing = ("" if summary["routing_accuracy"] is None
-                   else f", routing {100 * summary['routing_accuracy']:.1f}%")
-        print(f"\nfinal: AP {100 * summary['ap']:.2f}  FG {100 * summary['fg']:.2f}  "
-              f"(oracle AP {100 * summary['oracle_ap']:.2f}{routing}{chance})  wall {wall:.0f}s"
-              f"{resumed}{skipped}\nwrote {self.out / 'metrics.json'}", flush=True)
-
-
-def _strict(obj):
-    """The same tree with NaN and inf as None: JSON that every reader accepts."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    return obj
+        print(results.final_line(summary, self.out / "metrics.json"), flush=True)
