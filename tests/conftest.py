@@ -21,15 +21,16 @@ TINY = dict(sessions=3, classes_per_session=4, train_per_class=16, val_per_class
 
 @pytest.fixture(autouse=True)
 def _no_leaked_tracking_uri():
-    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, which then wins over the recipe
-    in every job a later test launches: give each test the environment it started with."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
+    """Every test starts without MLFLOW_TRACKING_URI (it wins over a recipe's store, so a URI
+    exported in the shell, or left by mlflow.set_tracking_uri() in an earlier test, would send
+    the runs elsewhere than the store the test reads), and the shell's value is back after."""
+    before = os.environ.pop("MLFLOW_TRACKING_URI", None)
     import mlflow
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-        mlflow.set_tracking_uri(None)
-    else:
+    mlflow.set_tracking_uri(None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    mlflow.set_tracking_uri(None)
+    if before is not None:
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 

@@ -165,6 +165,7 @@ def test_peft_reference_trains_only_its_lora_and_the_head():
     assert set(model.set_trainable(1)) == {"heads.1.weight", "heads.1.bias"}
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_throughput_command_shares_the_loader_setup():
     from delo_dist.data import throughput
     result = throughput.main(["--samples", "12", "--classes", "2", "--width", "64",

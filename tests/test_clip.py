@@ -11,11 +11,10 @@ import subprocess
 import pytest
 import torch
 
-from delo_dist.data.missing import MissingSpec, missing_table
+from tests.helpers import batch_of, model_for
 from delo_dist.data.shards import read_manifest
-from delo_dist.data.stream import SessionStream
 from delo_dist.models.adapters import RoutingContext
-from delo_dist.models.continual import ContinualModel, parameter_summary
+from delo_dist.models.continual import parameter_summary
 from delo_dist.training.engines import TorchEngine
 from delo_dist.training.losses import supervised_loss
 from delo_dist.training.objective import observe_task_id
@@ -28,16 +27,7 @@ WHITE = [(1 - m) / s for m, s in zip((0.48145466, 0.4578275, 0.40821073),
 
 def build(recipe_for, **extra):
     recipe = recipe_for(**{**CLIP, **extra})
-    m = read_manifest(recipe.data.shards)
-    torch.manual_seed(0)
-    return recipe, m, ContinualModel(recipe, [s["classes"] for s in m["sessions"]], m["num_classes"])
-
-
-def batch_of(model, m, shards, session, n=8, eta=0.5):
-    table = missing_table(m["sessions"][session]["splits"]["train"]["keys"],
-                          MissingSpec(eta, "both", 0.5), session, "train")
-    return next(iter(SessionStream(shards, m, session, "train", n, model.backbone.collate, table,
-                                   train=False)))
+    return (recipe, *model_for(recipe))
 
 
 def test_inputs_dummies_and_pooled_shape(recipe_for, shards):

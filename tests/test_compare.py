@@ -6,12 +6,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,46 +15,16 @@ from conftest import REPO, tiny_overrides
 
 from delo_dist.compare import Cell, Run, main as compare_main, modality_pct
 from delo_dist.config import flatten, load_recipe, to_dict
+from tests.helpers import mlflow_server as _server
 
 EXPERIMENT = "compare-test"
 
 
 @contextlib.contextmanager
 def mlflow_server(root: Path, timeout: float = 120):
-    """`mlflow server` on a free 127.0.0.1 port, sqlite backend, artifacts under root; yields
-    its URI. Stopped (its whole process group: it forks workers) on exit."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(root / "mlflow-server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited {proc.returncode}: "
-                                   f"{(root / 'mlflow-server.log').read_text()[-2000:]}")
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(uri + "/health", timeout=2).status == 200:
-                    break
-            if time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not answer on {uri} within {timeout} s")
-            time.sleep(0.5)
+    """A real `mlflow server` on a free 127.0.0.1 port; yields its URI (tests/helpers.py)."""
+    with _server(root, timeout=timeout) as (uri, _):
         yield uri
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def train(shards: Path, out: Path, uri: str, **extra) -> None:

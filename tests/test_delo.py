@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 
+from tests.helpers import batch_of, model_for
 from delo_dist.ablations import DELO_VARIANTS, overrides_for
 from delo_dist.config import load_recipe
-from delo_dist.data.missing import MissingSpec, missing_table
-from delo_dist.data.shards import read_manifest
 from delo_dist.data.stream import SessionStream
 from delo_dist.models.adapters import (PROXY_IMAGE, PROXY_TEXT, AdaptedLinear, RoutingContext,
                                        masked_mean, routing_queries)
@@ -25,17 +24,7 @@ from delo_dist.training.losses import supervised_loss
 
 def build(recipe_for, **extra):
     recipe = recipe_for(**extra)
-    m = read_manifest(recipe.data.shards)
-    torch.manual_seed(0)
-    model = ContinualModel(recipe, [s["classes"] for s in m["sessions"]], m["num_classes"])
-    return recipe, m, model
-
-
-def batch_of(model, m, shards, session, split="train", n=8, eta=0.5):
-    table = missing_table(m["sessions"][session]["splits"][split]["keys"],
-                          MissingSpec(eta, "both", 0.5), session, split)
-    stream = SessionStream(shards, m, session, split, n, model.backbone.collate, table, train=False)
-    return next(iter(stream))
+    return (recipe, *model_for(recipe))
 
 
 def test_forward_is_the_hard_top_r_selection():
@@ -193,6 +182,7 @@ def test_auxiliary_losses():
     assert 60 < (choice == PROXY_TEXT).sum() < 140 and set(choice.tolist()) == {PROXY_TEXT, PROXY_IMAGE}
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_training_session_1_leaves_session_0_bit_identical(recipe_for):
     """Hash every tensor of session 0 (adapters, head, task key) after session 0 and after
     session 1, from the real checkpoints: they must be equal to the bit."""
@@ -213,6 +203,7 @@ def test_training_session_1_leaves_session_0_bit_identical(recipe_for):
     assert not torch.equal(after0["identifier.keys"][1], after1["identifier.keys"][1])
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 @pytest.mark.parametrize("variant", sorted(DELO_VARIANTS))  # MAIL's: tests/test_ablations.py
 def test_every_variant_runs_and_reports_three_views(recipe_for, variant):
     from delo_dist.training.trainer import Trainer

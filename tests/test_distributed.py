@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -20,17 +19,12 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, tiny_overrides
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 0.02
 # the analytic identifier hashed to 128 dims: its count sketch must be the same on each rank
 SKETCH = {"task_id.analytic.max_dims": 128, "task_id.analytic.reduce": "sketch"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(nproc: int, overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

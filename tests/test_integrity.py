@@ -55,6 +55,7 @@ def garbage_jpeg(root: Path, manifest: dict, split: str) -> tuple[str, str]:
     return victim, shard
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_a_cut_tar_stops_the_job_before_training(shards, tmp_path, split):
     root, m = copy(shards, tmp_path)
@@ -66,6 +67,7 @@ def test_a_cut_tar_stops_the_job_before_training(shards, tmp_path, split):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_a_cut_tar_under_an_old_manifest_is_caught_by_the_count(shards, tmp_path, capsys):
     """Manifests written before sizes were recorded: the stream's count still stops the job."""
     root, m = copy(shards, tmp_path)
@@ -96,6 +98,7 @@ def test_a_manifest_with_wrong_counts_stops_the_stream(shards, tmp_path):
     assert f"{first}: 24 read, manifest 25" in str(e.value) and "session 0 test" in str(e.value)
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_a_garbage_jpeg_in_a_test_split_is_an_error_naming_key_and_shard(shards, tmp_path):
     root, m = copy(shards, tmp_path)
     key, shard = garbage_jpeg(root, m, "test")
@@ -105,6 +108,7 @@ def test_a_garbage_jpeg_in_a_test_split_is_an_error_naming_key_and_shard(shards,
     assert "UnidentifiedImageError" in str(e.value) and "data.max_bad_samples" in str(e.value)
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_a_garbage_jpeg_in_a_train_split_is_skipped_and_reported(shards, tmp_path, capsys):
     root, m = copy(shards, tmp_path)
     key, shard = garbage_jpeg(root, m, "train")
@@ -129,6 +133,7 @@ def test_a_test_split_may_be_allowed_bad_samples(shards, tmp_path):
     assert len(keys) == 31 and key not in keys and [b["key"] for b in s.bad] == [key]
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_verify_hashes_every_tar(shards, tmp_path, capsys):
     root, m = copy(shards, tmp_path)
     assert verify_main([str(root)]) == 0
@@ -140,6 +145,7 @@ def test_verify_hashes_every_tar(shards, tmp_path, capsys):
     assert f"MISMATCH {shard} (session 1 val): sha256 differs" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_synthetic_data_never_overwrites_a_foreign_folder(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()

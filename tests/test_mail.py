@@ -7,12 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.helpers import batch_of, model_for
 from delo_dist.methods.mail import MailSettings
-from delo_dist.data.missing import MissingSpec, missing_table
-from delo_dist.data.shards import read_manifest
-from delo_dist.data.stream import SessionStream
 from delo_dist.models.adapters import AdaptedLinear
-from delo_dist.models.continual import ContinualModel
 from delo_dist.methods.mail import MailSession, expert_counts
 from delo_dist.training.engines import TorchEngine
 from delo_dist.training.losses import supervised_loss
@@ -24,16 +21,7 @@ D, FF = 32, 64   # tiny_overrides: hidden 32, intermediate 64
 
 def build(recipe_for, **extra):
     recipe = recipe_for(**{"method.name": "mail", "backbone.tiny.num_hidden_layers": LAYERS, **extra})
-    m = read_manifest(recipe.data.shards)
-    torch.manual_seed(0)
-    return recipe, m, ContinualModel(recipe, [s["classes"] for s in m["sessions"]], m["num_classes"])
-
-
-def batch_of(model, m, shards, session, n=8):
-    table = missing_table(m["sessions"][session]["splits"]["train"]["keys"],
-                          MissingSpec(0.5, "both", 0.5), session, "train")
-    return next(iter(SessionStream(shards, m, session, "train", n, model.backbone.collate, table,
-                                   train=False)))
+    return (recipe, *model_for(recipe))
 
 
 def wrapped(model) -> dict[str, AdaptedLinear]:

@@ -8,9 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from delo_dist.data.missing import MissingSpec, missing_table
-from delo_dist.data.shards import read_manifest
-from delo_dist.data.stream import SessionStream
+from tests.helpers import batch_of, model_for
 from delo_dist.models.continual import ContinualModel
 from delo_dist.methods.mora import MoraSession
 from delo_dist.training.engines import TorchEngine
@@ -22,16 +20,7 @@ CLIP = {"backbone.name": "clip", "backbone.tiny.text_hidden_size": 24}
 
 def build(recipe_for, method="mora", **extra):
     recipe = recipe_for(**{**CLIP, "method.name": method, **extra})
-    m = read_manifest(recipe.data.shards)
-    torch.manual_seed(0)
-    return recipe, m, ContinualModel(recipe, [s["classes"] for s in m["sessions"]], m["num_classes"])
-
-
-def batch_of(model, m, shards, session, n=8):
-    table = missing_table(m["sessions"][session]["splits"]["train"]["keys"],
-                          MissingSpec(0.5, "both", 0.5), session, "train")
-    return next(iter(SessionStream(shards, m, session, "train", n, model.backbone.collate, table,
-                                   train=False)))
+    return (recipe, *model_for(recipe))
 
 
 def sessions_of(model, k) -> dict[str, MoraSession]:

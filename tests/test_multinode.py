@@ -7,19 +7,15 @@ CPU runs pass --mixed_precision no, as the Slurm script's ACCELERATE_ARGS do."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import pytest
 
 from tests.conftest import REPO, tiny_overrides
 from tests.test_distributed import TOLERANCE, free_port, launch
+from tests.helpers import job_env
 
 pytestmark = pytest.mark.slow
-
-
-def env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def test_two_nodes_train_the_same_experiment_as_one_node(shards, tmp_path):
@@ -35,7 +31,7 @@ def test_two_nodes_train_the_same_experiment_as_one_node(shards, tmp_path):
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
                "--mixed_precision", "no", "delo_dist/train.py", "recipes/quickstart.yaml", *overrides]
         log = open(tmp_path / f"node{rank}.log", "w")
-        nodes.append((subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT), log))
+        nodes.append((subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=log, stderr=subprocess.STDOUT), log))
     for proc, log in nodes:
         proc.wait(timeout=900)
         log.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,14 +18,9 @@ from delo_dist.config import RecipeError, load_recipe, to_dict
 from delo_dist.models.continual import ContinualModel
 from delo_dist.training.trainer import EXIT_PREEMPTED
 from tests.conftest import REPO, tiny_overrides
+from tests.helpers import job_env
 
 BITFIT = "tests/plugins/bitfit.py"
-
-
-def env(**extra) -> dict:
-    out = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
-    out.pop("MLFLOW_TRACKING_URI", None)   # the recipes' own stores
-    return out
 
 
 def test_a_file_registers_a_method_with_its_own_section(shards, tmp_path, monkeypatch):
@@ -59,7 +53,7 @@ def test_a_one_file_method_trains_resumes_and_appears_in_sweep_and_compare(shard
              *[o for o in tiny_overrides(shards, tmp_path / "unused", **extra)
                if not o.startswith("output_dir=")],
              "method.name=bitfit,head_only", f"output_root={root}"]
-    done = subprocess.run(sweep, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(sweep, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 trained" in done.stdout
     straight = json.loads((root / "bitfit" / "metrics.json").read_text())
@@ -69,7 +63,7 @@ def test_a_one_file_method_trains_resumes_and_appears_in_sweep_and_compare(shard
                if line.startswith("table: "))
     table = subprocess.run([sys.executable, "-m", "delo_dist.compare", "--tracking-uri", uri,
                             "--tag", "sweep=quickstart", "--out", str(tmp_path / "compare"),
-                            "--no-log"], cwd=REPO, env=env(), capture_output=True, text=True,
+                            "--no-log"], cwd=REPO, env=job_env(), capture_output=True, text=True,
                            timeout=300)
     assert table.returncode == 0, table.stderr[-3000:]
     md = (tmp_path / "compare" / "compare.md").read_text()
@@ -81,7 +75,7 @@ def test_a_one_file_method_trains_resumes_and_appears_in_sweep_and_compare(shard
     out = tmp_path / "killed"
     train = [sys.executable, "delo_dist/train.py", "recipes/quickstart.yaml",
              *tiny_overrides(shards, out, **extra), "method.name=bitfit"]
-    proc = subprocess.Popen(train, cwd=REPO, env=env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train, cwd=REPO, env=job_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     marker, deadline = out / "checkpoints" / "session_00" / "state.json", time.time() + 300
     while not marker.exists():
@@ -90,7 +84,7 @@ def test_a_one_file_method_trains_resumes_and_appears_in_sweep_and_compare(shard
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=300)
     assert proc.returncode == EXIT_PREEMPTED
-    again = subprocess.run(train, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(train, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-3000:]
     resumed = json.loads((out / "metrics.json").read_text())
     for key in ("accuracy_matrix", "oracle_matrix", "routing_matrix", "ap", "fg"):
@@ -155,12 +149,12 @@ def test_an_installed_package_is_found_through_its_entry_point(shards, tmp_path)
     train = [sys.executable, "delo_dist/train.py", "recipes/quickstart.yaml",
              *tiny_overrides(shards, out, **{"data.sessions": 1}), "method.name=demo_adapter",
              "method.demo_adapter.width=3"]
-    done = subprocess.run(train, cwd=REPO, env=env(PYTHONPATH=str(site)), capture_output=True,
+    done = subprocess.run(train, cwd=REPO, env=job_env(PYTHONPATH=str(site)), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "parameters: demo_adapter" in done.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "demo_adapter" and len(metrics["accuracy_matrix"]) == 1
     # without the package on the path the name is unknown, and the error lists what is known
-    bad = subprocess.run(train, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(train, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown name 'demo_adapter'" in bad.stderr

@@ -219,6 +219,7 @@ def test_incompatible_checkpoints_stop_with_one_line(trained, tmp_path, capsys):
         __import__("delo_dist").load(old)
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_a_folder_that_is_not_a_checkpoint_stops_with_what_was_expected(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     assert predict_main([str(tmp_path), "--text", "x"]) == 2

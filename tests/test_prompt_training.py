@@ -34,6 +34,7 @@ from delo_dist.training.objective import objective
 from delo_dist.training.trainer import EXIT_PREEMPTED, Trainer
 from tests.conftest import REPO, tiny_overrides
 from tests.test_prompt_hooks import KINDS, backbone, batch_for, rand, run
+from tests.helpers import job_env
 
 # settings that fit the tests' 2-layer backbones (the papers' layers go deeper)
 SMALL = {"map": {"layers": [0, 1]}, "msp": {"layers": [0, 1]}, "l2p": {},
@@ -310,11 +311,6 @@ def _command(overrides):
     return [sys.executable, "delo_dist/train.py", "recipes/quickstart.yaml", *overrides]
 
 
-def _env():
-    import os
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
 @pytest.mark.slow
 def test_coda_prompt_resumes_exactly_mid_session_and_at_a_session_start(shards, tmp_path):
     """SIGTERM in session 1 -> checkpoint, exit 75; the relaunch ends with the metrics of a run
@@ -323,14 +319,14 @@ def test_coda_prompt_resumes_exactly_mid_session_and_at_a_session_start(shards, 
     extra = {"data.sessions": 2, "train.epochs": 4, "tracking.experiment": "resume-coda",
              **overrides("coda_prompt")}
     straight = tmp_path / "straight"
-    done = subprocess.run(_command(tiny_overrides(shards, straight, **extra)), cwd=REPO, env=_env(),
+    done = subprocess.run(_command(tiny_overrides(shards, straight, **extra)), cwd=REPO, env=job_env(),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     want = json.loads((straight / "metrics.json").read_text())
 
     out = tmp_path / "killed"
     args = _command(tiny_overrides(shards, out, **extra))
-    proc = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(args, cwd=REPO, env=job_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     marker = out / "checkpoints" / "session_00" / "state.json"
     deadline = time.time() + 300
@@ -349,7 +345,7 @@ def test_coda_prompt_resumes_exactly_mid_session_and_at_a_session_start(shards, 
     shutil.rmtree(boundary / "checkpoints" / "session_01")
     (boundary / "checkpoints" / "latest").write_text("session_00")
 
-    again = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(args, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stdout
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", tiny_overrides(shards, boundary, **extra))

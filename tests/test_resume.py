@@ -6,7 +6,6 @@ state, the stream position, torch and Python RNG), so the comparison is exact.""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 
 from delo_dist.training.trainer import EXIT_PREEMPTED
 from tests.conftest import REPO, tiny_overrides
+from tests.helpers import job_env
 
 pytestmark = pytest.mark.slow
 COMPARED = ("accuracy_matrix", "oracle_matrix", "routing_matrix", "ap", "fg", "oracle_ap")
@@ -26,21 +26,17 @@ def command(overrides):
     return [sys.executable, "delo_dist/train.py", "recipes/quickstart.yaml", *overrides]
 
 
-def env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_killed_mid_session_resumes_to_the_same_result(shards, tmp_path, sig):
     extra = {"data.sessions": 2, "train.epochs": 6, "tracking.experiment": f"resume-{sig.name}"}
     straight = tmp_path / "straight"
-    done = subprocess.run(command(tiny_overrides(shards, straight, **extra)), cwd=REPO, env=env(),
+    done = subprocess.run(command(tiny_overrides(shards, straight, **extra)), cwd=REPO, env=job_env(),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
     out = tmp_path / "killed"
     overrides = tiny_overrides(shards, out, **extra)
-    proc = subprocess.Popen(command(overrides), cwd=REPO, env=env(),
+    proc = subprocess.Popen(command(overrides), cwd=REPO, env=job_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     marker = out / "checkpoints" / "session_00" / "state.json"
     deadline = time.time() + 300
@@ -55,7 +51,7 @@ def test_killed_mid_session_resumes_to_the_same_result(shards, tmp_path, sig):
     assert (out / "checkpoints" / "latest").read_text() == "latest_step"
     assert not (out / "metrics.json").exists()
 
-    again = subprocess.run(command(overrides), cwd=REPO, env=env(), capture_output=True,
+    again = subprocess.run(command(overrides), cwd=REPO, env=job_env(), capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stdout

@@ -23,6 +23,7 @@ def recipe(shards, out, **extra):
                        tiny_overrides(shards, out, **{"data.sessions": 1, **extra}))
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_a_changed_recipe_on_a_finished_folder_is_refused_and_rewrites_nothing(shards, tmp_path, capsys):
     out = tmp_path / "run"
     first = recipe(shards, out)
@@ -58,6 +59,7 @@ def test_other_data_under_the_same_folder_is_refused(tmp_path):
         run_identity.check_data(tmp_path, "b" * 64)
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_recipe_and_hashes_are_recorded_at_start(shards, tmp_path):
     """Recorded before training: a job preempted in its first session is already identified."""
     r = recipe(shards, tmp_path / "run")
@@ -73,6 +75,7 @@ def test_recipe_and_hashes_are_recorded_at_start(shards, tmp_path):
     assert run.data.tags["data.manifest_sha256"] == t.manifest_sha
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_one_live_job_per_folder_and_a_dead_jobs_lock_is_taken_over(shards, tmp_path, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen(

@@ -90,6 +90,7 @@ def logs(root: Path, job: str, task: int) -> str:
     return (root / f"slurm-{job}_{task}.out").read_text(errors="replace")
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_grid_maps_array_indices_to_overrides():
     grid = ["recipes/quickstart.yaml", "train.epochs=1", "data.eta=0.1,0.5", "data.missing_type=text,image,both",
             "tracking.tags={a: 1, b: 2}", "method.name=delo"]

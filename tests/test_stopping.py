@@ -6,7 +6,6 @@ does it) and the 2-process DeepSpeed launcher (torch.distributed.run forwards it
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -17,12 +16,9 @@ import pytest
 from tests.conftest import REPO, tiny_overrides
 from tests.test_distributed import free_port
 from tests.test_resume import COMPARED
+from tests.helpers import job_env
 
 pytestmark = pytest.mark.slow
-
-
-def env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def launcher(config: str, overrides: list[str]) -> list[str]:
@@ -35,7 +31,7 @@ def term_the_launcher_mid_session(cmd: list[str], out, trainers: int):
     out.mkdir(parents=True)
     log_path = out.parent / f"{out.name}.log"
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=log_file, stderr=subprocess.STDOUT)
     marker = out / "checkpoints" / "session_00" / "state.json"
     deadline = time.time() + 900
     while not marker.exists():                       # session 1 is training now
@@ -56,7 +52,7 @@ def test_sigterm_to_the_one_process_launcher(shards, tmp_path):
     extra = {"data.sessions": 2, "train.epochs": 6, "tracking.experiment": "stopping"}
     straight = tmp_path / "straight"
     done = subprocess.run(launcher("default.yaml", tiny_overrides(shards, straight, **extra)),
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "values were not passed" not in done.stderr
 
@@ -72,7 +68,7 @@ def test_sigterm_to_the_one_process_launcher(shards, tmp_path):
     assert state["session"] == 1 and state["mid_session"]
     assert "preempted: checkpoint" in log and "resume by relaunching the same command" in log
 
-    again = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stdout and not (out / "PREEMPTED").exists()
     a = json.loads((straight / "metrics.json").read_text())

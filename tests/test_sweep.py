@@ -30,6 +30,7 @@ def sweep_overrides(shards, out, **extra) -> list[str]:
     return [o for o in tiny_overrides(shards, out, **extra) if not o.startswith("output_dir=")]
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_output_dir_is_refused_naming_output_root(shards, tmp_path, capsys):
     assert main([str(REPO / "recipes" / "quickstart.yaml"), f"data.shards={shards}",
                  f"output_dir={tmp_path / 'mine'}", "seed=0,1", "--dry-run"]) == 2
@@ -108,6 +109,7 @@ def test_runner_trains_a_two_run_grid_skips_it_after_and_refuses_a_changed_recip
 
 
 # ---------------------------------------------------------------- the paper's sweep files
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 @pytest.mark.parametrize("table, recipe", [("paper_table2", "recipes/food101.yaml"),
                                            ("paper_table3", "recipes/mmimdb.yaml")])
 def test_paper_sweep_files_hold_the_papers_grid(table, recipe, capsys):
@@ -159,6 +161,7 @@ def test_paper_sweep_dry_run_resolves_the_methods_that_exist(shards, tmp_path, c
         {(e, t) for e in (0.1, 0.3, 0.5, 0.7, 0.9) for t in ("text", "image", "both")}
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 @pytest.mark.skipif(not PROMPTS_WIRED, reason="the prompt methods are not plug-ins on this branch yet")
 @pytest.mark.parametrize("table", ["paper_table2", "paper_table3", "paper_cpu"])
 def test_paper_sweep_dry_run_resolves_every_point(table, shards, tmp_path, capsys):
@@ -169,6 +172,7 @@ def test_paper_sweep_dry_run_resolves_every_point(table, shards, tmp_path, capsy
 
 
 # ---------------------------------------------------------------- slurm/sweep.sbatch's grid
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_sbatch_task_trains_the_point_python_gives_it(tmp_path):
     """Array task I of slurm/sweep.sbatch launches what `--index I --print-overrides` says,
     here from a sweep file. Outside Slurm: `srun` and `scontrol` are stand-ins that record

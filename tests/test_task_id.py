@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import model_for
 from delo_dist.data.missing import MissingSpec, missing_table
 from delo_dist.data.shards import read_manifest
 from delo_dist.data.stream import SessionStream
@@ -26,11 +27,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def build(recipe_for, source, **extra):
-    recipe = recipe_for(**{"task_id.source": source, **extra})
-    m = read_manifest(recipe.data.shards)
-    torch.manual_seed(0)
-    model = ContinualModel(recipe, [s["classes"] for s in m["sessions"]], m["num_classes"]).eval()
-    return m, model
+    m, model = model_for(recipe_for(**{"task_id.source": source, **extra}))
+    return m, model.eval()
 
 
 def batches(model, m, shards, k, split, n=16, eta=0.5):
@@ -313,6 +311,7 @@ def test_checkpoint_from_before_the_layer_features_routes_as_before(recipe_for, 
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_identifier_state_checkpointed_and_routing_by_availability_reported(recipe_for, capsys):
     from delo_dist.training import checkpoint
     from delo_dist.training.trainer import Trainer

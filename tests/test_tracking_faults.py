@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,67 +21,25 @@ import pytest
 
 from delo_dist.tracking import BUFFER_FILE, Tracker, TrackingUnreachable, probe
 from tests.conftest import REPO, tiny_overrides
+from tests.helpers import free_port, job_env, mlflow_server as _server
 
 ADMIN = ("admin", "a-long-test-secret-0123")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def mlflow_server(root: Path, port: int, auth: bool = False):
+    return _server(root, port, auth=auth, secret=ADMIN[1])
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path, port: int, auth: bool = False, timeout: float = 180):
-    """A real server (sqlite store, artifacts under root); stopped with its process group."""
-    root.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ}
-    extra = []
-    if auth:
-        extra = ["--app-name", "basic-auth"]
-        env.update(MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret", MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN[1])
-    log = open(root / f"server-{port}.log", "a")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), *extra],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout
-        while True:
-            assert proc.poll() is None, (root / f"server-{port}.log").read_text()[-2000:]
-            try:
-                if urllib.request.urlopen(uri + "/health", timeout=2).status == 200:
-                    break
-            except urllib.error.HTTPError:
-                break                        # answering (an auth app may refuse anonymous)
-            except OSError:
-                pass
-            assert time.time() < deadline, f"mlflow server did not answer on {uri}"
-            time.sleep(0.5)
-        yield uri, proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
-
-
-def env(**extra):
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
-    e.pop("MLFLOW_TRACKING_URI", None)
-    return e
-
-
 def command(shards, out, uri, **extra):
     return [sys.executable, "delo_dist/train.py", "recipes/quickstart.yaml",
             *tiny_overrides(shards, out, **{"tracking.uri": uri, **extra})]
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_a_server_down_at_start_is_a_clear_error(shards, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"                     # nothing listens there
-    done = subprocess.run(command(shards, tmp_path / "run", uri), cwd=REPO, env=env(),
+    done = subprocess.run(command(shards, tmp_path / "run", uri), cwd=REPO, env=job_env(),
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"MLflow tracking server {uri} did not answer" in done.stderr
@@ -120,7 +77,7 @@ def test_a_server_killed_mid_run_loses_nothing(shards, tmp_path):
     out = tmp_path / "run"
     extra = {"data.sessions": 2, "train.epochs": 3, "tracking.experiment": "faults"}
     with mlflow_server(tmp_path / "server", port) as (uri, server):
-        job = subprocess.Popen(command(shards, out, uri, **extra), cwd=REPO, env=env(),
+        job = subprocess.Popen(command(shards, out, uri, **extra), cwd=REPO, env=job_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 300
         while not (out / "checkpoints" / "session_00" / "state.json").exists():
@@ -135,7 +92,7 @@ def test_a_server_killed_mid_run_loses_nothing(shards, tmp_path):
 
     with mlflow_server(tmp_path / "server", port) as (uri, _):
         done = subprocess.run([sys.executable, "-m", "delo_dist.tracking", "sync", str(out)],
-                              cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+                              cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         assert not (out / BUFFER_FILE).exists()
         client = mlflow.MlflowClient(uri)
@@ -157,7 +114,7 @@ def test_an_authenticated_server_takes_jobs_with_credentials_only(shards, tmp_pa
         creds = {"MLFLOW_TRACKING_USERNAME": ADMIN[0], "MLFLOW_TRACKING_PASSWORD": ADMIN[1]}
         out = tmp_path / "run"
         done = subprocess.run(command(shards, out, uri, **{"data.sessions": 1, "tracking.experiment": "auth"}),
-                              cwd=REPO, env=env(**creds), capture_output=True, text=True, timeout=600)
+                              cwd=REPO, env=job_env(**creds), capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         os.environ.update(creds)
         try:

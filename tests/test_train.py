@@ -16,6 +16,7 @@ from delo_dist.training.trainer import Trainer
 from tests.conftest import REPO, tiny_overrides
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_three_sessions_metrics_json_heatmap_and_mlflow(recipe_for):
     recipe = recipe_for()
     assert Trainer(recipe).run() == 0
@@ -50,6 +51,7 @@ def test_three_sessions_metrics_json_heatmap_and_mlflow(recipe_for):
     assert {"metrics.json", "accuracy_matrix.png", "recipe.resolved.yaml"} <= artifacts
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_accelerate_launch_entry_point(shards, tmp_path):
     """The README's command, for real: `accelerate launch delo_dist/train.py RECIPE k=v`."""
     out = tmp_path / "cli"
@@ -63,6 +65,7 @@ def test_accelerate_launch_entry_point(shards, tmp_path):
     assert len(json.loads((out / "metrics.json").read_text())["accuracy_matrix"]) == 2
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_cli_rejects_a_bad_recipe_before_training(shards, tmp_path):
     cmd = [sys.executable, "delo_dist/train.py", "recipes/quickstart.yaml",
            *tiny_overrides(shards, tmp_path / "bad"), "method.delo.rank=99"]

@@ -30,6 +30,7 @@ def test_recipe_file_errors_still_name_the_file(tmp_path, shards):
     assert str(e.value).startswith(f"{p}: key 'train.lr'")
 
 
+@pytest.mark.slow  # trains or launches a process: not in the fast loop
 def test_a_log_gets_plain_progress_lines(recipe_for, capfd):
     assert Trainer(recipe_for(**{"data.sessions": 1})).run() == 0
     out, err = capfd.readouterr()
