@@ -11,7 +11,7 @@ either alone, and a missing modality costs accuracy. Because sessions rely on di
 cues, one adapter tuned session after session is pulled away from earlier sessions' cues:
 interference, and so forgetting, is measurable. Each session has its own background hue
 and topic word, so the session itself can be recognised from either modality (what the
-task-key memory needs). 10 % of texts name a wrong flavour of the same session.
+task identification needs). 10 % of texts name a wrong flavour of the same session.
 Deterministic for a seed.
 
     python -m delo_dist.data.synthetic --out data/synthetic_content --variant content

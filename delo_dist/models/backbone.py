@@ -12,7 +12,7 @@ targets). Methods never import ViLT or CLIP. A backbone tells them:
     `ctx.text_tokens` / `ctx.image_tokens` (bool, (B, N)) before the first layer runs;
   - how to build inputs, dummies for a missing modality included: `collate(samples)`;
   - the pooled feature the heads eat: `forward(batch) -> (B, hidden_size)`;
-  - cheap per-modality queries for the task-key memory that no adapter influences:
+  - cheap per-modality queries for task identification that no adapter influences:
     `first_layer_queries(batch) -> (q_v, q_t)`, which also leaves the batch's token masks
     in `ctx.text_tokens` / `ctx.image_tokens`;
   - `identification_features(batch)`, adapter-free features for task identification: the
@@ -99,7 +99,7 @@ def select_layers(layers: list[IdentificationLayer], spec) -> list[Identificatio
 class Backbone(Plugin, nn.Module):
     capabilities: frozenset = frozenset()
     hidden_size: int   # width of the pooled feature the heads eat
-    query_dim: int     # width of first_layer_queries' outputs (task keys)
+    query_dim: int     # width of first_layer_queries' outputs (the first-layer identifiers)
     prompt_hooks: tuple = ()   # prompts.PromptHooks, one per encoder, if it takes prompts
     _frozen = None     # (batch tensors, features) of the last frozen forward: frozen_query
     _capture = None    # a dict while prompted_query runs: forward puts its query features there

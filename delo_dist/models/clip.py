@@ -23,7 +23,7 @@ encoder's layer-l query: the mean of that layer's normalised input in an adapter
 of both encoders (`backbone.guide_query=layer_matched`, the default: one more frozen forward
 per step, at training and at inference), the closest analogue of ViLT, where layer l's pools
 see layer-l tokens. `guide_query=first_layer` gives every layer the other encoder's layer-0
-query instead (only an embedding pass; the query the task keys use). On the synthetic
+query instead (only an embedding pass; the query first-layer task identification uses). On the synthetic
 quickstart (tiny CLIP, seeds 0 and 1) layer_matched gave AP 58.07 / 55.21 against 50.78 /
 52.34 for first_layer, at about 1.25x the wall time. Either query is carried into this
 encoder's width by a fixed map through CLIP's joint space: text -> image pinv(W_v) W_t,

@@ -1,6 +1,6 @@
 """Checkpoints: tensors in safetensors, everything else in JSON. Loading runs no pickle.
 
-    <output_dir>/checkpoints/<tag>/model.safetensors        adapters, prompts, heads, task keys (by name)
+    <output_dir>/checkpoints/<tag>/model.safetensors        adapters, prompts, heads, task identifier (by name)
     <output_dir>/checkpoints/<tag>/engine-rank<r>.safetensors + .json   optimiser/scheduler
     <output_dir>/checkpoints/<tag>/state.json               progress, metrics so far, Python RNG
     <output_dir>/checkpoints/<tag>/rng-rank<r>.safetensors  torch RNG of each rank
