@@ -37,7 +37,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from delo_dist.data.shards import (SPLITS, encode_jpeg, read_manifest, sample_key,
+from delo_dist.data.shards import (SPLITS, encode_jpeg, file_sha256, read_manifest, sample_key,
                                    write_manifest, write_split)
 from delo_dist.data.hf_source import hf_dataset
 from delo_dist.data.sources import READERS as FOLDER_READERS
@@ -62,14 +62,6 @@ def load_image(path: Path, size: int, quality: int) -> tuple[bytes | None, str |
 
 # ------------------------------------------------------------------------- fingerprints
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def input_checksums(plan: Plan, root: Path) -> dict:
     files = {}
     for p in plan.metadata:
@@ -77,10 +69,10 @@ def input_checksums(plan: Plan, root: Path) -> dict:
         if p.is_dir():  # e.g. mmimdb labels/: one digest over its files' names and contents
             h = hashlib.sha256()
             for f in sorted(x for x in p.rglob("*") if x.is_file()):
-                h.update(f"{f.relative_to(p)}\t{_sha256_file(f)}\n".encode())
+                h.update(f"{f.relative_to(p)}\t{file_sha256(f)}\n".encode())
             files[rel + "/"] = h.hexdigest()
         else:
-            files[rel] = _sha256_file(p)
+            files[rel] = file_sha256(p)
     h = hashlib.sha256()
     for it in sorted(plan.items, key=lambda it: (it.split, it.id)):
         if not isinstance(it.image, Path):  # inside a dataset: its fingerprint covers the image

@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from delo_dist import dist
+from delo_dist.data.shards import file_sha256
 
 INTEGRITY = "integrity.json"
 LATEST = "latest"
@@ -219,14 +220,6 @@ def latest(out_dir: Path) -> Path | None:
     return path if name and (path / "state.json").is_file() else None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify(path: Path) -> None:
     """Raise CheckpointError naming the first file that is not what was written: missing,
     another size (truncated, grown), other bytes (zeroed, altered)."""
@@ -250,7 +243,7 @@ def verify(path: Path) -> None:
         if actual != size:
             raise CheckpointError(f"{f}: {actual} bytes, expected {size} (cut or overwritten "
                                   "since it was written)")
-        digest = _sha256(f)
+        digest = file_sha256(f)
         if digest != sha:
             raise CheckpointError(f"{f}: sha256 {digest[:16]}..., expected {sha[:16]}... (same "
                                   "size, other bytes: altered since it was written)")
