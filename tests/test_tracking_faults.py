@@ -5,7 +5,6 @@ and an authenticated server (credentials from the environment; a client without 
 refused)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -30,7 +29,6 @@ def mlflow_server(root: Path, port: int, auth: bool = False):
     return _server(root, port, auth=auth, secret=ADMIN[1])
 
 
-@contextlib.contextmanager
 def command(shards, out, uri, **extra):
     return [sys.executable, "delo_dist/train.py", "recipes/quickstart.yaml",
             *tiny_overrides(shards, out, **{"tracking.uri": uri, **extra})]
