@@ -5,30 +5,15 @@ given as `prompt_sites()` and `frozen_query()` give them, and RebQ's memory pass
 differentiable stand-in (a fixed linear read of the memory prompts)."""
 from __future__ import annotations
 
-import sys
-import types
-from dataclasses import dataclass
-
 import pytest
 import torch
-
-try:
-    import delo_dist.models.prompts  # noqa: F401  (the hooks' Prompts, once they have landed)
-except ImportError:   # built in parallel: a stand-in with the documented fields
-    @dataclass
-    class Prompts:
-        input: dict | None = None
-        prefix: dict | None = None
-    _stand_in = types.ModuleType("delo_dist.models.prompts")
-    _stand_in.Prompts = Prompts
-    sys.modules["delo_dist.models.prompts"] = _stand_in
 
 from delo_dist.methods.coda_prompt import CodaPrompt, CodaPromptSettings
 from delo_dist.methods.dualprompt import DualPrompt, DualPromptSettings
 from delo_dist.methods.l2p import L2P, L2PSettings
 from delo_dist.methods.map import Map, MapSettings
 from delo_dist.methods.msp import Msp, MspSettings
-from delo_dist.methods.prompt_pools import orthogonal_rows, prompts_take_masks, select_sites
+from delo_dist.methods.prompt_pools import orthogonal_rows, select_sites
 from delo_dist.methods.rebq import DROP_IMAGE, DROP_TEXT, RebQ, RebQSettings, augmentation, augmented_flags
 
 # the paper-size backbones' prompt sites and frozen-query widths (12 layers each)
@@ -366,9 +351,8 @@ def test_msp_drops_the_prompt_of_a_missing_modality():
     assert torch.equal(text[0], method.text["joint_0"]) and torch.equal(image[0], method.image["joint_0"])
     assert (text[1] == 0).all() and torch.equal(image[1], method.image["joint_0"])
     assert torch.equal(text[2], method.text["joint_0"]) and (image[2] == 0).all()
-    if prompts_take_masks():
-        mask = method(query, mt, mi).prompts.input_mask[("joint", 0)]
-        assert mask[1].tolist() == [False] * 16 + [True] * 16
+    mask = method(query, mt, mi).prompts.input_mask[("joint", 0)]
+    assert mask[1].tolist() == [False] * 16 + [True] * 16
     kept = build("msp", SMALL_VILT, missing="keep", **SMALL["msp"])(query, mt, mi).prompts.input[("joint", 0)]
     assert (kept[1, :16] != 0).all()
 
@@ -454,14 +438,7 @@ def test_the_other_position_gives_rows_of_the_documented_count(name):
 
 
 @pytest.mark.parametrize("position", ["input", "prefix"])
-def test_msp_marks_dropped_rows_for_hooks_that_take_masks(position, monkeypatch):
-    @dataclass
-    class MaskedPrompts:
-        input: dict | None = None
-        prefix: dict | None = None
-        input_mask: dict | None = None
-        prefix_mask: dict | None = None
-    monkeypatch.setattr(sys.modules["delo_dist.models.prompts"], "Prompts", MaskedPrompts)
+def test_msp_marks_dropped_rows_for_the_hooks(position):
     method = build("msp", SMALL_VILT, position=position, **SMALL["msp"])
     query, mt, mi = batch(SMALL_VILT[1])
     p = method(query, mt, mi).prompts
@@ -470,4 +447,4 @@ def test_msp_marks_dropped_rows_for_hooks_that_take_masks(position, monkeypatch)
     assert mask[0].tolist() == [True] * 2 * n
     assert mask[1].tolist() == [False] * n + [True] * n           # text missing
     assert mask[2].tolist() == [True] * n + [False] * n           # image missing
-    assert (p.prefix_mask if position == "input" else p.input_mask) is None
+    assert not (p.prefix_mask if position == "input" else p.input_mask)

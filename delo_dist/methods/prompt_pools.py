@@ -49,8 +49,6 @@ Pools:
 """
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -100,27 +98,11 @@ def split_half(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def build_prompts(input: dict, prefix: dict, input_mask: Optional[dict] = None,
                   prefix_mask: Optional[dict] = None, replace_input: bool = False):
-    """The hooks' Prompts for one forward. Per-row masks ({site: (B, P) bool}, True = the row
-    is there) are passed only where the hooks' Prompts takes them (MSP's dropped prompts)."""
+    """The hooks' Prompts for one forward; per-row masks ({site: (B, P) bool}, True = the row is
+    there) only where rows were dropped (MSP's missing modality)."""
     from delo_dist.models.prompts import Prompts   # the hooks' class, imported when used
-    kwargs = {"input": input, "prefix": prefix}
-    accepted = _prompt_fields(Prompts)
-    for name, value in (("input_mask", input_mask), ("prefix_mask", prefix_mask),
-                        ("replace_input", replace_input)):
-        if value and name in accepted:
-            kwargs[name] = value
-    return Prompts(**kwargs)
-
-
-def _prompt_fields(cls) -> set[str]:
-    if dataclasses.is_dataclass(cls):
-        return {f.name for f in dataclasses.fields(cls)}
-    return set(inspect.signature(cls).parameters)
-
-
-def prompts_take_masks() -> bool:
-    from delo_dist.models.prompts import Prompts
-    return {"input_mask", "prefix_mask"} <= _prompt_fields(Prompts)
+    return Prompts(input=input, prefix=prefix, input_mask=input_mask or {},
+                   prefix_mask=prefix_mask or {}, replace_input=replace_input)
 
 
 class PromptSet:
