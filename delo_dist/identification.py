@@ -94,7 +94,7 @@ def refit(run: Path, overrides: list[str], out: Path) -> dict:
                 with torch.no_grad():
                     for epoch in range(epochs):
                         micro = []
-                        for batch in tr._stream(k, "train", True, epoch)[1]:
+                        for batch in tr.stream(k, "train", True, epoch)[1]:
                             micro.append(to_device(batch, tr.device))
                             if len(micro) == tr.accum:
                                 observe_task_id(model, concat_batches(micro), k)

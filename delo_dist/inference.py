@@ -46,7 +46,6 @@ Identifier confidence, per source (`task_id.source`):
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import sys
@@ -109,23 +108,6 @@ def identifier_scores(identifier, feats: dict, flags: dict, seen: int):
     identifier says what its scores mean: `TaskIdentifier.scores` and `confidence`)."""
     s = identifier.scores(feats, flags, seen)
     return s, identifier.confidence(s)
-
-
-@contextlib.contextmanager
-def _recording_route(identifier, calls: list):
-    """Record what the identifier routes from while ContinualModel.predict runs (its features
-    and availability flags), so the confidence costs no second identification pass.
-    ContinualModel.predict returns the routed sessions only."""
-    route = identifier.route
-
-    def recorded(feats, flags, seen):
-        calls.append((feats, flags, seen))
-        return route(feats, flags, seen)
-    identifier.route = recorded
-    try:
-        yield
-    finally:
-        del identifier.route
 
 
 # ------------------------------------------------------------------ the model
@@ -210,7 +192,7 @@ class InferenceModel:
         from delo_dist.models.task_id import availability
         from delo_dist.training.engines import autocast
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        calls, self._head_out = [], {}
+        self._head_out, self.model.last_identification = {}, None
         shared = self.model.method.head == "shared"
         n = len(batch["missing_text"])
         try:
@@ -225,10 +207,7 @@ class InferenceModel:
                         pred = self.model.predict_with(batch, sessions)
                     routed = sessions
                 elif mode == "task_agnostic":
-                    recording = (_recording_route(self.model.identifier, calls)
-                                 if self.model.identifier is not None else contextlib.nullcontext())
-                    with recording:
-                        out = self.model.predict(batch, self.seen, oracle=False)
+                    out = self.model.predict(batch, self.seen, oracle=False)
                     pred, routed, logits = out["pred"], out.get("routed"), out.get("logits")
                 else:
                     raise ValueError(f"mode: {mode!r}, expected 'task_agnostic' or 'oracle'")
@@ -236,8 +215,9 @@ class InferenceModel:
         finally:
             self._head_out = None
         scores = conf = None
-        if calls and routed is not None:
-            scores, conf = identifier_scores(self.model.identifier, *calls[-1])
+        read = self.model.last_identification   # what the identifier routed from, if it did
+        if mode == "task_agnostic" and read is not None and routed is not None:
+            scores, conf = identifier_scores(self.model.identifier, *read)
             scores, conf = scores.cpu().tolist(), conf.cpu().tolist()
         if shared:   # columns: the seen sessions' classes in order
             probs = (logits.float().sigmoid() if self.multilabel else logits.float().softmax(-1)).cpu().tolist()

@@ -37,7 +37,7 @@ def trained(shards, tmp_path_factory):
         assert trainer.run() == 0
     finally:   # the run exports its store's URI; the autouse guard is per test, this is not
         _restore_tracking_uri(before)
-    ref = evaluate(trainer.model, lambda i: trainer._stream(i, "test", train=False)[1], 3,
+    ref = evaluate(trainer.model, lambda i: trainer.stream(i, "test", train=False)[1], 3,
                    Scoring.of(trainer.manifest, "seen"), device=trainer.device,
                    precision=trainer.precision, oracle=False, keep_samples=True)
     metrics = json.loads((root / "run" / "metrics.json").read_text())

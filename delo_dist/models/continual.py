@@ -67,6 +67,7 @@ class ContinualModel(nn.Module):
         # the module whose output they average routes the batch before any adapter acts.
         self._route_seen: int | None = None     # set by predict: route in the forward
         self._first_layer = None                # (input_ids of the forward's main rows, q)
+        self.last_identification = None         # (features, flags, seen) the identifier last read
         self._main_ids = None                   # set while a forward runs
         # Sources that need the adapter-free pooled feature pay a separate pass instead.
         hooked = (self.backbone.first_layer_module()
@@ -168,7 +169,7 @@ class ContinualModel(nn.Module):
         self._first_layer = (self._main_ids, feats)
         if self._route_seen is not None:
             flags = {"missing_image": c.missing_image, "missing_text": c.missing_text}
-            routed = self.identifier.route(feats, flags, self._route_seen)
+            routed = self.identify(feats, flags, self._route_seen)
             uniq = routed.unique()
             c.session, c.session_groups = routed, None
             c.uniform_session = int(uniq[0]) if len(uniq) == 1 else None
@@ -189,7 +190,13 @@ class ContinualModel(nn.Module):
     @torch.no_grad()
     def route(self, batch: dict, seen: int) -> torch.Tensor:
         """(B,) session of each sample among the first `seen`, without its session id."""
-        return self.identifier.route(self.identification_features(batch), batch, seen)
+        return self.identify(self.identification_features(batch), batch, seen)
+
+    def identify(self, feats: dict, flags: dict, seen: int) -> torch.Tensor:
+        """The identifier's routes; what it read is kept (`last_identification`) so that
+        prediction reports its confidence without a second identification pass."""
+        self.last_identification = (feats, flags, seen)
+        return self.identifier.route(feats, flags, seen)
 
     @torch.no_grad()
     def predict_with(self, batch: dict, sessions: torch.Tensor | None) -> torch.Tensor:

@@ -242,7 +242,8 @@ class Trainer:
             if getattr(self, "lock", None) is not None:
                 self.lock.release()
 
-    def _stream(self, k: int, split: str, train: bool, epoch: int = 0, skip: int = 0):
+    def stream(self, k: int, split: str, train: bool, epoch: int = 0, skip: int = 0):
+        """(dataset, loader) of session k's split on this rank (train: shuffled per epoch)."""
         r = self.recipe
         count = self.manifest["sessions"][k]["splits"][split]["count"]
         # the allowance follows the split, not the pass (the identifier's fit reads train data
@@ -281,7 +282,7 @@ class Trainer:
         n_trainable = sum(p.numel() for p in params.values())
         t0 = time.time()
         for epoch in range(epoch0, t.epochs):
-            _, loader = self._stream(k, "train", True, epoch, skip=step0 if epoch == epoch0 else 0)
+            _, loader = self.stream(k, "train", True, epoch, skip=step0 if epoch == epoch0 else 0)
             bar = tqdm(loader, desc=f"session {k} epoch {epoch + 1}/{t.epochs}",
                        disable=not (self.main and sys.stderr.isatty()), leave=False)
             micro = []  # this optimizer step's micro-batches (accum of them)
@@ -343,7 +344,7 @@ class Trainer:
         self.model.eval()
         def batches(split):
             has = self.manifest["sessions"][k]["splits"].get(split, {}).get("count", 0) > 0
-            return (to_device(b, self.device) for b in self._stream(k, split, train=False)[1]) if has else ()
+            return (to_device(b, self.device) for b in self.stream(k, split, train=False)[1]) if has else ()
         info = self.model.identifier.fit(k, batches("train"), batches("val"),
                                         self.model.identification_features)
         return {"task_id_fit_s": time.time() - t0, **info}
@@ -393,7 +394,7 @@ class Trainer:
                                    progress=self.main and sys.stderr.isatty())
 
     def _test_loader(self, k: int):
-        return self._stream(k, "test", train=False)[1]
+        return self.stream(k, "test", train=False)[1]
 
     def _scoring(self) -> evaluation.Scoring:
         return evaluation.Scoring.of(self.manifest, self.recipe.eval.multilabel_classes)
