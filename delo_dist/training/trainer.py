@@ -237,10 +237,17 @@ class Trainer:
         except BaseException:
             if getattr(self, "tracker", None) is not None:
                 self.tracker.end("FAILED")
+            self.ended_cleanly = False
             raise
         finally:
             if getattr(self, "lock", None) is not None:
                 self.lock.release()
+            if getattr(self, "accelerator", None) is not None:
+                # the process group goes before the interpreter (left to exit, gloo's threads
+                # can SIGABRT a finished rank), after a barrier when every rank ended cleanly
+                if getattr(self, "ended_cleanly", True):
+                    dist.barrier()
+                self.accelerator.end_training()
 
     def stream(self, k: int, split: str, train: bool, epoch: int = 0, skip: int = 0):
         """(dataset, loader) of session k's split on this rank (train: shuffled per epoch)."""
