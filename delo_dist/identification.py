@@ -129,9 +129,8 @@ def run(seeds: list[int], overrides: list[str], out: Path, benchmarks: dict[str,
             trained = train_once(recipe, overrides + [f"seed={seed}"], root / "run")
             for name, extra in identifiers.items():
                 cached = root / f"{name}.json"
-                if cached.is_file() and json.loads(cached.read_text())["overrides"] == extra:
-                    res = json.loads(cached.read_text())
-                else:
+                res = json.loads(cached.read_text()) if cached.is_file() else None
+                if res is None or res["overrides"] != extra:
                     res = refit(trained, extra, root / "refit" / name)
                     cached.write_text(json.dumps(res, indent=1))
                 print(f"{bench} seed {seed} {name}: routing {100 * res['routing']:.1f}% "
