@@ -129,6 +129,9 @@ class InferenceModel:
         self.multilabel = info.multilabel
         # global class id -> position in its session's head, per session
         self._local = [{c: i for i, c in enumerate(cls)} for cls in info.session_classes]
+        # a shared head's columns: every seen session's classes in order (seen is fixed)
+        self._column = {c: i for i, c in enumerate(c for k in range(self.seen)
+                                                   for c in info.session_classes[k])}
         self._head_out: dict | None = None   # head index -> logits, while predict runs
         for k, head in enumerate(model.heads):
             head.register_forward_hook(lambda mod, args, out, k=k: self._on_head(k, out))
@@ -145,7 +148,7 @@ class InferenceModel:
                 f"{self.info.source}, {self.device}, precision {self.precision})")
 
     # -------------------------------------------------------------- inputs
-    def prepare(self, image=None, text=None, key: str = "0", session: int = 0) -> Prepared:
+    def prepare(self, image=None, text=None, key: str = "0") -> Prepared:
         """One pair -> the dict the backbone's collate reads. image: a path, a PIL image,
         encoded bytes or None; text: a string or None (blank counts as missing)."""
         text = None if text is None or not str(text).strip() else str(text)
@@ -158,7 +161,7 @@ class InferenceModel:
         if jpg is None and text is None:
             return Prepared(None, "both modalities missing (no image and no text)")
         status = 0 if jpg is not None and text is not None else (1 if text is None else 2)
-        return Prepared({"key": key, "jpg": jpg, "txt": text or "", "label": 0, "session": session,
+        return Prepared({"key": key, "jpg": jpg, "txt": text or "", "label": 0, "session": 0,
                          "status": status}, truncated=text is not None and self.truncates(text))
 
     def truncates(self, text: str) -> bool:
@@ -191,7 +194,8 @@ class InferenceModel:
         row uses `session`, or, when None, the batch's true sessions (prepared shards)."""
         from delo_dist.models.task_id import availability
         from delo_dist.training.engines import autocast
-        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        from delo_dist.training.evaluation import to_device
+        batch = to_device(batch, self.device)
         self._head_out, self.model.last_identification = {}, None
         shared = self.model.method.head == "shared"
         n = len(batch["missing_text"])
@@ -219,10 +223,8 @@ class InferenceModel:
         if mode == "task_agnostic" and read is not None and routed is not None:
             scores, conf = identifier_scores(self.model.identifier, *read)
             scores, conf = scores.cpu().tolist(), conf.cpu().tolist()
-        if shared:   # columns: the seen sessions' classes in order
+        if shared:   # columns: the seen sessions' classes in order (self._column)
             probs = (logits.float().sigmoid() if self.multilabel else logits.float().softmax(-1)).cpu().tolist()
-            column = {c: i for i, c in enumerate(c for k in range(self.seen)
-                                                 for c in self.info.session_classes[k])}
         else:
             probs = self._row_probs(heads, routed, n)
         sessions = [None] * n if routed is None else routed.cpu().tolist()
@@ -231,7 +233,7 @@ class InferenceModel:
                else [[c] for c in pred.tolist()])
         results = []
         for j, (a, k) in enumerate(zip(availability(batch).tolist(), sessions)):
-            local = column if shared else None if probs is None else self._local[k]
+            local = self._column if shared else None if probs is None else self._local[k]
             results.append({
                 "availability": AVAILABILITY[a], "session": k,
                 "session_confidence": None if conf is None else conf[j][k],
@@ -264,7 +266,7 @@ class InferenceModel:
         self.check_mode(mode, session)
         chunk: list[Prepared] = []
         for i, (image, text) in enumerate(pairs):
-            chunk.append(self.prepare(image, text, key=str(i), session=session or 0))
+            chunk.append(self.prepare(image, text, key=str(i)))
             if len(chunk) == self.batch_size:
                 yield from self._run(chunk, mode, session)
                 chunk = []
