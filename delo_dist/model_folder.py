@@ -168,14 +168,10 @@ def read_recipe(info: ModelInfo, backbone: str | None = None):
 
 # ------------------------------------------------------------------ building and loading
 
-# Identifier buffers that only fitting reads (route never does): an export leaves them out.
-# A source can list its own as `fit_only_buffers`.
-FIT_ONLY = {"AnalyticRouter": ("gram", "sums", "val_gram", "val_sums", "val_counts")}
-
-
 def fit_only_tensors(model) -> set[str]:
-    ident = model.identifier
-    names = getattr(ident, "fit_only_buffers", FIT_ONLY.get(type(ident).__name__, ()))
+    """The identifier's buffers that only fitting reads (route never does: its
+    `fit_only_buffers`), by model tensor name: an export leaves them out."""
+    names = getattr(model.identifier, "fit_only_buffers", ())   # None: a method without one
     return {f"identifier.{n}" for n in names}
 
 
