@@ -221,7 +221,11 @@ class InferenceModel:
         scores = conf = None
         read = self.model.last_identification   # what the identifier routed from, if it did
         if mode == "task_agnostic" and read is not None and routed is not None:
-            scores, conf = identifier_scores(self.model.identifier, *read)
+            feats, flags, seen, scores = read     # scores: those the route took, if it took any
+            if scores is None:                    # an identifier with its own route
+                scores, conf = identifier_scores(self.model.identifier, feats, flags, seen)
+            else:
+                conf = self.model.identifier.confidence(scores)
             scores, conf = scores.cpu().tolist(), conf.cpu().tolist()
         if shared:   # columns: the seen sessions' classes in order (self._column)
             probs = (logits.float().sigmoid() if self.multilabel else logits.float().softmax(-1)).cpu().tolist()
