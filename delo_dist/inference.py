@@ -132,13 +132,6 @@ class InferenceModel:
         # a shared head's columns: every seen session's classes in order (seen is fixed)
         self._column = {c: i for i, c in enumerate(c for k in range(self.seen)
                                                    for c in info.session_classes[k])}
-        self._head_out: dict | None = None   # head index -> logits, while predict runs
-        for k, head in enumerate(model.heads):
-            head.register_forward_hook(lambda mod, args, out, k=k: self._on_head(k, out))
-
-    def _on_head(self, k: int, out: torch.Tensor) -> None:
-        if self._head_out is not None:
-            self._head_out[k] = out.detach()
 
     def __repr__(self) -> str:
         r = self.recipe
@@ -196,28 +189,24 @@ class InferenceModel:
         from delo_dist.training.engines import autocast
         from delo_dist.training.evaluation import to_device
         batch = to_device(batch, self.device)
-        self._head_out, self.model.last_identification = {}, None
+        self.model.last_identification = self.model.last_head_logits = None
         shared = self.model.method.head == "shared"
         n = len(batch["missing_text"])
-        try:
-            with autocast(self.precision, self.device):
-                if mode == "oracle":
-                    sessions = (batch["session"] if session is None else
-                                torch.full((n,), session, dtype=torch.long)).to(self.device)
-                    if shared:   # the method's own oracle: the given session's parts and classes
-                        out = self.model.predict({**batch, "session": sessions}, self.seen)
-                        pred, logits = out["oracle_pred"], out["oracle_logits"]
-                    else:
-                        pred = self.model.predict_with(batch, sessions)
-                    routed = sessions
-                elif mode == "task_agnostic":
-                    out = self.model.predict(batch, self.seen, oracle=False)
-                    pred, routed, logits = out["pred"], out.get("routed"), out.get("logits")
+        with autocast(self.precision, self.device):
+            if mode == "oracle":
+                sessions = (batch["session"] if session is None else
+                            torch.full((n,), session, dtype=torch.long)).to(self.device)
+                if shared:   # the method's own oracle: the given session's parts and classes
+                    out = self.model.predict({**batch, "session": sessions}, self.seen)
+                    pred, logits = out["oracle_pred"], out["oracle_logits"]
                 else:
-                    raise ValueError(f"mode: {mode!r}, expected 'task_agnostic' or 'oracle'")
-            heads = self._head_out
-        finally:
-            self._head_out = None
+                    pred = self.model.predict_with(batch, sessions)
+                routed = sessions
+            elif mode == "task_agnostic":
+                out = self.model.predict(batch, self.seen, oracle=False)
+                pred, routed, logits = out["pred"], out.get("routed"), out.get("logits")
+            else:
+                raise ValueError(f"mode: {mode!r}, expected 'task_agnostic' or 'oracle'")
         scores = conf = None
         read = self.model.last_identification   # what the identifier routed from, if it did
         if mode == "task_agnostic" and read is not None and routed is not None:
@@ -230,7 +219,7 @@ class InferenceModel:
         if shared:   # columns: the seen sessions' classes in order (self._column)
             probs = (logits.float().sigmoid() if self.multilabel else logits.float().softmax(-1)).cpu().tolist()
         else:
-            probs = self._row_probs(heads, routed, n)
+            probs = self._row_probs(self.model.last_head_logits, n)
         sessions = [None] * n if routed is None else routed.cpu().tolist()
         pred = pred.cpu()
         ids = ([r.nonzero().squeeze(1).tolist() for r in pred] if self.multilabel
@@ -246,17 +235,18 @@ class InferenceModel:
                 "scores": None if probs is None else [probs[j][local[c]] for c in ids[j]]})
         return results
 
-    def _row_probs(self, heads: dict, routed, n: int) -> list | None:
+    def _row_probs(self, heads: dict | None, n: int) -> list | None:
         """Per row, the probabilities of its session's classes (softmax, or sigmoid when
         multi-label, of its head's logits), from the head calls of
-        ContinualModel.predict_with (the rows routed to session k, in batch order); None if
-        they do not map onto the rows (e.g. a method without per-session routing)."""
-        if routed is None or not heads:
+        ContinualModel.predict_with (`last_head_logits`: session k -> the rows it scored and
+        their logits); None if they do not cover the batch's rows (e.g. a method without
+        per-session routing, which calls no predict_with)."""
+        if not heads:
             return None
         rows = [None] * n
-        for k, out in heads.items():
-            idx = (routed == k).nonzero().squeeze(1).tolist()
-            if len(idx) != len(out):
+        for idx, out in heads.values():
+            idx = idx.tolist()
+            if len(idx) != len(out) or any(j >= n for j in idx):
                 return None
             out = out.float()
             probs = out.sigmoid() if self.multilabel else out.softmax(-1)

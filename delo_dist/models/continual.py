@@ -68,6 +68,7 @@ class ContinualModel(nn.Module):
         self._route_seen: int | None = None     # set by predict: route in the forward
         self._first_layer = None                # (input_ids of the forward's main rows, q)
         self.last_identification = None         # (features, flags, seen, scores|None): identify
+        self.last_head_logits = None            # {k: (rows, logits)} of the last predict_with
         self._main_ids = None                   # set while a forward runs
         # Sources that need the adapter-free pooled feature pay a separate pass instead.
         hooked = (self.backbone.first_layer_module()
@@ -211,7 +212,9 @@ class ContinualModel(nn.Module):
     def predict_with(self, batch: dict, sessions: torch.Tensor | None) -> torch.Tensor:
         """Predictions when sample b uses session sessions[b]'s adapters and head.
         Single-label: (B,) global class ids. Multi-label: (B, num_classes) bool.
-        sessions=None: the first-layer hook routes them (see predict); ctx.session then."""
+        sessions=None: the first-layer hook routes them (see predict); ctx.session then.
+        Each head's logits are kept, with the rows it scored (`last_head_logits`: session ->
+        (row indices, logits)), for prediction's probabilities."""
         uniq = None if sessions is None else sessions.unique()
         # Mergeable methods (MoRA) run merged when the batch routes to one session. A mixed
         # batch takes the activation path in one pass (each adapted linear applies each
@@ -233,9 +236,11 @@ class ContinualModel(nn.Module):
         n = pooled.shape[0]
         pred = (torch.zeros(n, self.num_classes, dtype=torch.bool, device=pooled.device)
                 if self.multilabel else torch.zeros(n, dtype=torch.long, device=pooled.device))
+        self.last_head_logits = {}
         for k in uniq.tolist():
             idx = (sessions == k).nonzero().squeeze(1)
             logits = self.heads[k](pooled[idx])
+            self.last_head_logits[k] = (idx, logits)
             classes = torch.tensor(self.session_classes[k], device=pooled.device)
             if self.multilabel:
                 hot = torch.zeros(len(idx), self.num_classes, dtype=torch.bool, device=pooled.device)
