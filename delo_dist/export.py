@@ -30,7 +30,7 @@ from pathlib import Path
 
 from delo_dist.inference import load
 from delo_dist.model_folder import (EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_RECIPE, WEIGHTS,
-                                    CheckpointError, fit_only_tensors)
+                                    CheckpointError, ModelInfo, fit_only_tensors)
 
 
 def tensor_groups(names_sizes: dict[str, int]) -> dict[str, int]:
@@ -48,10 +48,18 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def export(checkpoint: str | Path, out: str | Path, *, shards=None, backbone=None) -> dict:
-    """Write the inference folder `out` from `checkpoint`; return what was written (sizes)."""
+def write_export(folder: Path, tensors: dict, info: ModelInfo, recipe: str) -> None:
+    """The inference folder's files in `folder` (which exists): the tensors, the recipe's
+    YAML text and config.json (`info.config` of that recipe)."""
     import yaml
     from safetensors.torch import save_file
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": EXPORT_FORMAT})
+    (folder / EXPORT_RECIPE).write_text(recipe)
+    (folder / EXPORT_CONFIG).write_text(json.dumps(info.config(yaml.safe_load(recipe)), indent=1))
+
+
+def export(checkpoint: str | Path, out: str | Path, *, shards=None, backbone=None) -> dict:
+    """Write the inference folder `out` from `checkpoint`; return what was written (sizes)."""
     from delo_dist.training.checkpoint import model_tensors
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -69,10 +77,7 @@ def export(checkpoint: str | Path, out: str | Path, *, shards=None, backbone=Non
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": EXPORT_FORMAT})
-    shutil.copyfile(info.recipe_path, tmp / EXPORT_RECIPE)
-    tree = yaml.safe_load(info.recipe_path.read_text())
-    (tmp / EXPORT_CONFIG).write_text(json.dumps(info.config(tree), indent=1))
+    write_export(tmp, tensors, info, info.recipe_path.read_text())
     if out.exists():
         out.rmdir()   # empty (checked above)
     os.replace(tmp, out)

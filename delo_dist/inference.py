@@ -129,13 +129,9 @@ class InferenceModel:
         self.multilabel = info.multilabel
         # global class id -> position in its session's head, per session
         self._local = [{c: i for i, c in enumerate(cls)} for cls in info.session_classes]
-        self._head_out: dict | None = None   # head index -> logits, while predict runs
-        for k, head in enumerate(model.heads):
-            head.register_forward_hook(lambda mod, args, out, k=k: self._on_head(k, out))
-
-    def _on_head(self, k: int, out: torch.Tensor) -> None:
-        if self._head_out is not None:
-            self._head_out[k] = out.detach()
+        # a shared head's columns: every seen session's classes in order (seen is fixed)
+        self._column = {c: i for i, c in enumerate(c for k in range(self.seen)
+                                                   for c in info.session_classes[k])}
 
     def __repr__(self) -> str:
         r = self.recipe
@@ -145,7 +141,7 @@ class InferenceModel:
                 f"{self.info.source}, {self.device}, precision {self.precision})")
 
     # -------------------------------------------------------------- inputs
-    def prepare(self, image=None, text=None, key: str = "0", session: int = 0) -> Prepared:
+    def prepare(self, image=None, text=None, key: str = "0") -> Prepared:
         """One pair -> the dict the backbone's collate reads. image: a path, a PIL image,
         encoded bytes or None; text: a string or None (blank counts as missing)."""
         text = None if text is None or not str(text).strip() else str(text)
@@ -158,7 +154,7 @@ class InferenceModel:
         if jpg is None and text is None:
             return Prepared(None, "both modalities missing (no image and no text)")
         status = 0 if jpg is not None and text is not None else (1 if text is None else 2)
-        return Prepared({"key": key, "jpg": jpg, "txt": text or "", "label": 0, "session": session,
+        return Prepared({"key": key, "jpg": jpg, "txt": text or "", "label": 0, "session": 0,
                          "status": status}, truncated=text is not None and self.truncates(text))
 
     def truncates(self, text: str) -> bool:
@@ -191,47 +187,46 @@ class InferenceModel:
         row uses `session`, or, when None, the batch's true sessions (prepared shards)."""
         from delo_dist.models.task_id import availability
         from delo_dist.training.engines import autocast
-        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        self._head_out, self.model.last_identification = {}, None
+        from delo_dist.training.evaluation import to_device
+        batch = to_device(batch, self.device)
+        self.model.last_identification = self.model.last_head_logits = None
         shared = self.model.method.head == "shared"
         n = len(batch["missing_text"])
-        try:
-            with autocast(self.precision, self.device):
-                if mode == "oracle":
-                    sessions = (batch["session"] if session is None else
-                                torch.full((n,), session, dtype=torch.long)).to(self.device)
-                    if shared:   # the method's own oracle: the given session's parts and classes
-                        out = self.model.predict({**batch, "session": sessions}, self.seen)
-                        pred, logits = out["oracle_pred"], out["oracle_logits"]
-                    else:
-                        pred = self.model.predict_with(batch, sessions)
-                    routed = sessions
-                elif mode == "task_agnostic":
-                    out = self.model.predict(batch, self.seen, oracle=False)
-                    pred, routed, logits = out["pred"], out.get("routed"), out.get("logits")
+        with autocast(self.precision, self.device):
+            if mode == "oracle":
+                sessions = (batch["session"] if session is None else
+                            torch.full((n,), session, dtype=torch.long)).to(self.device)
+                if shared:   # the method's own oracle: the given session's parts and classes
+                    out = self.model.predict({**batch, "session": sessions}, self.seen)
+                    pred, logits = out["oracle_pred"], out["oracle_logits"]
                 else:
-                    raise ValueError(f"mode: {mode!r}, expected 'task_agnostic' or 'oracle'")
-            heads = self._head_out
-        finally:
-            self._head_out = None
+                    pred = self.model.predict_with(batch, sessions)
+                routed = sessions
+            elif mode == "task_agnostic":
+                out = self.model.predict(batch, self.seen, oracle=False)
+                pred, routed, logits = out["pred"], out.get("routed"), out.get("logits")
+            else:
+                raise ValueError(f"mode: {mode!r}, expected 'task_agnostic' or 'oracle'")
         scores = conf = None
         read = self.model.last_identification   # what the identifier routed from, if it did
         if mode == "task_agnostic" and read is not None and routed is not None:
-            scores, conf = identifier_scores(self.model.identifier, *read)
+            feats, flags, seen, scores = read     # scores: those the route took, if it took any
+            if scores is None:                    # an identifier with its own route
+                scores, conf = identifier_scores(self.model.identifier, feats, flags, seen)
+            else:
+                conf = self.model.identifier.confidence(scores)
             scores, conf = scores.cpu().tolist(), conf.cpu().tolist()
-        if shared:   # columns: the seen sessions' classes in order
+        if shared:   # columns: the seen sessions' classes in order (self._column)
             probs = (logits.float().sigmoid() if self.multilabel else logits.float().softmax(-1)).cpu().tolist()
-            column = {c: i for i, c in enumerate(c for k in range(self.seen)
-                                                 for c in self.info.session_classes[k])}
         else:
-            probs = self._row_probs(heads, routed, n)
+            probs = self._row_probs(self.model.last_head_logits, n)
         sessions = [None] * n if routed is None else routed.cpu().tolist()
         pred = pred.cpu()
         ids = ([r.nonzero().squeeze(1).tolist() for r in pred] if self.multilabel
                else [[c] for c in pred.tolist()])
         results = []
         for j, (a, k) in enumerate(zip(availability(batch).tolist(), sessions)):
-            local = column if shared else None if probs is None else self._local[k]
+            local = self._column if shared else None if probs is None else self._local[k]
             results.append({
                 "availability": AVAILABILITY[a], "session": k,
                 "session_confidence": None if conf is None else conf[j][k],
@@ -240,17 +235,18 @@ class InferenceModel:
                 "scores": None if probs is None else [probs[j][local[c]] for c in ids[j]]})
         return results
 
-    def _row_probs(self, heads: dict, routed, n: int) -> list | None:
+    def _row_probs(self, heads: dict | None, n: int) -> list | None:
         """Per row, the probabilities of its session's classes (softmax, or sigmoid when
         multi-label, of its head's logits), from the head calls of
-        ContinualModel.predict_with (the rows routed to session k, in batch order); None if
-        they do not map onto the rows (e.g. a method without per-session routing)."""
-        if routed is None or not heads:
+        ContinualModel.predict_with (`last_head_logits`: session k -> the rows it scored and
+        their logits); None if they do not cover the batch's rows (e.g. a method without
+        per-session routing, which calls no predict_with)."""
+        if not heads:
             return None
         rows = [None] * n
-        for k, out in heads.items():
-            idx = (routed == k).nonzero().squeeze(1).tolist()
-            if len(idx) != len(out):
+        for idx, out in heads.values():
+            idx = idx.tolist()
+            if len(idx) != len(out) or any(j >= n for j in idx):
                 return None
             out = out.float()
             probs = out.sigmoid() if self.multilabel else out.softmax(-1)
@@ -264,7 +260,7 @@ class InferenceModel:
         self.check_mode(mode, session)
         chunk: list[Prepared] = []
         for i, (image, text) in enumerate(pairs):
-            chunk.append(self.prepare(image, text, key=str(i), session=session or 0))
+            chunk.append(self.prepare(image, text, key=str(i)))
             if len(chunk) == self.batch_size:
                 yield from self._run(chunk, mode, session)
                 chunk = []

@@ -18,13 +18,16 @@ from pathlib import Path
 
 import torch
 
+from delo_dist.training import checkpoint
+
 EXPORT_FORMAT = "delo-dist-inference/1"
 EXPORT_CONFIG, EXPORT_RECIPE, WEIGHTS = "config.json", "recipe.yaml", "model.safetensors"
 
 
-class CheckpointError(ValueError):
-    """The folder is not something `load` reads, or was written by an incompatible version:
-    one line saying what was expected."""
+# The folder is not something `load` reads, or was written by an incompatible version: one
+# line saying what was expected. Training's own error (a checkpoint missing, unreadable or not
+# what was written), so that one except clause takes both.
+CheckpointError = checkpoint.CheckpointError
 
 
 # ------------------------------------------------------------------ what a folder holds
@@ -76,8 +79,7 @@ def resolve_folder(path: str | Path, shards: str | Path | None = None) -> ModelI
     if (path / EXPORT_CONFIG).is_file():
         return _export_info(path)
     if not (path / "state.json").is_file() and (path / "checkpoints" / "latest").is_file():
-        from delo_dist.training.checkpoint import latest
-        newest = latest(path)
+        newest = checkpoint.latest(path)
         if newest is None:
             raise CheckpointError(f"{path}/checkpoints/latest names no complete checkpoint")
         path = newest
@@ -92,8 +94,9 @@ def resolve_folder(path: str | Path, shards: str | Path | None = None) -> ModelI
 def _checkpoint_info(path: Path, shards) -> ModelInfo:
     import yaml
     from delo_dist.data.shards import manifest_sha256, read_manifest
+    from delo_dist.training.run_identity import RECIPE_FILE, RUN_FILE
     run = path.parent.parent
-    recipe_path = run / "recipe.resolved.yaml"
+    recipe_path = run / RECIPE_FILE
     if not recipe_path.is_file():
         raise CheckpointError(f"{path}: the run's recipe {recipe_path} is missing (a training "
                               "checkpoint is read with the recipe its run recorded)")
@@ -113,7 +116,7 @@ def _checkpoint_info(path: Path, shards) -> ModelInfo:
                               f"read ({e}); pass shards=DIR (--shards-manifest DIR), or predict "
                               "from an export (python -m delo_dist.export), which carries them")
     sha = manifest_sha256(root)
-    run_json = run / "run.json"
+    run_json = run / RUN_FILE
     recorded = (json.loads(run_json.read_text()).get("manifest_sha256")
                 if run_json.is_file() else None)
     if recorded and recorded != sha:
@@ -168,28 +171,23 @@ def read_recipe(info: ModelInfo, backbone: str | None = None):
 
 # ------------------------------------------------------------------ building and loading
 
-# Identifier buffers that only fitting reads (route never does): an export leaves them out.
-# A source can list its own as `fit_only_buffers`.
-FIT_ONLY = {"AnalyticRouter": ("gram", "sums", "val_gram", "val_sums", "val_counts")}
-
-
 def fit_only_tensors(model) -> set[str]:
-    ident = model.identifier
-    names = getattr(ident, "fit_only_buffers", FIT_ONLY.get(type(ident).__name__, ()))
+    """The identifier's buffers that only fitting reads (route never does: its
+    `fit_only_buffers`), by model tensor name: an export leaves them out."""
+    names = getattr(model.identifier, "fit_only_buffers", ())   # None: a method without one
     return {f"identifier.{n}" for n in names}
 
 
 def load_weights(info: ModelInfo, model, include_backbone: bool) -> None:
     """Copy the folder's tensors into `model`; any disagreement of names or shapes means the
     folder was written by an incompatible version (one line naming a few)."""
-    from safetensors.torch import load_file
-    from delo_dist.training.checkpoint import LEGACY_PREFIXES, model_tensors
+    from delo_dist.training.checkpoint import model_tensors, read_model_tensors
     try:
-        tensors = load_file(str(info.weights))
-    except Exception as e:  # noqa: BLE001 - any unreadable file: say which
-        raise CheckpointError(f"{info.weights}: not a readable safetensors file ({e})")
-    for old, new in LEGACY_PREFIXES.items():
-        tensors = {new + n[len(old):] if n.startswith(old) else n: t for n, t in tensors.items()}
+        tensors = read_model_tensors(info.weights, model, info.source)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an identifier refusing the file's layout: one line
+        raise CheckpointError(f"{info.weights}: {e}") from None
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     expected = set(model_tensors(model, include_backbone)) - set(info.dropped)
     unknown, missing = sorted(set(tensors) - set(own)), sorted(expected - set(tensors))

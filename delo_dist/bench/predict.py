@@ -13,7 +13,6 @@ samples/s mean +/- std each and their paired difference) and predict the same cl
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from delo_dist.bench.harness import Row
@@ -26,23 +25,20 @@ from delo_dist.training.engines import autocast
 def export_untrained(model, recipe, folder: Path, precision: str) -> None:
     """An export folder of a model built from `recipe` (every session counted as finished)."""
     import yaml
-    from safetensors.torch import save_file
 
     from delo_dist.config import to_dict
-    from delo_dist.model_folder import EXPORT_CONFIG, EXPORT_RECIPE, WEIGHTS, ModelInfo
+    from delo_dist.export import write_export
+    from delo_dist.model_folder import EXPORT_RECIPE, WEIGHTS, ModelInfo
     from delo_dist.training.checkpoint import model_tensors
     folder.mkdir(parents=True)
-    tree = to_dict(recipe)
-    (folder / EXPORT_RECIPE).write_text(yaml.safe_dump(tree, sort_keys=False))
     info = ModelInfo(recipe_path=folder / EXPORT_RECIPE,
                      class_names=[f"class_{c}" for c in range(model.num_classes)],
                      session_classes=model.session_classes, num_classes=model.num_classes,
                      multilabel=model.multilabel, multilabel_classes="seen",
                      seen=model.n_sessions, precision=precision, weights=folder / WEIGHTS,
                      kind="export", source=folder)
-    (folder / EXPORT_CONFIG).write_text(json.dumps(info.config(tree), indent=1))
-    save_file(model_tensors(model, include_backbone=not recipe.backbone.pretrained),
-              str(folder / WEIGHTS))
+    write_export(folder, model_tensors(model, include_backbone=not recipe.backbone.pretrained),
+                 info, yaml.safe_dump(to_dict(recipe), sort_keys=False))
 
 
 def prediction_rows(setup: Setup, name: str, entry: BenchEntry, batch_size: int,

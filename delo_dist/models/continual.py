@@ -15,7 +15,7 @@ from delo_dist.config import plugin_class
 from delo_dist.models.adapters import PROXY_NONE, AdaptedLinear, RoutingContext, masked_mean
 from delo_dist.models.backbone import build_backbone
 from delo_dist.models.inputs import concat_batches, subset
-from delo_dist.models.task_id import build_task_identifier
+from delo_dist.models.task_id import TaskIdentifier, build_task_identifier
 
 
 def parameter_summary(model: "ContinualModel") -> dict:
@@ -67,7 +67,8 @@ class ContinualModel(nn.Module):
         # the module whose output they average routes the batch before any adapter acts.
         self._route_seen: int | None = None     # set by predict: route in the forward
         self._first_layer = None                # (input_ids of the forward's main rows, q)
-        self.last_identification = None         # (features, flags, seen) the identifier last read
+        self.last_identification = None         # (features, flags, seen, scores|None): identify
+        self.last_head_logits = None            # {k: (rows, logits)} of the last predict_with
         self._main_ids = None                   # set while a forward runs
         # Sources that need the adapter-free pooled feature pay a separate pass instead.
         hooked = (self.backbone.first_layer_module()
@@ -193,16 +194,27 @@ class ContinualModel(nn.Module):
         return self.identify(self.identification_features(batch), batch, seen)
 
     def identify(self, feats: dict, flags: dict, seen: int) -> torch.Tensor:
-        """The identifier's routes; what it read is kept (`last_identification`) so that
-        prediction reports its confidence without a second identification pass."""
-        self.last_identification = (feats, flags, seen)
-        return self.identifier.route(feats, flags, seen)
+        """The identifier's routes; what it read is kept (`last_identification`: features,
+        flags, seen and, where the route is the argmax of its scores, those scores) so that
+        prediction reports its confidence without a second identification pass or scoring.
+        predict identifies under the training's autocast: the kept scores are the ones the
+        route took (fp32 on CPU; in bf16/fp16 they may differ in the last bits from an fp32
+        re-score of the features)."""
+        ident = self.identifier
+        if type(ident).route is TaskIdentifier.route:   # the best-scoring session: score once
+            scores = ident.scores(feats, flags, seen)
+            self.last_identification = (feats, flags, seen, scores)
+            return scores.argmax(1)
+        self.last_identification = (feats, flags, seen, None)   # its own route: scored later
+        return ident.route(feats, flags, seen)
 
     @torch.no_grad()
     def predict_with(self, batch: dict, sessions: torch.Tensor | None) -> torch.Tensor:
         """Predictions when sample b uses session sessions[b]'s adapters and head.
         Single-label: (B,) global class ids. Multi-label: (B, num_classes) bool.
-        sessions=None: the first-layer hook routes them (see predict); ctx.session then."""
+        sessions=None: the first-layer hook routes them (see predict); ctx.session then.
+        Each head's logits are kept, with the rows it scored (`last_head_logits`: session ->
+        (row indices, logits)), for prediction's probabilities."""
         uniq = None if sessions is None else sessions.unique()
         # Mergeable methods (MoRA) run merged when the batch routes to one session. A mixed
         # batch takes the activation path in one pass (each adapted linear applies each
@@ -224,9 +236,11 @@ class ContinualModel(nn.Module):
         n = pooled.shape[0]
         pred = (torch.zeros(n, self.num_classes, dtype=torch.bool, device=pooled.device)
                 if self.multilabel else torch.zeros(n, dtype=torch.long, device=pooled.device))
+        self.last_head_logits = {}
         for k in uniq.tolist():
             idx = (sessions == k).nonzero().squeeze(1)
             logits = self.heads[k](pooled[idx])
+            self.last_head_logits[k] = (idx, logits)
             classes = torch.tensor(self.session_classes[k], device=pooled.device)
             if self.multilabel:
                 hot = torch.zeros(len(idx), self.num_classes, dtype=torch.bool, device=pooled.device)

@@ -62,6 +62,7 @@ def present(batch: dict, device) -> torch.Tensor:
 class TaskIdentifier(Plugin, nn.Module):
     needs_pooled = False        # whether route/observe need the adapter-free pooled feature
     fits_per_session = False    # whether `fit` needs a pass over the session's data
+    fit_only_buffers: tuple = ()   # buffers only `fit` reads (route never): exports drop them
 
     @classmethod
     def build(cls, settings, session_classes: list[list[int]], num_classes: int,
@@ -385,6 +386,7 @@ class AnalyticRouter(TaskIdentifier):
     Settings = AnalyticSettings
     needs_pooled = True
     fits_per_session = True
+    fit_only_buffers = ("gram", "sums", "val_gram", "val_sums", "val_counts")
 
     @classmethod
     def build(cls, settings, session_classes, num_classes, backbone):

@@ -372,18 +372,27 @@ def load_state(path: Path) -> dict:
 LEGACY_PREFIXES = {"task_keys.": "identifier."}
 
 
-def load_model(path: Path, model) -> None:
-    file = path / "model.safetensors"
+def read_model_tensors(file: Path, model, where: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a model file (`file`, safetensors) under today's names (LEGACY_PREFIXES),
+    the identifier's as it adopts them (`adopt_checkpoint(tensors, where)`: it checks, or
+    takes, the layout it was fitted on, and may rebuild its buffers: read the model's own
+    tensors after this). Unreadable: CheckpointError; an identifier's refusal: its error."""
     tensors = _read(file, lambda: load_file(str(file)))
     for old, new in LEGACY_PREFIXES.items():
         tensors = {new + n[len(old):] if n.startswith(old) else n: t for n, t in tensors.items()}
     adopt = getattr(getattr(model, "identifier", None), "adopt_checkpoint", None)
     if adopt is not None:   # the identifier checks (or takes) the layout it was fitted on
         mine = {n[len("identifier."):]: t for n, t in tensors.items() if n.startswith("identifier.")}
-        replaced = adopt(mine, path)
+        replaced = adopt(mine, where)
         if replaced is not None:
             tensors = {n: t for n, t in tensors.items() if not n.startswith("identifier.")}
             tensors.update({"identifier." + n: t for n, t in replaced.items()})
+    return tensors
+
+
+def load_model(path: Path, model) -> None:
+    file = path / "model.safetensors"
+    tensors = read_model_tensors(file, model, path)
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     unknown = sorted(set(tensors) - set(own))
     if unknown:
