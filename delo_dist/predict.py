@@ -317,9 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load(args.checkpoint, device=args.device, precision=args.precision,
                      backbone=args.backbone, shards=args.manifest, batch_size=args.batch_size)
-        if args.mode == "task_agnostic" or not args.shards:   # oracle, shards: each sample's own
-            model.check_mode(args.mode, args.session)
-    except (CheckpointError, ValueError) as e:   # ValueError: check_mode's, an InputError
+        if args.mode == "task_agnostic" and args.session is not None:
+            raise InputError("--session is for --mode oracle")
+        if args.mode == "oracle" and not args.shards:
+            model.check_mode("oracle", args.session)
+    except (CheckpointError, InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.shards:
