@@ -41,8 +41,9 @@ INTEGRITY = "integrity.json"
 LATEST = "latest"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or not what was written."""
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or not what was written (a ValueError: what
+    `delo_dist.load` raises for a bad model folder too)."""
 
 
 class CheckpointWriteError(RuntimeError):
