@@ -418,16 +418,16 @@ def _import_plugins(tree: dict, src: str, given: dict) -> None:
 def check_compatible(recipe: Recipe, src: str) -> None:
     """The method's needs against the backbone's capabilities: one line naming both. A method
     whose needs depend on its settings (a prompt position) says them with `needs_for`."""
+    from delo_dist import plugins
     method, backbone = plugin_class(recipe.method), plugin_class(recipe.backbone)
-    have = getattr(backbone, "capabilities", frozenset())
-    needs = (method.needs_for(recipe.method.settings) if hasattr(method, "needs_for")
-             else method.needs)
-    for capability, why in needs.items():
-        if capability not in have:
-            raise RecipeError(
-                f"{src}: key 'method.name' {recipe.method.name!r} needs the backbone capability "
-                f"'{capability}' ({why}), which key 'backbone.name' {recipe.backbone.name!r} "
-                f"lacks (it has: {', '.join(sorted(have)) or 'none'})")
+    missing = plugins.missing_capabilities(method, backbone, recipe.method.settings)
+    if missing:
+        capability, why = next(iter(missing.items()))   # the first the method lists
+        have = plugins.capabilities(backbone)
+        raise RecipeError(
+            f"{src}: key 'method.name' {recipe.method.name!r} needs the backbone capability "
+            f"'{capability}' ({why}), which key 'backbone.name' {recipe.backbone.name!r} "
+            f"lacks (it has: {', '.join(sorted(have)) or 'none'})")
 
 
 # Sections renamed since earlier versions: still read, with a one-line note.

@@ -55,9 +55,8 @@ def applies(method: str, backbone: str) -> str | None:
     """None if the method can run on the backbone, else why not (a capability it needs that
     the backbone lacks: the plug-ins declare both)."""
     from delo_dist import plugins
-    needs = plugins.get("method", method).needs
-    have = getattr(plugins.get("backbone", backbone), "capabilities", frozenset())
-    missing = [c for c in needs if c not in have]
+    missing = list(plugins.missing_capabilities(plugins.get("method", method),
+                                                plugins.get("backbone", backbone)))
     return f"{method} needs '{missing[0]}', which {backbone} lacks" if missing else None
 
 
