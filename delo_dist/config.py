@@ -96,7 +96,9 @@ class TaskIdConfig:
     """task_id.source and the source's own section task_id.<source>.*"""
     _plugin_kind: ClassVar[str] = "task_id"
     _name_key: ClassVar[str] = "source"
-    _legacy: ClassVar[tuple] = ("momentum",)
+    # keys of earlier versions, now under task_id.<source>.* (ema's, analytic's)
+    _legacy: ClassVar[tuple] = ("momentum", "layers", "max_dims", "reduce", "projection_seed",
+                                "targets")
     # task identification (delo_dist/models/task_id.py): analytic routes best on the content
     # benchmark; paper = Eq. 7/8 as written
     source: str = "analytic"
