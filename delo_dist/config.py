@@ -230,11 +230,18 @@ def _build(cls: type, values: dict, prefix: str, src: str) -> Any:
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
             raise RecipeError(f"{src}: unknown key '{key}'; expected one of {sorted(names)}")
-        kwargs[k] = _coerce(v, hints[k], key, src)
-        default = next(f for f in dataclasses.fields(cls) if f.name == k).default_factory
-        if hints[k] is dict and default is not dataclasses.MISSING:
-            kwargs[k] = {**default(), **kwargs[k]}  # a dict key overrides, not replaces, defaults
+        kwargs[k] = _field_value(cls, hints, k, v, key, src)
     return cls(**kwargs)
+
+
+def _field_value(cls: type, hints: dict, name: str, value: Any, key: str, src: str) -> Any:
+    """A dataclass field's value from the recipe: typed, and a dict merged into the field's
+    default dict (a dict key overrides, not replaces, defaults)."""
+    value = _coerce(value, hints[name], key, src)
+    default = next(f for f in dataclasses.fields(cls) if f.name == name).default_factory
+    if hints[name] is dict and default is not dataclasses.MISSING:
+        value = {**default(), **value}
+    return value
 
 
 class _SectionCheck:
@@ -295,9 +302,7 @@ def _build_plugin_config(cls: type, values: dict, prefix: str, src: str) -> Any:
     for k, v in values.items():
         key = f"{prefix}.{k}"
         if k in common:
-            kwargs[k] = _coerce(v, hints[k], key, src)
-            if hints[k] is dict and fields[k].default_factory is not dataclasses.MISSING:
-                kwargs[k] = {**fields[k].default_factory(), **kwargs[k]}
+            kwargs[k] = _field_value(cls, hints, k, v, key, src)
         elif k in cls._legacy:
             legacy[k] = v
         elif k == section or (k not in ("settings",) and _section_owner(kind, k) is not None):
