@@ -258,12 +258,13 @@ def _plugin(kind: str, name: Any, key: str, src: str):
     from delo_dist import plugins
     if not isinstance(name, str):
         raise RecipeError(f"{src}: key '{key}' expected str, got {name!r}")
+    known = plugins.names(kind)
+    if name not in known:
+        raise RecipeError(f"{src}: key '{key}': unknown name {name!r}; known: {known}")
     try:
         return plugins.get(kind, name)
-    except plugins.PluginError as e:
-        raise RecipeError(f"{src}: key '{key}': unknown name {name!r}; known: "
-                          f"{plugins.names(kind)}") if "unknown name" in str(e) else \
-            RecipeError(f"{src}: {e}") from None
+    except plugins.PluginError as e:  # a known name whose plug-in fails to load
+        raise RecipeError(f"{src}: {e}") from None
 
 
 def _section_owner(kind: str, section: str):
