@@ -155,13 +155,18 @@ def names(kind: str) -> list[str]:
     return sorted(set(_registered[kind]) | set(BUILTIN[kind]) | set(_entry_points(kind)))
 
 
+def load_symbol(spec: str) -> Any:
+    """"module:attribute" -> the attribute, its module imported."""
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def get(kind: str, name: str) -> Any:
     """The plug-in class registered under `name`, imported on first use."""
     if name in _registered[kind]:
         return _registered[kind][name]
     if name in BUILTIN[kind]:
-        module, _, attr = BUILTIN[kind][name].partition(":")
-        cls = getattr(importlib.import_module(module), attr)
+        cls = load_symbol(BUILTIN[kind][name])
     else:
         found = _entry_points(kind).get(name)
         if found is None:
