@@ -58,7 +58,7 @@ from delo_dist.models.adapters import masked_mean
 from delo_dist.models.backbone import Backbone, IdentificationLayer, LinearSite, select_targets
 from delo_dist.models.inputs import decode_image, labels_tensor
 from delo_dist.models.offline_vocab import offline_tokenizer
-from delo_dist.models.prompts import PromptHooks, batched
+from delo_dist.models.prompts import PromptHooks, with_prefix
 from delo_dist.plugins import BenchEntry
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)   # CLIPImageProcessor's defaults
@@ -79,8 +79,7 @@ class ClipPrefixAttention(modeling_clip.CLIPAttention):
             return super().forward(hidden_states, attention_mask, **kwargs)
         b, n, _ = hidden_states.shape
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-        k = torch.cat([batched(prefix[0], b, k.dtype), k], 1)               # (B, P + N, d)
-        v = torch.cat([batched(prefix[1], b, v.dtype), v], 1)
+        k, v = with_prefix(prefix, k, v)                                    # (B, P + N, d)
         split = lambda t: t.view(b, t.shape[1], -1, self.head_dim).transpose(1, 2)  # noqa: E731
         attend = modeling_clip.ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, modeling_clip.eager_attention_forward)
