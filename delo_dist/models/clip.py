@@ -108,8 +108,11 @@ class ClipSettings:
 class ClipBackbone(Backbone):
     name = "clip"
     Settings = ClipSettings
-    # two encoders, one modality each; the other modality's query given from outside
-    capabilities = frozenset({"two_encoders", "prompt_input", "prompt_prefix"})
+    # two encoders, one modality each; the other modality's query given from outside; prompts
+    # only where this transformers' CLIP layers take one mask (an older one: none, prompts.py),
+    # decided here once, so checks made before any model exists read the same
+    capabilities = frozenset({"two_encoders"} | (
+        {"prompt_input", "prompt_prefix"} if _unified_attention() else set()))
     default_dummy_image = "white"  # a white image through CLIP's normalisation (the MoRA code)
     bench = BenchEntry(full={  # python -m delo_dist.bench --full: ViT-B/16 and its text encoder
         "backbone.tiny.hidden_size": 768, "backbone.tiny.num_hidden_layers": 12,
@@ -162,10 +165,7 @@ class ClipBackbone(Backbone):
             for i, layer in enumerate(model.encoder.layers):
                 layer.register_forward_pre_hook(
                     lambda mod, args, e=encoder, i=i: self._set_guide(mod, args, e, i))
-        self.prompt_hooks = self._install_prompts(ctx) if _unified_attention() else []
-        if not self.prompt_hooks:
-            # an older transformers: no prompts (prompts.py)
-            self.capabilities = self.capabilities - {"prompt_input", "prompt_prefix"}
+        self.prompt_hooks = self._install_prompts(ctx) if "prompt_input" in self.capabilities else []
 
     def _install_prompts(self, ctx) -> list[PromptHooks]:
         """Prompt hooks on each encoder (prompts.py); the text encoder's masks are causal."""
