@@ -152,6 +152,10 @@ class ClipBackbone(Backbone):
         self.image_size = vision_cfg.image_size
         self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
+        # the same statistics on the CPU, where images are decoded and normalised (not buffers:
+        # they stay there whatever device the model moves to)
+        self._mean_cpu = torch.tensor(mean).view(3, 1, 1)
+        self._std_cpu = torch.tensor(std).view(3, 1, 1)
         p = self.clip.config.projection_dim
         self.hidden_size, self.query_dim = 2 * p, p
         self.targets = list(cfg.targets or ["q_proj", "k_proj", "v_proj"])
@@ -225,7 +229,7 @@ class ClipBackbone(Backbone):
             text_missing, image_missing = s["status"] == 1, s["status"] == 2
             texts.append("" if text_missing else s["txt"])  # dummy text: the empty string
             pixels.append(dummy if image_missing else
-                          (decode_image(s["jpg"], self.image_size) - self.mean) / self.std)
+                          self.normalize_pixels(decode_image(s["jpg"], self.image_size)))
         tok = self.tokenizer(texts, padding="max_length", truncation=True,
                              max_length=self.max_text_len, return_tensors="pt")
         status = torch.tensor([s["status"] for s in samples])
@@ -238,7 +242,7 @@ class ClipBackbone(Backbone):
         }
 
     def normalize_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.cpu()) / self.std.cpu()
+        return (x - self._mean_cpu) / self._std_cpu
 
     # ---------------------------------------------------------------- forward
     def _first_layer_means(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
