@@ -262,7 +262,11 @@ class Backbone(Plugin, nn.Module):
             if self._capture is not None:
                 self._capture.update(feats)
             return
-        feats = {k: v.detach().clone() for k, v in feats.items()}
+        copies: dict[int, torch.Tensor] = {}   # one copy per distinct tensor: entries that
+        for v in feats.values():               # were one tensor stay one (CLIP's cls, pooled)
+            if id(v) not in copies:
+                copies[id(v)] = v.detach().clone()
+        feats = {k: copies[id(v)] for k, v in feats.items()}
         self._frozen = (weakref.ref(batch["input_ids"]), weakref.ref(batch["pixel_values"]), feats)
 
     def with_dummy(self, batch: dict, rows: torch.Tensor, drop_text: torch.Tensor) -> dict:
