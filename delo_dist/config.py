@@ -96,7 +96,9 @@ class TaskIdConfig:
     """task_id.source and the source's own section task_id.<source>.*"""
     _plugin_kind: ClassVar[str] = "task_id"
     _name_key: ClassVar[str] = "source"
-    _legacy: ClassVar[tuple] = ("momentum",)
+    # keys of earlier versions, now under task_id.<source>.* (ema's, analytic's)
+    _legacy: ClassVar[tuple] = ("momentum", "layers", "max_dims", "reduce", "projection_seed",
+                                "targets")
     # task identification (delo_dist/models/task_id.py): analytic routes best on the content
     # benchmark; paper = Eq. 7/8 as written
     source: str = "analytic"
@@ -228,11 +230,18 @@ def _build(cls: type, values: dict, prefix: str, src: str) -> Any:
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
             raise RecipeError(f"{src}: unknown key '{key}'; expected one of {sorted(names)}")
-        kwargs[k] = _coerce(v, hints[k], key, src)
-        default = next(f for f in dataclasses.fields(cls) if f.name == k).default_factory
-        if hints[k] is dict and default is not dataclasses.MISSING:
-            kwargs[k] = {**default(), **kwargs[k]}  # a dict key overrides, not replaces, defaults
+        kwargs[k] = _field_value(cls, hints, k, v, key, src)
     return cls(**kwargs)
+
+
+def _field_value(cls: type, hints: dict, name: str, value: Any, key: str, src: str) -> Any:
+    """A dataclass field's value from the recipe: typed, and a dict merged into the field's
+    default dict (a dict key overrides, not replaces, defaults)."""
+    value = _coerce(value, hints[name], key, src)
+    default = next(f for f in dataclasses.fields(cls) if f.name == name).default_factory
+    if hints[name] is dict and default is not dataclasses.MISSING:
+        value = {**default(), **value}
+    return value
 
 
 class _SectionCheck:
@@ -249,12 +258,13 @@ def _plugin(kind: str, name: Any, key: str, src: str):
     from delo_dist import plugins
     if not isinstance(name, str):
         raise RecipeError(f"{src}: key '{key}' expected str, got {name!r}")
+    known = plugins.names(kind)
+    if name not in known:
+        raise RecipeError(f"{src}: key '{key}': unknown name {name!r}; known: {known}")
     try:
         return plugins.get(kind, name)
-    except plugins.PluginError as e:
-        raise RecipeError(f"{src}: key '{key}': unknown name {name!r}; known: "
-                          f"{plugins.names(kind)}") if "unknown name" in str(e) else \
-            RecipeError(f"{src}: {e}") from None
+    except plugins.PluginError as e:  # a known name whose plug-in fails to load
+        raise RecipeError(f"{src}: {e}") from None
 
 
 def _section_owner(kind: str, section: str):
@@ -293,9 +303,7 @@ def _build_plugin_config(cls: type, values: dict, prefix: str, src: str) -> Any:
     for k, v in values.items():
         key = f"{prefix}.{k}"
         if k in common:
-            kwargs[k] = _coerce(v, hints[k], key, src)
-            if hints[k] is dict and fields[k].default_factory is not dataclasses.MISSING:
-                kwargs[k] = {**fields[k].default_factory(), **kwargs[k]}
+            kwargs[k] = _field_value(cls, hints, k, v, key, src)
         elif k in cls._legacy:
             legacy[k] = v
         elif k == section or (k not in ("settings",) and _section_owner(kind, k) is not None):
@@ -418,16 +426,16 @@ def _import_plugins(tree: dict, src: str, given: dict) -> None:
 def check_compatible(recipe: Recipe, src: str) -> None:
     """The method's needs against the backbone's capabilities: one line naming both. A method
     whose needs depend on its settings (a prompt position) says them with `needs_for`."""
+    from delo_dist import plugins
     method, backbone = plugin_class(recipe.method), plugin_class(recipe.backbone)
-    have = getattr(backbone, "capabilities", frozenset())
-    needs = (method.needs_for(recipe.method.settings) if hasattr(method, "needs_for")
-             else method.needs)
-    for capability, why in needs.items():
-        if capability not in have:
-            raise RecipeError(
-                f"{src}: key 'method.name' {recipe.method.name!r} needs the backbone capability "
-                f"'{capability}' ({why}), which key 'backbone.name' {recipe.backbone.name!r} "
-                f"lacks (it has: {', '.join(sorted(have)) or 'none'})")
+    missing = plugins.missing_capabilities(method, backbone, recipe.method.settings)
+    if missing:
+        capability, why = next(iter(missing.items()))   # the first the method lists
+        have = plugins.capabilities(backbone)
+        raise RecipeError(
+            f"{src}: key 'method.name' {recipe.method.name!r} needs the backbone capability "
+            f"'{capability}' ({why}), which key 'backbone.name' {recipe.backbone.name!r} "
+            f"lacks (it has: {', '.join(sorted(have)) or 'none'})")
 
 
 # Sections renamed since earlier versions: still read, with a one-line note.

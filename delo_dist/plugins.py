@@ -115,6 +115,21 @@ def bench_entry(cls: Any) -> Optional[BenchEntry]:
     return entry if entry is None or isinstance(entry, BenchEntry) else BenchEntry(dict(entry))
 
 
+def capabilities(backbone_cls: Any) -> frozenset:
+    """What the backbone declares it can do (none declared: the empty set)."""
+    return getattr(backbone_cls, "capabilities", frozenset())
+
+
+def missing_capabilities(method_cls: Any, backbone_cls: Any, settings: Any = None) -> dict:
+    """{capability: why the method needs it} for each need the backbone lacks, in the order
+    the method lists them. With `settings`, a method whose needs depend on them (a prompt
+    position) says them with `needs_for`; without, its class-level `needs`."""
+    needs = (method_cls.needs_for(settings)
+             if settings is not None and hasattr(method_cls, "needs_for") else method_cls.needs)
+    have = capabilities(backbone_cls)
+    return {c: why for c, why in needs.items() if c not in have}
+
+
 class PluginError(ValueError):
     """A plug-in name or file that cannot be resolved; the message names the recipe key."""
 
@@ -140,13 +155,18 @@ def names(kind: str) -> list[str]:
     return sorted(set(_registered[kind]) | set(BUILTIN[kind]) | set(_entry_points(kind)))
 
 
+def load_symbol(spec: str) -> Any:
+    """"module:attribute" -> the attribute, its module imported."""
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def get(kind: str, name: str) -> Any:
     """The plug-in class registered under `name`, imported on first use."""
     if name in _registered[kind]:
         return _registered[kind][name]
     if name in BUILTIN[kind]:
-        module, _, attr = BUILTIN[kind][name].partition(":")
-        cls = getattr(importlib.import_module(module), attr)
+        cls = load_symbol(BUILTIN[kind][name])
     else:
         found = _entry_points(kind).get(name)
         if found is None:

@@ -32,7 +32,6 @@ without --index, one line per point: `I: <axis overrides>`.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -55,9 +54,8 @@ def applies(method: str, backbone: str) -> str | None:
     """None if the method can run on the backbone, else why not (a capability it needs that
     the backbone lacks: the plug-ins declare both)."""
     from delo_dist import plugins
-    needs = plugins.get("method", method).needs
-    have = getattr(plugins.get("backbone", backbone), "capabilities", frozenset())
-    missing = [c for c in needs if c not in have]
+    missing = list(plugins.missing_capabilities(plugins.get("method", method),
+                                                plugins.get("backbone", backbone)))
     return f"{method} needs '{missing[0]}', which {backbone} lacks" if missing else None
 
 
@@ -144,16 +142,15 @@ def expand(name: str, recipe_path: str, fixed: list[str], axes: dict, root: Path
     """(points that apply, excluded (axes, reason) pairs); every point's recipe resolved."""
     base = load_recipe(recipe_path, fixed)  # imports the recipe's own plug-ins too
     points, excluded = [], []
-    for values in itertools.product(*axes.values()):
-        point_axes = dict(zip(axes, values))
-        over = fixed + [f"{k}={v}" for k, v in point_axes.items()]
+    for index in range(grid_size(axes)):   # the order and folders of the array tasks
+        folder, over, point_axes = grid_point(fixed, axes, index)
         method = point_axes.get("method.name", base.method.name)
         backbone = point_axes.get("backbone.name", base.backbone.name)
         why = applies(method, backbone)
         if why:
             excluded.append((point_axes, why))
             continue
-        out = root / slug(values)
+        out = root / folder
         over += [f"output_dir={out}", *sweep_tag(name, fixed)]
         try:
             recipe = load_recipe(recipe_path, over)

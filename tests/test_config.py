@@ -65,6 +65,19 @@ def test_overrides_apply_and_dict_keys_merge(tmp_path, shards):
     assert isinstance(load_recipe(None, [f"data.shards={shards}", "train.lr=1"]).train.lr, float)
 
 
+def test_task_id_keys_of_earlier_versions_move_under_their_source(tmp_path, shards, capsys):
+    r = load_recipe(write(tmp_path, f"data:\n  shards: {shards}\ntask_id:\n  layers: last\n"
+                                    "  max_dims: 64\n  reduce: sketch\n  projection_seed: 3\n"
+                                    "  targets: class\n"), [])
+    s = r.task_id.settings
+    assert (s.layers, s.max_dims, s.reduce, s.projection_seed, s.targets) == (
+        "last", 64, "sketch", 3, "class")
+    assert "now live under 'task_id.analytic'" in capsys.readouterr().err
+    r = load_recipe(write(tmp_path, f"data:\n  shards: {shards}\n"),
+                    ["task_id.source=paper", "task_id.layers=last", "task_id.momentum=0.5"])
+    assert r.task_id.settings.momentum == 0.5   # layers: not paper's, ignored with a note
+
+
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
 def test_every_shipped_recipe_validates(recipe, shards):
     r = load_recipe(REPO / "recipes" / recipe, [f"data.shards={shards}"])

@@ -234,3 +234,14 @@ def test_ablations_command_writes_a_table(shards, tmp_path):
     assert [sum(line.startswith(f"| {v} |") for line in lines) for v in ("delo", "head_only")] == [2, 2]
     assert f"{100 * rows[0]['ap']:.2f}" in text       # one row in each table: main, by availability
     assert rows[0]["oracle_fg"] == 0.0      # DeLo's sessions are isolated: only routing forgets
+
+
+@pytest.mark.parametrize("method", ["lora", "delo"])
+def test_targets_may_include_a_linear_outside_the_encoder_layers(recipe_for, method):
+    """backbone.targets [dense] also matches ViLT's pooler.dense, which sits in no encoder
+    layer: LoRA and DeLo adapt it (only MoRA reads where a linear sits)."""
+    recipe = recipe_for(**{"method.name": method, "backbone.targets": "[dense]"})
+    _, model = model_for(recipe)
+    names = {n for n, m in model.backbone.named_modules() if isinstance(m, AdaptedLinear)}
+    assert any(n.endswith("pooler.dense") for n in names)
+    assert any(".encoder.layer." in n for n in names)

@@ -15,6 +15,7 @@ from tests.conftest import REPO
     ("train.lr=0", "train.lr"), ("train.epochs=three", "train.epochs"),
     ("data.etaa=0.3", "data.etaa"), ("method.delo.rank=99", "method.delo.rank"),
     ("method.rank=99", "method.delo.rank"),   # a key of an earlier version, moved: still blamed
+    ("task_id.max_dims=8", "task_id.analytic.max_dims"),   # likewise (task_id.analytic.*)
 ])
 def test_override_errors_name_the_command_line(shards, override, key):
     with pytest.raises(RecipeError) as e:

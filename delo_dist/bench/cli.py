@@ -80,10 +80,10 @@ def chosen_methods(backbone: str, names: str | None, overrides: list[str]) -> tu
                                f"method.name={name}", *overrides])
         return chosen, {}
     chosen, skipped = [], {}
-    have = plugins.get("backbone", backbone).capabilities
+    backbone_cls = plugins.get("backbone", backbone)
     for name in plugins.names("method"):
         cls = plugins.get("method", name)
-        lacking = [c for c in cls.needs if c not in have]
+        lacking = list(plugins.missing_capabilities(cls, backbone_cls))
         if plugins.bench_entry(cls) is None:
             skipped[name] = "bench entry None"
         elif lacking:

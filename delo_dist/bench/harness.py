@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import psutil
 import torch
 
+from delo_dist import metrics as M
 from delo_dist.training.engines import autocast
 
 
@@ -123,16 +124,16 @@ class Harness:
 
 
 def mean_std(values: list[float]) -> dict:
-    """Mean and sample standard deviation (n - 1); std 0 for a single value."""
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    """metrics.mean_std (mean, sample standard deviation) as a dict; std 0 for a single value."""
+    mean, std, n = M.mean_std(values)
+    return {"mean": mean, "std": 0.0 if std is None else std, "n": n}
 
 
 def stats(times_ms: list[float], samples: int) -> dict:
     rates = [samples / (t / 1e3) for t in times_ms]
+    times = mean_std(times_ms)
     return {"times_ms": times_ms, "median_ms": statistics.median(times_ms), "min_ms": min(times_ms),
-            "mean_ms": statistics.fmean(times_ms),
-            "std_ms": statistics.stdev(times_ms) if len(times_ms) > 1 else 0.0,
+            "mean_ms": times["mean"], "std_ms": times["std"],
             "repeats": len(times_ms), "samples": samples, "samples_per_s": mean_std(rates)}
 
 
@@ -174,6 +175,6 @@ def paired_rates(a: dict, b: dict) -> dict:
     rb = [b["samples"] / (t / 1e3) for t in b["times_ms"]]
     diff = mean_std([x - y for x, y in zip(ra, rb)])
     se = diff["std"] / math.sqrt(diff["n"])
-    return {"a": mean_std(ra), "b": mean_std(rb), "difference": diff,
-            "ratio_of_means": statistics.fmean(ra) / statistics.fmean(rb),
+    sa, sb = mean_std(ra), mean_std(rb)
+    return {"a": sa, "b": sb, "difference": diff, "ratio_of_means": sa["mean"] / sb["mean"],
             "within_noise": abs(diff["mean"]) <= 2 * se}

@@ -30,7 +30,6 @@ complete samples, a memory pass, longer sequences from prompts).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 from dataclasses import dataclass
 
@@ -46,7 +45,8 @@ from delo_dist.models.adapters import RoutingContext
 from delo_dist.models.backbone import build_backbone
 from delo_dist.models.continual import ContinualModel
 from delo_dist.models.inputs import subset
-from delo_dist.plugins import BenchEntry, BenchVariant
+from delo_dist.plugins import BenchEntry, BenchVariant, load_symbol
+from delo_dist.training.evaluation import to_device
 from delo_dist.training.objective import objective, observe_task_id
 
 CLASSES_PER_SESSION = 4
@@ -57,10 +57,7 @@ def _value(v) -> str:
     return v if isinstance(v, str) else json.dumps(v)   # YAML reads JSON scalars and lists
 
 
-def resolve(spec: str):
-    """"module:function" -> the function."""
-    module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)
+resolve = load_symbol   # "module:function" -> the function (bench/loader.py's name for it)
 
 
 @dataclass
@@ -90,10 +87,6 @@ class Setup:
         return [{"key": f"bench-{i}", "jpg": encode_jpeg(photo(rng, image_size, image_size)),
                  "txt": sentence(rng), "label": (i % S) * CLASSES_PER_SESSION + i % CLASSES_PER_SESSION,
                  "session": i % S, "status": (0, 1, 0, 2)[i % 4]} for i in range(n)]
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def fresh(batch: dict) -> dict:
@@ -305,7 +298,7 @@ class RowBuilder:
         model.ctx.naive = v.naive
         if v.merged is not None:
             model.merged_inference = v.merged
-        extra = resolve(v.reference)(model, entry_recipe) if v.reference else {}
+        extra = load_symbol(v.reference)(model, entry_recipe) if v.reference else {}
         batch = to_device(model.backbone.collate(self.samples), self.setup.device)
         complete = ~(batch["missing_text"] | batch["missing_image"])
         self.complete_fraction = complete.float().mean().item()

@@ -194,13 +194,16 @@ class Mora(Method):
         """The targets (k/v projections), in the upper layers only (as the MoRA code)."""
         linears = super().select_linears(backbone, targets)
         start = self.cfg.layers_from
-        keep = {n: m for n, m in linears.items() if backbone.linear_site(n).layer >= (
-            start if start is not None else _upper_start(backbone.linear_site(n).num_layers))}
+        sites = {n: backbone.linear_site(n) for n in linears}
+        keep = {n: m for n, m in linears.items() if sites[n].layer >= (
+            start if start is not None else _upper_start(sites[n].num_layers))}
         if not keep:
             raise ValueError(f"method.mora.layers_from={start}: no linear left to adapt")
+        self._sites = {n: sites[n] for n in keep}   # name -> LinearSite, read by make_session
         return keep
 
-    def make_session(self, d_in, d_out, *, site, base, session, **_):
+    def make_session(self, d_in, d_out, *, name, base, session, **_):
+        site = self._sites[name]
         shared = self._factors.setdefault((site.layer, session), SharedFactors(self.cfg.rank))
         return MoraSession(base, site.modality, shared, self.cfg)
 

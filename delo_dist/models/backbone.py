@@ -118,13 +118,40 @@ class Backbone(Plugin, nn.Module):
         """Images in [0, 1] -> what the model eats."""
         raise NotImplementedError
 
-    def dummy_pixels(self) -> torch.Tensor:
-        """(3, H, W): the missing image, as `dummy_image` says."""
+    def dummy_pixels(self, device=None, dtype=None) -> torch.Tensor:
+        """(3, H, W): the missing image, as `dummy_image` says (on the CPU in float32, or on
+        `device` in `dtype`). Built once per kind, device and dtype: a shared tensor, which
+        callers copy from and never modify."""
         kind = self.default_dummy_image if self.dummy_image == "backbone" else self.dummy_image
-        ones = torch.ones(3, self.image_size, self.image_size)
-        if kind == "white":
-            return self.normalize_pixels(ones)
-        return ones if kind == "ones" else torch.zeros_like(ones)
+        key = ("pixels", kind, self.image_size, device and torch.device(device), dtype)
+        cache = self._inputs_cache()
+        if key not in cache:
+            if device is not None or dtype is not None:
+                cache[key] = self.dummy_pixels().to(device, dtype)
+            else:
+                ones = torch.ones(3, self.image_size, self.image_size)
+                cache[key] = (self.normalize_pixels(ones) if kind == "white" else
+                              ones if kind == "ones" else torch.zeros_like(ones))
+        return cache[key]
+
+    def _empty_text(self, length: int, device, ids_dtype, mask_dtype) -> tuple:
+        """(input_ids, attention_mask) (1, length) of the empty string, tokenized and padded as
+        `collate` does it: the missing text. Built once per length, device and dtypes."""
+        key = ("text", length, torch.device(device), ids_dtype, mask_dtype)
+        cache = self._inputs_cache()
+        if key not in cache:
+            tok = self.tokenizer([""], padding="max_length", truncation=True, max_length=length,
+                                 return_tensors="pt")
+            cache[key] = (tok["input_ids"].to(device, ids_dtype),
+                          tok["attention_mask"].to(device, mask_dtype))
+        return cache[key]
+
+    def _inputs_cache(self) -> dict:
+        """This backbone's built dummy inputs (dummy_pixels, _empty_text)."""
+        cache = self.__dict__.get("_dummy_inputs")
+        if cache is None:
+            cache = self.__dict__["_dummy_inputs"] = {}
+        return cache
 
     def adapted_linears(self, targets: Optional[list[str]] = None) -> dict[str, nn.Linear]:
         """The linears to wrap: by suffix among `targets` (None: the backbone's default)."""
@@ -235,7 +262,11 @@ class Backbone(Plugin, nn.Module):
             if self._capture is not None:
                 self._capture.update(feats)
             return
-        feats = {k: v.detach().clone() for k, v in feats.items()}
+        copies: dict[int, torch.Tensor] = {}   # one copy per distinct tensor: entries that
+        for v in feats.values():               # were one tensor stay one (CLIP's cls, pooled)
+            if id(v) not in copies:
+                copies[id(v)] = v.detach().clone()
+        feats = {k: copies[id(v)] for k, v in feats.items()}
         self._frozen = (weakref.ref(batch["input_ids"]), weakref.ref(batch["pixel_values"]), feats)
 
     def with_dummy(self, batch: dict, rows: torch.Tensor, drop_text: torch.Tensor) -> dict:
@@ -245,16 +276,13 @@ class Backbone(Plugin, nn.Module):
         from delo_dist.models.inputs import subset
         out = subset(batch, rows)
         drop_text = drop_text.to(out["missing_text"].device)
-        if bool(drop_text.any()):
-            ids, mask = out["input_ids"], out["attention_mask"]
-            tok = self.tokenizer([""], padding="max_length", truncation=True,
-                                 max_length=ids.shape[1], return_tensors="pt")
-            ids[drop_text] = tok["input_ids"].to(ids.device, ids.dtype)
-            mask[drop_text] = tok["attention_mask"].to(mask.device, mask.dtype)
+        ids, mask, pixels = out["input_ids"], out["attention_mask"], out["pixel_values"]
+        empty_ids, empty_mask = self._empty_text(ids.shape[1], ids.device, ids.dtype, mask.dtype)
+        out["input_ids"] = torch.where(drop_text[:, None], empty_ids, ids)   # no host sync
+        out["attention_mask"] = torch.where(drop_text[:, None], empty_mask, mask)
         drop_image = ~drop_text
-        if bool(drop_image.any()):
-            pixels = out["pixel_values"]
-            pixels[drop_image] = self.dummy_pixels().to(pixels.device, pixels.dtype)
+        out["pixel_values"] = torch.where(drop_image.to(pixels.device)[:, None, None, None],
+                                          self.dummy_pixels(pixels.device, pixels.dtype), pixels)
         out["missing_text"] = out["missing_text"] | drop_text
         out["missing_image"] = out["missing_image"] | drop_image
         return out

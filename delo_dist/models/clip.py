@@ -58,7 +58,7 @@ from delo_dist.models.adapters import masked_mean
 from delo_dist.models.backbone import Backbone, IdentificationLayer, LinearSite, select_targets
 from delo_dist.models.inputs import decode_image, labels_tensor
 from delo_dist.models.offline_vocab import offline_tokenizer
-from delo_dist.models.prompts import PromptHooks, batched
+from delo_dist.models.prompts import PromptHooks, with_prefix
 from delo_dist.plugins import BenchEntry
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)   # CLIPImageProcessor's defaults
@@ -79,8 +79,7 @@ class ClipPrefixAttention(modeling_clip.CLIPAttention):
             return super().forward(hidden_states, attention_mask, **kwargs)
         b, n, _ = hidden_states.shape
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-        k = torch.cat([batched(prefix[0], b, k.dtype), k], 1)               # (B, P + N, d)
-        v = torch.cat([batched(prefix[1], b, v.dtype), v], 1)
+        k, v = with_prefix(prefix, k, v)                                    # (B, P + N, d)
         split = lambda t: t.view(b, t.shape[1], -1, self.head_dim).transpose(1, 2)  # noqa: E731
         attend = modeling_clip.ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, modeling_clip.eager_attention_forward)
@@ -109,8 +108,11 @@ class ClipSettings:
 class ClipBackbone(Backbone):
     name = "clip"
     Settings = ClipSettings
-    # two encoders, one modality each; the other modality's query given from outside
-    capabilities = frozenset({"two_encoders", "prompt_input", "prompt_prefix"})
+    # two encoders, one modality each; the other modality's query given from outside; prompts
+    # only where this transformers' CLIP layers take one mask (an older one: none, prompts.py),
+    # decided here once, so checks made before any model exists read the same
+    capabilities = frozenset({"two_encoders"} | (
+        {"prompt_input", "prompt_prefix"} if _unified_attention() else set()))
     default_dummy_image = "white"  # a white image through CLIP's normalisation (the MoRA code)
     bench = BenchEntry(full={  # python -m delo_dist.bench --full: ViT-B/16 and its text encoder
         "backbone.tiny.hidden_size": 768, "backbone.tiny.num_hidden_layers": 12,
@@ -150,6 +152,10 @@ class ClipBackbone(Backbone):
         self.image_size = vision_cfg.image_size
         self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
+        # the same statistics on the CPU, where images are decoded and normalised (not buffers:
+        # they stay there whatever device the model moves to)
+        self._mean_cpu = torch.tensor(mean).view(3, 1, 1)
+        self._std_cpu = torch.tensor(std).view(3, 1, 1)
         p = self.clip.config.projection_dim
         self.hidden_size, self.query_dim = 2 * p, p
         self.targets = list(cfg.targets or ["q_proj", "k_proj", "v_proj"])
@@ -163,10 +169,7 @@ class ClipBackbone(Backbone):
             for i, layer in enumerate(model.encoder.layers):
                 layer.register_forward_pre_hook(
                     lambda mod, args, e=encoder, i=i: self._set_guide(mod, args, e, i))
-        self.prompt_hooks = self._install_prompts(ctx) if _unified_attention() else []
-        if not self.prompt_hooks:
-            # an older transformers: no prompts (prompts.py)
-            self.capabilities = self.capabilities - {"prompt_input", "prompt_prefix"}
+        self.prompt_hooks = self._install_prompts(ctx) if "prompt_input" in self.capabilities else []
 
     def _install_prompts(self, ctx) -> list[PromptHooks]:
         """Prompt hooks on each encoder (prompts.py); the text encoder's masks are causal."""
@@ -226,7 +229,7 @@ class ClipBackbone(Backbone):
             text_missing, image_missing = s["status"] == 1, s["status"] == 2
             texts.append("" if text_missing else s["txt"])  # dummy text: the empty string
             pixels.append(dummy if image_missing else
-                          (decode_image(s["jpg"], self.image_size) - self.mean) / self.std)
+                          self.normalize_pixels(decode_image(s["jpg"], self.image_size)))
         tok = self.tokenizer(texts, padding="max_length", truncation=True,
                              max_length=self.max_text_len, return_tensors="pt")
         status = torch.tensor([s["status"] for s in samples])
@@ -239,7 +242,7 @@ class ClipBackbone(Backbone):
         }
 
     def normalize_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.cpu()) / self.std.cpu()
+        return (x - self._mean_cpu) / self._std_cpu
 
     # ---------------------------------------------------------------- forward
     def _first_layer_means(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

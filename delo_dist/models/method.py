@@ -70,10 +70,12 @@ class Method(Plugin):
         return ""
 
     # ------------------------------------------------------------ building
-    def make_session(self, d_in: int, d_out: int, *, name: str, site, base: nn.Linear,
+    def make_session(self, d_in: int, d_out: int, *, name: str, base: nn.Linear,
                      session: str) -> Optional[nn.Module]:
         """Session `session`'s adapter for the linear `name` (None: the method has none).
-        `site` is the backbone's LinearSite, `base` the frozen linear."""
+        `base` is the frozen linear; a method that needs where a linear sits
+        (`backbone.linear_site`) reads it in its select_linears (not every backbone linear
+        has a site)."""
         return None
 
     def select_linears(self, backbone, targets: Optional[list]) -> dict[str, nn.Linear]:
@@ -88,10 +90,8 @@ class Method(Plugin):
         n = model.n_sessions
         names = ["shared"] * n if self.shared_across_sessions else [str(k) for k in range(n)]
         for name, linear in self.select_linears(model.backbone, model.recipe_targets).items():
-            site = model.backbone.linear_site(name)
-            make = (lambda s, name=name, linear=linear, site=site: self.make_session(
-                linear.in_features, linear.out_features, name=name, site=site, base=linear,
-                session=s))
+            make = (lambda s, name=name, linear=linear: self.make_session(
+                linear.in_features, linear.out_features, name=name, base=linear, session=s))
             wrapped = AdaptedLinear(linear, model.ctx, make, names)
             model.backbone.replace_linear(name, wrapped)
             model.adapted.append(wrapped)

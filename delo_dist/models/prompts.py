@@ -91,6 +91,14 @@ def batched(t: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
     return (t if t.dim() == 3 else t.unsqueeze(0)).to(dtype).expand(batch, -1, -1)
 
 
+def with_prefix(prefix, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected keys and values (B, N, d) with a site's prefix rows (keys, values), each
+    (B, P, d), (1, P, d) or (P, d), in key / value space, before them: (B, P + N, d) each."""
+    b = k.shape[0]
+    return (torch.cat([batched(prefix[0], b, k.dtype), k], 1),
+            torch.cat([batched(prefix[1], b, v.dtype), v], 1))
+
+
 def _check(what: str, site, t: torch.Tensor, batch: int, width: int) -> int:
     if t.dim() not in (2, 3) or t.shape[-1] != width or (t.dim() == 3 and t.shape[0] not in (1, batch)):
         raise ValueError(f"prompts.{what}[{site}]: expected (B={batch} or 1, P, {width}) or "

@@ -161,7 +161,8 @@ class ViltBackbone(Backbone):
                         pixel_mask=torch.ones_like(batch["pixel_values"][:, 0], dtype=torch.long))
         if not self.ctx.enabled or self._capture is not None:  # frozen_query / prompted_query
             h = out.last_hidden_state  # (B, N, d) after the last layer norm; text first
-            self._remember_frozen(batch, {"cls": h[:, 0], "text_cls": h[:, 0],
+            cls = h[:, 0]              # the text [CLS] serves as both (one copy kept)
+            self._remember_frozen(batch, {"cls": cls, "text_cls": cls,
                                           "image_cls": h[:, self._text_len],
                                           "pooled": out.pooler_output})
         return out.pooler_output

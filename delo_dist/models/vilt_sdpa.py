@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.vilt.modeling_vilt import ViltSelfAttention
 
-from delo_dist.models.prompts import batched
+from delo_dist.models.prompts import with_prefix
 
 
 class ViltEagerSelfAttention(ViltSelfAttention):
@@ -38,8 +37,7 @@ class ViltEagerSelfAttention(ViltSelfAttention):
         b, n, _ = hidden_states.shape
         q, k, v = self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)
         if prefix is not None:  # rows already in key / value space, (B, P, d)
-            k = torch.cat([batched(prefix[0], b, k.dtype), k], 1)
-            v = torch.cat([batched(prefix[1], b, v.dtype), v], 1)
+            k, v = with_prefix(prefix, k, v)
         hd = self.attention_head_size
         split = lambda t: t.view(b, t.shape[1], -1, hd).transpose(1, 2)  # noqa: E731
         return split(q), split(k), split(v)
