@@ -513,7 +513,9 @@ def validate(r: Recipe, src: str) -> None:
     _check(t.batch_size >= 1, src, "train.batch_size", "an int >= 1", t.batch_size)
     _check(t.global_batch_size is None or t.global_batch_size >= 1, src, "train.global_batch_size",
            "null or an int >= 1", t.global_batch_size)
-    _check(t.lr > 0, src, "train.lr", "a float > 0", t.lr)
+    # bounded: past ~1e35 Adam's first step (lr / (1 - beta1)) overflows float32 inside the
+    # optimizer, a traceback instead of the divergence stop that smaller absurd rates reach
+    _check(0 < t.lr <= 1e30, src, "train.lr", "a float in (0, 1e30]", t.lr)
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), src, "train.betas",
            "two floats in [0, 1)", t.betas)
     _check(0.0 <= t.warmup_ratio < 1.0, src, "train.warmup_ratio", "a float in [0, 1)", t.warmup_ratio)

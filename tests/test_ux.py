@@ -12,7 +12,7 @@ from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("override, key", [
-    ("train.lr=0", "train.lr"), ("train.epochs=three", "train.epochs"),
+    ("train.lr=0", "train.lr"), ("train.lr=1e38", "train.lr"), ("train.epochs=three", "train.epochs"),
     ("data.etaa=0.3", "data.etaa"), ("method.delo.rank=99", "method.delo.rank"),
     ("method.rank=99", "method.delo.rank"),   # a key of an earlier version, moved: still blamed
     ("task_id.max_dims=8", "task_id.analytic.max_dims"),   # likewise (task_id.analytic.*)
