@@ -79,10 +79,8 @@ class PromptMethod(Method):
     def start_session(self, model, k: int) -> None:
         model.prompter.start_session(k)
 
-    def session_parameters(self, model, k: int) -> dict:
-        wanted = {id(p) for p in model.prompter.session_parameters(k)}
-        wanted |= {id(p) for p in model.heads[k].parameters()}
-        return {n: p for n, p in model.named_parameters() if id(p) in wanted}
+    def own_parameters(self, model, k: int):
+        return model.prompter.session_parameters(k)
 
     # ------------------------------------------------------------ the passes
     def query(self, model, batch: dict) -> Optional[dict]:
