@@ -30,7 +30,6 @@ head is the integrator's). session_parameters(k): slice k of every layer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import nn
@@ -68,8 +67,7 @@ def per_session(pool_size: int, sessions: int, key: str = "pool_size") -> int:
 
 
 class CodaPrompt(nn.Module):
-    def __init__(self, cfg: CodaPromptSettings, sites, query_dims: dict, sessions: int,
-                 generator: Optional[torch.Generator] = None):
+    def __init__(self, cfg: CodaPromptSettings, sites, query_dims: dict, sessions: int):
         super().__init__()
         self.cfg = cfg
         self.query = query_name(query_dims, cfg.query, "query")
@@ -77,14 +75,13 @@ class CodaPrompt(nn.Module):
         n = per_session(cfg.pool_size, sessions)
         self.pools = nn.ModuleDict({site_name(e, l): ComponentPool(n, query_dims[self.query], cfg.length, w)
                                     for e, l, w in self.sites})
-        self.generator = generator
 
     @property
     def sessions(self) -> int:
         return next(iter(self.pools.values())).sessions
 
     def start_session(self, k: int) -> None:
-        start_pools(list(self.pools.values()), k, self.generator)
+        start_pools(list(self.pools.values()), k)
 
     def session_parameters(self, k: int) -> list[nn.Parameter]:
         return [p for pool in self.pools.values() for p in pool.session_parameters(k)]

@@ -219,22 +219,22 @@ class ComponentPool(nn.Module):
     def sessions(self) -> int:
         return len(self.K)
 
-    def add_session(self, generator: Optional[torch.Generator] = None) -> None:
+    def add_session(self) -> None:
         """Session len(self.K)'s slice, orthonormal and orthogonal to the earlier slices."""
         dev = self.anchor.device
         self.K.append(nn.Parameter(torch.empty(self.n, self.key_dim, device=dev)))
         self.A.append(nn.Parameter(torch.empty(self.n, self.key_dim, device=dev)))
         self.P.append(nn.Parameter(torch.empty(self.n, self.length, self.width, device=dev)))
-        self.init_slice(self.sessions - 1, generator)
+        self.init_slice(self.sessions - 1)
 
     @torch.no_grad()
-    def init_slice(self, k: int, generator: Optional[torch.Generator] = None) -> None:
+    def init_slice(self, k: int) -> None:
         """Draw slice k again: orthonormal rows orthogonal to slices 0..k-1 as they are now
-        (trained), on K, A and the flattened P separately (the global RNG if no generator)."""
+        (trained), on K, A and the flattened P separately (from the global RNG)."""
         for params in (self.K, self.A, self.P):
             earlier = [p.detach().reshape(self.n, -1) for p in params[:k]]
             flat = torch.cat(earlier) if earlier else None
-            rows = orthogonal_rows(self.n, params[k][0].numel(), flat, generator)
+            rows = orthogonal_rows(self.n, params[k][0].numel(), flat)
             params[k].copy_(rows.reshape(params[k].shape))
 
     def stacked(self, session: Optional[int], seen: Optional[int] = None):
@@ -265,14 +265,14 @@ class ComponentPool(nn.Module):
         return [self.K[k], self.A[k], self.P[k]]
 
 
-def start_pools(pools: list, k: int, generator: Optional[torch.Generator] = None) -> None:
+def start_pools(pools: list, k: int) -> None:
     """start_session(k) of a module made of ComponentPools: create slice k (in order), or draw
     it again orthogonal to the trained earlier slices."""
     have = pools[0].sessions
     if k > have:
         raise RuntimeError(f"start_session({k}) after {have} sessions: call them in order")
     for pool in pools:
-        pool.add_session(generator) if k == have else pool.init_slice(k, generator)
+        pool.add_session() if k == have else pool.init_slice(k)
 
 
 def check_layers(check: Check, key: str, layers: list[int]) -> None:

@@ -119,8 +119,7 @@ def augmented_flags(missing_text, missing_image, source, dropped):
 
 
 class RebQ(nn.Module):
-    def __init__(self, cfg: RebQSettings, sites, query_dims: dict, sessions: int,
-                 generator: Optional[torch.Generator] = None):
+    def __init__(self, cfg: RebQSettings, sites, query_dims: dict, sessions: int):
         super().__init__()
         self.cfg = cfg
         self.text_q, self.image_q = modality_queries(query_dims)
@@ -139,7 +138,6 @@ class RebQ(nn.Module):
         key_dim = {"joint": dt, "text": dv, "image": dt}
         self.memory_pools = nn.ModuleDict({site_name(e, l): ComponentPool(n, key_dim[e], cfg.memory_length, w)
                                            for e, l, w in self.memory_sites})
-        self.generator = generator
 
     def all_pools(self) -> list[ComponentPool]:
         return [*self.text_pools.values(), *self.image_pools.values(), *self.memory_pools.values()]
@@ -149,7 +147,7 @@ class RebQ(nn.Module):
         return self.all_pools()[0].sessions
 
     def start_session(self, k: int) -> None:
-        start_pools(self.all_pools(), k, self.generator)
+        start_pools(self.all_pools(), k)
 
     def session_parameters(self, k: int) -> list[nn.Parameter]:
         return [p for pool in self.all_pools() for p in pool.session_parameters(k)]
