@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from delo_dist.methods.prompt_pools import (ComponentPool, PromptOutput, PromptSet, check_choice,
-                                            check_layers, query_name, select_sites, site_name,
-                                            start_pools)
+                                            check_layers, check_prefix_length, per_session,
+                                            query_name, select_sites, site_name, start_pools)
 from delo_dist.methods.prompting import PromptMethod, layer_list
 
 
@@ -54,16 +54,8 @@ class CodaPromptSettings:
         check(self.length >= 1, "length", "an int >= 1", self.length)
         check_layers(check, "layers", self.layers)
         check_choice(check, "position", self.position, ("prefix", "input"))
-        check(self.position == "input" or self.length % 2 == 0, "length",
-              "an even number in prefix position (half keys, half values)", self.length)
+        check_prefix_length(check, "length", self.length, self.position)
         check(self.ortho_weight >= 0, "ortho_weight", "a non-negative weight", self.ortho_weight)
-
-
-def per_session(pool_size: int, sessions: int, key: str = "pool_size") -> int:
-    n = pool_size // max(sessions, 1)
-    if n < 1:
-        raise ValueError(f"key '{key}': {pool_size} components cannot be split over {sessions} sessions")
-    return n
 
 
 class CodaPrompt(nn.Module):

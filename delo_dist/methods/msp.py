@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from delo_dist.methods.prompt_pools import (PromptOutput, PromptSet, check_choice, check_layers,
-                                            select_sites, site_name)
+                                            check_prefix_length, select_sites, site_name)
 from delo_dist.methods.prompting import PromptMethod, layer_list
 
 
@@ -53,8 +53,7 @@ class MspSettings:
         check_layers(check, "layers", self.layers)
         check_choice(check, "position", self.position, ("input", "prefix"))
         check_choice(check, "missing", self.missing, ("drop", "keep"))
-        check(self.position == "input" or self.length % 2 == 0, "length",
-              "an even number in prefix position (half keys, half values)", self.length)
+        check_prefix_length(check, "length", self.length, self.position)
         check(self.ortho_weight >= 0, "ortho_weight", "a non-negative weight", self.ortho_weight)
 
 

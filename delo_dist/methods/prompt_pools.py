@@ -291,6 +291,20 @@ def query_name(query_dims: dict, want: str, key: str) -> str:
         raise ValueError(f"key '{key}': the backbone's frozen query has no '{want}' "
                          f"(it has {sorted(query_dims)})")
     return want
+def check_prefix_length(check: Check, key: str, length: int, position: str) -> None:
+    """In prefix position a prompt's rows split in half (keys, values): `length` must be even."""
+    check(position == "input" or length % 2 == 0, key,
+          "an even number in prefix position (half keys, half values)", length)
+
+
+def per_session(pool_size: int, sessions: int, key: str = "pool_size") -> int:
+    """Components per session's slice when `pool_size` are split over `sessions`."""
+    n = pool_size // max(sessions, 1)
+    if n < 1:
+        raise ValueError(f"key '{key}': {pool_size} components cannot be split over {sessions} sessions")
+    return n
+
+
 
 
 def modality_queries(query_dims: dict) -> tuple[str, str]:

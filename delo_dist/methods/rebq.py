@@ -61,10 +61,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from delo_dist.methods.coda_prompt import per_session
 from delo_dist.methods.prompt_pools import (ComponentPool, PromptOutput, PromptSet, check_choice,
-                                            check_layers, modality_queries, select_sites, site_name,
-                                            start_pools)
+                                            check_layers, check_prefix_length, modality_queries,
+                                            per_session, select_sites, site_name, start_pools)
 from delo_dist.methods.prompting import PromptMethod, layer_list
 from delo_dist.models.adapters import PROXY_IMAGE as DROP_IMAGE
 from delo_dist.models.adapters import PROXY_TEXT as DROP_TEXT
@@ -93,8 +92,7 @@ class RebQSettings:
         check_layers(check, "memory_layers", self.memory_layers)
         for key, length in (("position", self.length), ("memory_position", self.memory_length)):
             check_choice(check, key, getattr(self, key), ("prefix", "input"))
-            check(getattr(self, key) == "input" or length % 2 == 0, key.replace("position", "length"),
-                  "an even number in prefix position (half keys, half values)", length)
+            check_prefix_length(check, key.replace("position", "length"), length, getattr(self, key))
         check(self.reconstruction_weight >= 0, "reconstruction_weight", "a non-negative weight",
               self.reconstruction_weight)
         check_choice(check, "reconstruction_target", self.reconstruction_target, ("memory", "frozen"))
