@@ -85,7 +85,7 @@ class CodaPrompt(nn.Module):
         out, ortho = PromptSet(), []
         for e, l, _ in self.sites:
             prompt, penalty = self.pools[site_name(e, l)](q, session, want, seen)   # (B, L, d)
-            out.add((e, l), prompt, "input" if self.cfg.position == "input" else "prefix")
+            out.add((e, l), prompt, self.cfg.position)
             ortho.append(penalty)
         losses = {"coda_ortho": (self.cfg.ortho_weight, torch.stack(ortho).sum())} if want else {}
         return PromptOutput(out.build(), losses)

@@ -94,7 +94,7 @@ class Map(nn.Module):
         out = PromptSet()
         for e, l, _ in self.sites:
             out.add((e, l), self.prompts[site_name(e, l)][case], self.cfg.position)  # (B, L, d)
-        return PromptOutput(out.build(), extras={"case": case})
+        return PromptOutput(out.build())
 
 
 class MapMethod(PromptMethod):

@@ -93,13 +93,9 @@ class Msp(nn.Module):
             name = site_name(e, l)
             t, mt = self._rows(self.text[name], ~missing_text)
             v, mv = self._rows(self.image[name], ~missing_image)
-            if self.cfg.position == "input":
-                out.add_input((e, l), t, mt)
-                out.add_input((e, l), v, mv)
-            else:   # each modality's prompt splits in half: its keys and its values
-                h = self.cfg.length // 2
-                out.add_prefix((e, l), t[:, :h], t[:, h:], None if mt is None else mt[:, :h])
-                out.add_prefix((e, l), v[:, :h], v[:, h:], None if mv is None else mv[:, :h])
+            # prefix: each modality's prompt splits in half, its keys and its values
+            out.add((e, l), t, self.cfg.position, mt)
+            out.add((e, l), v, self.cfg.position, mv)
         losses = {}
         if session is not None and self.cfg.ortho_weight > 0:
             ortho = torch.stack([cross_orthogonality(self.text[n], self.image[n]) for n in self.text]).mean()
