@@ -248,18 +248,24 @@ class ComponentPool(nn.Module):
                               for i, p in enumerate(params[: last + 1])])
         return cat(self.K), cat(self.A), cat(self.P)
 
-    def forward(self, q: torch.Tensor, session: Optional[int], penalty: bool = False,
+    def forward(self, q, session: Optional[int], penalty: bool = False,
                 seen: Optional[int] = None):
         """q (B, d_q) -> the prompt (B, L, d), and (if asked) the orthogonality penalty of K, A
-        and the flattened P (as CODA-Prompt's: earlier slices enter detached), else None."""
+        and the flattened P (as CODA-Prompt's: earlier slices enter detached), else None.
+        q a tuple of queries -> a tuple of their prompts (the slices stacked once)."""
         K, A, P = self.stacked(session, seen)
-        q = q.to(A.dtype)                                             # a bf16 query pass, fp32 pool
-        aq = F.normalize(q.unsqueeze(1) * A.unsqueeze(0), dim=-1)    # (B, c, d_q)
-        w = torch.einsum("bcd,cd->bc", aq, F.normalize(K, dim=-1))    # (B, c) in [-1, 1]
-        prompt = torch.einsum("bc,cld->bld", w, P)                     # (B, L, d)
+        prompt = (tuple(self._prompt(x, K, A, P) for x in q) if isinstance(q, tuple)
+                  else self._prompt(q, K, A, P))
         if not penalty:
             return prompt, None
         return prompt, ortho_penalty(K) + ortho_penalty(A) + ortho_penalty(P.flatten(1))
+
+    @staticmethod
+    def _prompt(q: torch.Tensor, K: torch.Tensor, A: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+        q = q.to(A.dtype)                                             # a bf16 query pass, fp32 pool
+        aq = F.normalize(q.unsqueeze(1) * A.unsqueeze(0), dim=-1)    # (B, c, d_q)
+        w = torch.einsum("bcd,cd->bc", aq, F.normalize(K, dim=-1))    # (B, c) in [-1, 1]
+        return torch.einsum("bc,cld->bld", w, P)                       # (B, L, d)
 
     def session_parameters(self, k: int) -> list[nn.Parameter]:
         return [self.K[k], self.A[k], self.P[k]]
@@ -285,12 +291,6 @@ def check_choice(check: Check, key: str, value: str, choices: tuple) -> None:
     check(value in choices, key, f"one of {list(choices)}", value)
 
 
-def query_name(query_dims: dict, want: str, key: str) -> str:
-    """The frozen-query entry a method reads; an error names the key and what exists."""
-    if want not in query_dims:
-        raise ValueError(f"key '{key}': the backbone's frozen query has no '{want}' "
-                         f"(it has {sorted(query_dims)})")
-    return want
 def check_prefix_length(check: Check, key: str, length: int, position: str) -> None:
     """In prefix position a prompt's rows split in half (keys, values): `length` must be even."""
     check(position == "input" or length % 2 == 0, key,
@@ -305,6 +305,12 @@ def per_session(pool_size: int, sessions: int, key: str = "pool_size") -> int:
     return n
 
 
+def query_name(query_dims: dict, want: str, key: str) -> str:
+    """The frozen-query entry a method reads; an error names the key and what exists."""
+    if want not in query_dims:
+        raise ValueError(f"key '{key}': the backbone's frozen query has no '{want}' "
+                         f"(it has {sorted(query_dims)})")
+    return want
 
 
 def modality_queries(query_dims: dict) -> tuple[str, str]:

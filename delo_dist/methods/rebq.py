@@ -151,8 +151,8 @@ class RebQ(nn.Module):
         return [p for pool in self.all_pools() for p in pool.session_parameters(k)]
 
     def _penalties(self, penalties: list) -> dict:
-        ps = [p for p in penalties if p is not None]
-        return {"rebq_ortho": (self.cfg.ortho_weight, torch.stack(ps).sum())} if ps else {}
+        """The orthogonality loss term of the pools' penalties (each computed: `want`)."""
+        return {"rebq_ortho": (self.cfg.ortho_weight, torch.stack(penalties).sum())}
 
     @staticmethod
     def needs_memory(missing_text: torch.Tensor, missing_image: torch.Tensor) -> bool:
@@ -169,19 +169,16 @@ class RebQ(nn.Module):
         out, penalties = PromptSet(), []
         for e, l, _ in self.memory_sites:
             pool = self.memory_pools[site_name(e, l)]
-            if e == "joint":
-                pt, o1 = pool(t, session, want, seen)
-                pv, o2 = pool(v, session, want, seen)
+            if e == "joint":                       # both queries, the pool stacked once
+                (pt, pv), penalty = pool((t, v), session, want, seen)
                 rows = pt * has_t + pv * has_v
-                penalties += [o1]
             elif e == "text":                      # the text encoder, from the image
-                rows, o1 = pool(v, session, want, seen)
+                rows, penalty = pool(v, session, want, seen)
                 rows = rows * has_v
-                penalties += [o1]
             else:                                  # the image encoder, from the text
-                rows, o1 = pool(t, session, want, seen)
+                rows, penalty = pool(t, session, want, seen)
                 rows = rows * has_t
-                penalties += [o1]
+            penalties.append(penalty)
             out.add((e, l), rows, self.cfg.memory_position)
         replace = self.cfg.memory_position == "input" and self.cfg.memory_input == "replace"
         return PromptOutput(out.build(replace_input=replace), self._penalties(penalties) if want else {})
@@ -224,10 +221,9 @@ class RebQ(nn.Module):
         rows = b + torch.arange(len(source), device=source.device)
         terms = []
         for code, name in ((DROP_TEXT, self.text_q), (DROP_IMAGE, self.image_q)):
-            pick = dropped == code
-            if bool(pick.any()):
-                pred, tgt = memory[name][rows[pick]], target[name][source[pick]].detach()
-                terms.append(((pred.float() - tgt.float()) ** 2).mean(-1))   # per row, as the code
+            pick = dropped == code   # never empty: each complete sample gives both copies
+            pred, tgt = memory[name][rows[pick]], target[name][source[pick]].detach()
+            terms.append(((pred.float() - tgt.float()) ** 2).mean(-1))   # per row, as the code
         return torch.cat(terms).mean()
 
 
@@ -270,8 +266,8 @@ class RebQMethod(PromptMethod):
             memory = bb.prompted_query(rows, mem.prompts)
             losses = mem.losses
         out = module(query, mt_all, mi_all, session, seen=seen, memory=memory, augmented=augmented)
-        for name, (weight, value) in losses.items():   # the memory pools' orthogonality, if on
-            w, v = out.losses.get(name, (weight, 0.0))
+        for name, (_, value) in losses.items():   # the memory pools' orthogonality, if on (then
+            w, v = out.losses[name]                # the text and image pools' is there too)
             out.losses[name] = (w, v + value)
         return out
 
