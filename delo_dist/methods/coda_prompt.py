@@ -30,14 +30,13 @@ head is the integrator's). session_parameters(k): slice k of every layer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import nn
 
 from delo_dist.methods.prompt_pools import (ComponentPool, PromptOutput, PromptSet, check_choice,
-                                            check_layers, query_name, select_sites, site_name,
-                                            start_pools)
+                                            check_layers, check_prefix_length, per_session,
+                                            query_name, select_sites, site_name, start_pools)
 from delo_dist.methods.prompting import PromptMethod, layer_list
 
 
@@ -55,21 +54,12 @@ class CodaPromptSettings:
         check(self.length >= 1, "length", "an int >= 1", self.length)
         check_layers(check, "layers", self.layers)
         check_choice(check, "position", self.position, ("prefix", "input"))
-        check(self.position == "input" or self.length % 2 == 0, "length",
-              "an even number in prefix position (half keys, half values)", self.length)
+        check_prefix_length(check, "length", self.length, self.position)
         check(self.ortho_weight >= 0, "ortho_weight", "a non-negative weight", self.ortho_weight)
 
 
-def per_session(pool_size: int, sessions: int, key: str = "pool_size") -> int:
-    n = pool_size // max(sessions, 1)
-    if n < 1:
-        raise ValueError(f"key '{key}': {pool_size} components cannot be split over {sessions} sessions")
-    return n
-
-
 class CodaPrompt(nn.Module):
-    def __init__(self, cfg: CodaPromptSettings, sites, query_dims: dict, sessions: int,
-                 generator: Optional[torch.Generator] = None):
+    def __init__(self, cfg: CodaPromptSettings, sites, query_dims: dict, sessions: int):
         super().__init__()
         self.cfg = cfg
         self.query = query_name(query_dims, cfg.query, "query")
@@ -77,14 +67,13 @@ class CodaPrompt(nn.Module):
         n = per_session(cfg.pool_size, sessions)
         self.pools = nn.ModuleDict({site_name(e, l): ComponentPool(n, query_dims[self.query], cfg.length, w)
                                     for e, l, w in self.sites})
-        self.generator = generator
 
     @property
     def sessions(self) -> int:
         return next(iter(self.pools.values())).sessions
 
     def start_session(self, k: int) -> None:
-        start_pools(list(self.pools.values()), k, self.generator)
+        start_pools(list(self.pools.values()), k)
 
     def session_parameters(self, k: int) -> list[nn.Parameter]:
         return [p for pool in self.pools.values() for p in pool.session_parameters(k)]
@@ -96,7 +85,7 @@ class CodaPrompt(nn.Module):
         out, ortho = PromptSet(), []
         for e, l, _ in self.sites:
             prompt, penalty = self.pools[site_name(e, l)](q, session, want, seen)   # (B, L, d)
-            out.add((e, l), prompt, "input" if self.cfg.position == "input" else "prefix")
+            out.add((e, l), prompt, self.cfg.position)
             ortho.append(penalty)
         losses = {"coda_ortho": (self.cfg.ortho_weight, torch.stack(ortho).sum())} if want else {}
         return PromptOutput(out.build(), losses)

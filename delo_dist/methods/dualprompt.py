@@ -105,12 +105,6 @@ class DualPrompt(nn.Module):
         to each query."""
         return cosine_matrix(q, torch.stack(list(self.e_keys)[:seen])).argmax(1)
 
-    def _add(self, out: PromptSet, site, rows: torch.Tensor) -> None:
-        if self.cfg.position == "input":
-            out.add_input(site, rows)
-        else:   # L key rows, then L value rows
-            out.add(site, rows, "prefix")
-
     def forward(self, query, missing_text, missing_image, session=None, task_ids=None,
                 seen=None) -> PromptOutput:
         """task_ids (B,): at inference, the E-prompt of each sample is given (the identifier's
@@ -119,7 +113,6 @@ class DualPrompt(nn.Module):
         b = q.shape[0]
         losses, routed = {}, None
         if session is not None:                     # training: the known session's E-prompt
-            chosen = torch.full((b,), session, dtype=torch.long, device=q.device)
             key_loss = (1.0 - cosine_matrix(q, self.e_keys[session].unsqueeze(0))[:, 0]).mean()
             losses["dualprompt_key"] = (self.cfg.key_weight, key_loss)
         elif task_ids is not None:
@@ -130,7 +123,7 @@ class DualPrompt(nn.Module):
             chosen = routed = self.route(q, seen)
         out = PromptSet()
         for e, l, _ in self.g_sites:
-            self._add(out, (e, l), self.g[site_name(e, l)].unsqueeze(0).expand(b, -1, -1))
+            out.add((e, l), self.g[site_name(e, l)].unsqueeze(0).expand(b, -1, -1), self.cfg.position)
         for e, l, _ in self.e_sites:
             name = site_name(e, l)
             if session is not None:
@@ -138,7 +131,7 @@ class DualPrompt(nn.Module):
             else:   # per sample: a batch may mix sessions
                 n = self.sessions if seen is None else seen
                 rows = torch.stack([self.e_prompts[j][name] for j in range(n)])[chosen]
-            self._add(out, (e, l), rows)
+            out.add((e, l), rows, self.cfg.position)   # prefix: L key rows, then L value rows
         return PromptOutput(out.build(), losses, routed=routed)
 
 

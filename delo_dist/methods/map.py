@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from delo_dist.methods.prompt_pools import (PromptOutput, PromptSet, check_choice, check_layers,
-                                            select_sites, site_name)
+                                            check_prefix_length, select_sites, site_name)
 from delo_dist.methods.prompting import PromptMethod, layer_list
 
 COMPLETE, MISSING_TEXT, MISSING_IMAGE = 0, 1, 2
@@ -49,8 +49,7 @@ class MapSettings:
         check_layers(check, "layers", self.layers)
         check_choice(check, "position", self.position, ("input", "prefix"))
         check_choice(check, "init", self.init, ("onehot", "normal"))
-        check(self.position == "input" or self.length % 2 == 0, "length",
-              "an even number in prefix position (half keys, half values)", self.length)
+        check_prefix_length(check, "length", self.length, self.position)
         rows = self.length if self.position == "input" else self.length // 2
         check(self.init != "onehot" or rows >= 3, "length",
               "at least 3 rows per half for the onehot init (one per missing case)", self.length)
@@ -95,7 +94,7 @@ class Map(nn.Module):
         out = PromptSet()
         for e, l, _ in self.sites:
             out.add((e, l), self.prompts[site_name(e, l)][case], self.cfg.position)  # (B, L, d)
-        return PromptOutput(out.build(), extras={"case": case})
+        return PromptOutput(out.build())
 
 
 class MapMethod(PromptMethod):

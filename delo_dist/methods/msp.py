@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from delo_dist.methods.prompt_pools import (PromptOutput, PromptSet, check_choice, check_layers,
-                                            select_sites, site_name)
+                                            check_prefix_length, select_sites, site_name)
 from delo_dist.methods.prompting import PromptMethod, layer_list
 
 
@@ -53,8 +53,7 @@ class MspSettings:
         check_layers(check, "layers", self.layers)
         check_choice(check, "position", self.position, ("input", "prefix"))
         check_choice(check, "missing", self.missing, ("drop", "keep"))
-        check(self.position == "input" or self.length % 2 == 0, "length",
-              "an even number in prefix position (half keys, half values)", self.length)
+        check_prefix_length(check, "length", self.length, self.position)
         check(self.ortho_weight >= 0, "ortho_weight", "a non-negative weight", self.ortho_weight)
 
 
@@ -94,13 +93,9 @@ class Msp(nn.Module):
             name = site_name(e, l)
             t, mt = self._rows(self.text[name], ~missing_text)
             v, mv = self._rows(self.image[name], ~missing_image)
-            if self.cfg.position == "input":
-                out.add_input((e, l), t, mt)
-                out.add_input((e, l), v, mv)
-            else:   # each modality's prompt splits in half: its keys and its values
-                h = self.cfg.length // 2
-                out.add_prefix((e, l), t[:, :h], t[:, h:], None if mt is None else mt[:, :h])
-                out.add_prefix((e, l), v[:, :h], v[:, h:], None if mv is None else mv[:, :h])
+            # prefix: each modality's prompt splits in half, its keys and its values
+            out.add((e, l), t, self.cfg.position, mt)
+            out.add((e, l), v, self.cfg.position, mv)
         losses = {}
         if session is not None and self.cfg.ortho_weight > 0:
             ortho = torch.stack([cross_orthogonality(self.text[n], self.image[n]) for n in self.text]).mean()

@@ -219,22 +219,22 @@ class ComponentPool(nn.Module):
     def sessions(self) -> int:
         return len(self.K)
 
-    def add_session(self, generator: Optional[torch.Generator] = None) -> None:
+    def add_session(self) -> None:
         """Session len(self.K)'s slice, orthonormal and orthogonal to the earlier slices."""
         dev = self.anchor.device
         self.K.append(nn.Parameter(torch.empty(self.n, self.key_dim, device=dev)))
         self.A.append(nn.Parameter(torch.empty(self.n, self.key_dim, device=dev)))
         self.P.append(nn.Parameter(torch.empty(self.n, self.length, self.width, device=dev)))
-        self.init_slice(self.sessions - 1, generator)
+        self.init_slice(self.sessions - 1)
 
     @torch.no_grad()
-    def init_slice(self, k: int, generator: Optional[torch.Generator] = None) -> None:
+    def init_slice(self, k: int) -> None:
         """Draw slice k again: orthonormal rows orthogonal to slices 0..k-1 as they are now
-        (trained), on K, A and the flattened P separately (the global RNG if no generator)."""
+        (trained), on K, A and the flattened P separately (from the global RNG)."""
         for params in (self.K, self.A, self.P):
             earlier = [p.detach().reshape(self.n, -1) for p in params[:k]]
             flat = torch.cat(earlier) if earlier else None
-            rows = orthogonal_rows(self.n, params[k][0].numel(), flat, generator)
+            rows = orthogonal_rows(self.n, params[k][0].numel(), flat)
             params[k].copy_(rows.reshape(params[k].shape))
 
     def stacked(self, session: Optional[int], seen: Optional[int] = None):
@@ -248,31 +248,37 @@ class ComponentPool(nn.Module):
                               for i, p in enumerate(params[: last + 1])])
         return cat(self.K), cat(self.A), cat(self.P)
 
-    def forward(self, q: torch.Tensor, session: Optional[int], penalty: bool = False,
+    def forward(self, q, session: Optional[int], penalty: bool = False,
                 seen: Optional[int] = None):
         """q (B, d_q) -> the prompt (B, L, d), and (if asked) the orthogonality penalty of K, A
-        and the flattened P (as CODA-Prompt's: earlier slices enter detached), else None."""
+        and the flattened P (as CODA-Prompt's: earlier slices enter detached), else None.
+        q a tuple of queries -> a tuple of their prompts (the slices stacked once)."""
         K, A, P = self.stacked(session, seen)
-        q = q.to(A.dtype)                                             # a bf16 query pass, fp32 pool
-        aq = F.normalize(q.unsqueeze(1) * A.unsqueeze(0), dim=-1)    # (B, c, d_q)
-        w = torch.einsum("bcd,cd->bc", aq, F.normalize(K, dim=-1))    # (B, c) in [-1, 1]
-        prompt = torch.einsum("bc,cld->bld", w, P)                     # (B, L, d)
+        prompt = (tuple(self._prompt(x, K, A, P) for x in q) if isinstance(q, tuple)
+                  else self._prompt(q, K, A, P))
         if not penalty:
             return prompt, None
         return prompt, ortho_penalty(K) + ortho_penalty(A) + ortho_penalty(P.flatten(1))
+
+    @staticmethod
+    def _prompt(q: torch.Tensor, K: torch.Tensor, A: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+        q = q.to(A.dtype)                                             # a bf16 query pass, fp32 pool
+        aq = F.normalize(q.unsqueeze(1) * A.unsqueeze(0), dim=-1)    # (B, c, d_q)
+        w = torch.einsum("bcd,cd->bc", aq, F.normalize(K, dim=-1))    # (B, c) in [-1, 1]
+        return torch.einsum("bc,cld->bld", w, P)                       # (B, L, d)
 
     def session_parameters(self, k: int) -> list[nn.Parameter]:
         return [self.K[k], self.A[k], self.P[k]]
 
 
-def start_pools(pools: list, k: int, generator: Optional[torch.Generator] = None) -> None:
+def start_pools(pools: list, k: int) -> None:
     """start_session(k) of a module made of ComponentPools: create slice k (in order), or draw
     it again orthogonal to the trained earlier slices."""
     have = pools[0].sessions
     if k > have:
         raise RuntimeError(f"start_session({k}) after {have} sessions: call them in order")
     for pool in pools:
-        pool.add_session(generator) if k == have else pool.init_slice(k, generator)
+        pool.add_session() if k == have else pool.init_slice(k)
 
 
 def check_layers(check: Check, key: str, layers: list[int]) -> None:
@@ -283,6 +289,20 @@ def check_layers(check: Check, key: str, layers: list[int]) -> None:
 
 def check_choice(check: Check, key: str, value: str, choices: tuple) -> None:
     check(value in choices, key, f"one of {list(choices)}", value)
+
+
+def check_prefix_length(check: Check, key: str, length: int, position: str) -> None:
+    """In prefix position a prompt's rows split in half (keys, values): `length` must be even."""
+    check(position == "input" or length % 2 == 0, key,
+          "an even number in prefix position (half keys, half values)", length)
+
+
+def per_session(pool_size: int, sessions: int, key: str = "pool_size") -> int:
+    """Components per session's slice when `pool_size` are split over `sessions`."""
+    n = pool_size // max(sessions, 1)
+    if n < 1:
+        raise ValueError(f"key '{key}': {pool_size} components cannot be split over {sessions} sessions")
+    return n
 
 
 def query_name(query_dims: dict, want: str, key: str) -> str:

@@ -20,7 +20,8 @@ bottom, a `PromptMethod` subclass naming it. The plug-in side, the same for all 
   forward  the frozen query pass (`backbone.frozen_query`, methods that read one) -> the module
            -> one prompted pass (`use_prompts` around `model.run_backbone`) -> session k's block
            of the shared head; the module's loss terms ride in the output (`loss_terms`).
-  predict  one prompted pass over the first `seen` sessions' parts -> `model.predict_shared`;
+  predict  one prompted pass over the first `seen` sessions' parts -> `model.shared_logits`
+           (once; the prediction is read from them, as `model.predict_shared` reads it);
            `routed`: the session a method picks per sample (DualPrompt's E-prompt) or None;
            the oracle also gives such a method each sample's true session's parts (those rows
            are recomputed). The output also carries the shared head's logits over the seen
@@ -78,10 +79,8 @@ class PromptMethod(Method):
     def start_session(self, model, k: int) -> None:
         model.prompter.start_session(k)
 
-    def session_parameters(self, model, k: int) -> dict:
-        wanted = {id(p) for p in model.prompter.session_parameters(k)}
-        wanted |= {id(p) for p in model.heads[k].parameters()}
-        return {n: p for n, p in model.named_parameters() if id(p) in wanted}
+    def own_parameters(self, model, k: int):
+        return model.prompter.session_parameters(k)
 
     # ------------------------------------------------------------ the passes
     def query(self, model, batch: dict) -> Optional[dict]:
@@ -122,15 +121,18 @@ class PromptMethod(Method):
 
     @torch.no_grad()
     def predict(self, model, batch: dict, seen: int, oracle: bool = True) -> dict:
+        # the identifier first: one that reads pooled features runs the frozen pass, which
+        # the query then reuses (backbone.frozen_query keeps the last one of this batch)
+        task_ids = self.identified(model, batch, seen)
         query = self.query(model, batch)
-        out = self.prompts(model, batch, seen=seen, task_ids=self.identified(model, batch, seen),
-                           query=query)
+        out = self.prompts(model, batch, seen=seen, task_ids=task_ids, query=query)
         pooled = self.prompted(model, batch, out.prompts)
-        logits, classes = shared_logits(model, pooled, seen)
-        res = {"pred": model.predict_shared(pooled, seen), "routed": out.routed,
+        logits, classes = model.shared_logits(pooled, seen)
+        res = {"pred": model.shared_prediction(logits, classes), "routed": out.routed,
                "logits": logits, "classes": classes}
         if oracle:
             true = batch["session"].to(pooled.device)
+            raw = logits
             if out.routed is not None:   # rows that took another session's parts: redo them
                 wrong = (out.routed != true).nonzero().squeeze(1)
                 if len(wrong):
@@ -139,8 +141,9 @@ class PromptMethod(Method):
                     again = self.prompts(model, rows, seen=seen, task_ids=true[wrong], query=sub)
                     pooled = pooled.clone()
                     pooled[wrong] = self.prompted(model, rows, again.prompts).to(pooled.dtype)
-            res["oracle_pred"] = model.predict_shared(pooled, seen, true)
-            res["oracle_logits"] = shared_logits(model, pooled, seen, true)[0]
+                    raw, _ = model.shared_logits(pooled, seen)
+            res["oracle_logits"] = model.restrict_logits(raw, seen, true)
+            res["oracle_pred"] = model.shared_prediction(res["oracle_logits"], classes)
         return res
 
 
@@ -156,18 +159,3 @@ def layer_list(layers: list[int]) -> str:
         out.append(str(a) if a == b else f"{a}-{b}")
     return ", ".join(out)
 
-
-def shared_logits(model, pooled: torch.Tensor, seen: int,
-                  sessions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared head's logits (B, C) over the classes of the first `seen` sessions, in the
-    order `classes` (C,) gives (global ids), as ContinualModel.predict_shared scores them;
-    sessions (B,): every class outside a row's session at -inf (the oracle)."""
-    logits = torch.cat([model.heads[k](pooled) for k in range(seen)], -1).float()
-    classes = torch.tensor([c for k in range(seen) for c in model.session_classes[k]],
-                           device=pooled.device)
-    if sessions is not None:
-        owner = torch.cat([torch.full((len(model.session_classes[k]),), k, device=pooled.device)
-                           for k in range(seen)])
-        logits = logits.masked_fill(owner[None, :] != sessions.to(pooled.device)[:, None],
-                                    float("-inf"))
-    return logits, classes

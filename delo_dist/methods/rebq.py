@@ -61,10 +61,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from delo_dist.methods.coda_prompt import per_session
 from delo_dist.methods.prompt_pools import (ComponentPool, PromptOutput, PromptSet, check_choice,
-                                            check_layers, modality_queries, select_sites, site_name,
-                                            start_pools)
+                                            check_layers, check_prefix_length, modality_queries,
+                                            per_session, select_sites, site_name, start_pools)
 from delo_dist.methods.prompting import PromptMethod, layer_list
 from delo_dist.models.adapters import PROXY_IMAGE as DROP_IMAGE
 from delo_dist.models.adapters import PROXY_TEXT as DROP_TEXT
@@ -93,8 +92,7 @@ class RebQSettings:
         check_layers(check, "memory_layers", self.memory_layers)
         for key, length in (("position", self.length), ("memory_position", self.memory_length)):
             check_choice(check, key, getattr(self, key), ("prefix", "input"))
-            check(getattr(self, key) == "input" or length % 2 == 0, key.replace("position", "length"),
-                  "an even number in prefix position (half keys, half values)", length)
+            check_prefix_length(check, key.replace("position", "length"), length, getattr(self, key))
         check(self.reconstruction_weight >= 0, "reconstruction_weight", "a non-negative weight",
               self.reconstruction_weight)
         check_choice(check, "reconstruction_target", self.reconstruction_target, ("memory", "frozen"))
@@ -119,8 +117,7 @@ def augmented_flags(missing_text, missing_image, source, dropped):
 
 
 class RebQ(nn.Module):
-    def __init__(self, cfg: RebQSettings, sites, query_dims: dict, sessions: int,
-                 generator: Optional[torch.Generator] = None):
+    def __init__(self, cfg: RebQSettings, sites, query_dims: dict, sessions: int):
         super().__init__()
         self.cfg = cfg
         self.text_q, self.image_q = modality_queries(query_dims)
@@ -139,7 +136,6 @@ class RebQ(nn.Module):
         key_dim = {"joint": dt, "text": dv, "image": dt}
         self.memory_pools = nn.ModuleDict({site_name(e, l): ComponentPool(n, key_dim[e], cfg.memory_length, w)
                                            for e, l, w in self.memory_sites})
-        self.generator = generator
 
     def all_pools(self) -> list[ComponentPool]:
         return [*self.text_pools.values(), *self.image_pools.values(), *self.memory_pools.values()]
@@ -149,14 +145,14 @@ class RebQ(nn.Module):
         return self.all_pools()[0].sessions
 
     def start_session(self, k: int) -> None:
-        start_pools(self.all_pools(), k, self.generator)
+        start_pools(self.all_pools(), k)
 
     def session_parameters(self, k: int) -> list[nn.Parameter]:
         return [p for pool in self.all_pools() for p in pool.session_parameters(k)]
 
     def _penalties(self, penalties: list) -> dict:
-        ps = [p for p in penalties if p is not None]
-        return {"rebq_ortho": (self.cfg.ortho_weight, torch.stack(ps).sum())} if ps else {}
+        """The orthogonality loss term of the pools' penalties (each computed: `want`)."""
+        return {"rebq_ortho": (self.cfg.ortho_weight, torch.stack(penalties).sum())}
 
     @staticmethod
     def needs_memory(missing_text: torch.Tensor, missing_image: torch.Tensor) -> bool:
@@ -173,19 +169,16 @@ class RebQ(nn.Module):
         out, penalties = PromptSet(), []
         for e, l, _ in self.memory_sites:
             pool = self.memory_pools[site_name(e, l)]
-            if e == "joint":
-                pt, o1 = pool(t, session, want, seen)
-                pv, o2 = pool(v, session, want, seen)
+            if e == "joint":                       # both queries, the pool stacked once
+                (pt, pv), penalty = pool((t, v), session, want, seen)
                 rows = pt * has_t + pv * has_v
-                penalties += [o1]
             elif e == "text":                      # the text encoder, from the image
-                rows, o1 = pool(v, session, want, seen)
+                rows, penalty = pool(v, session, want, seen)
                 rows = rows * has_v
-                penalties += [o1]
             else:                                  # the image encoder, from the text
-                rows, o1 = pool(t, session, want, seen)
+                rows, penalty = pool(t, session, want, seen)
                 rows = rows * has_t
-                penalties += [o1]
+            penalties.append(penalty)
             out.add((e, l), rows, self.cfg.memory_position)
         replace = self.cfg.memory_position == "input" and self.cfg.memory_input == "replace"
         return PromptOutput(out.build(replace_input=replace), self._penalties(penalties) if want else {})
@@ -228,10 +221,9 @@ class RebQ(nn.Module):
         rows = b + torch.arange(len(source), device=source.device)
         terms = []
         for code, name in ((DROP_TEXT, self.text_q), (DROP_IMAGE, self.image_q)):
-            pick = dropped == code
-            if bool(pick.any()):
-                pred, tgt = memory[name][rows[pick]], target[name][source[pick]].detach()
-                terms.append(((pred.float() - tgt.float()) ** 2).mean(-1))   # per row, as the code
+            pick = dropped == code   # never empty: each complete sample gives both copies
+            pred, tgt = memory[name][rows[pick]], target[name][source[pick]].detach()
+            terms.append(((pred.float() - tgt.float()) ** 2).mean(-1))   # per row, as the code
         return torch.cat(terms).mean()
 
 
@@ -274,8 +266,8 @@ class RebQMethod(PromptMethod):
             memory = bb.prompted_query(rows, mem.prompts)
             losses = mem.losses
         out = module(query, mt_all, mi_all, session, seen=seen, memory=memory, augmented=augmented)
-        for name, (weight, value) in losses.items():   # the memory pools' orthogonality, if on
-            w, v = out.losses.get(name, (weight, 0.0))
+        for name, (_, value) in losses.items():   # the memory pools' orthogonality, if on (then
+            w, v = out.losses[name]                # the text and image pools' is there too)
             out.losses[name] = (w, v + value)
         return out
 

@@ -290,24 +290,53 @@ class ContinualModel(nn.Module):
             out["oracle_pred"] = oracle_pred
         return out
 
-    @torch.no_grad()
-    def predict_shared(self, pooled: torch.Tensor, seen: int,
-                       sessions: torch.Tensor | None = None) -> torch.Tensor:
-        """Shared-head prediction from pooled features (B, d): one linear head over every class
-        of the first `seen` sessions (the per-session heads side by side: each session's block
-        trains only in its session, as masked logits train one head), argmax over them
-        (multi-label: sigmoid > 0.5). sessions (B,): restrict each row to its session's
-        classes instead (the oracle)."""
+    def shared_columns(self, seen: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared head's columns over the first `seen` sessions: classes (C,) their global
+        ids and owner (C,) their session. Sessions sit side by side in order, so these are
+        prefixes of the all-sessions tensors, built once per device."""
+        flat = self.__dict__.get("_shared_flat")
+        if flat is None or flat[0].device != torch.device(device):
+            classes = torch.tensor([c for cs in self.session_classes for c in cs], dtype=torch.long)
+            owner = torch.cat([torch.full((len(cs),), k, dtype=torch.long)
+                               for k, cs in enumerate(self.session_classes)])
+            ends = [0]
+            for cs in self.session_classes:
+                ends.append(ends[-1] + len(cs))
+            self.__dict__["_shared_flat"] = flat = (classes.to(device), owner.to(device), ends)
+        n = flat[2][seen]
+        return flat[0][:n], flat[1][:n]
+
+    def shared_logits(self, pooled: torch.Tensor, seen: int,
+                      sessions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared head's logits (B, C) (float32) from pooled features (B, d): one linear
+        head over every class of the first `seen` sessions (the per-session heads side by side:
+        each session's block trains only in its session, as masked logits train one head), and
+        classes (C,), the global id of each column. sessions (B,): every class outside a row's
+        session at -inf (the oracle; `restrict_logits`)."""
         logits = torch.cat([self.heads[k](pooled) for k in range(seen)], -1).float()
-        classes = torch.tensor([c for k in range(seen) for c in self.session_classes[k]],
-                               device=pooled.device)
+        classes, _ = self.shared_columns(seen, pooled.device)
         if sessions is not None:
-            owner = torch.cat([torch.full((len(self.session_classes[k]),), k,
-                                          device=pooled.device) for k in range(seen)])
-            keep = owner[None, :] == sessions.to(pooled.device)[:, None]
-            logits = logits.masked_fill(~keep, float("-inf"))
+            logits = self.restrict_logits(logits, seen, sessions)
+        return logits, classes
+
+    def restrict_logits(self, logits: torch.Tensor, seen: int, sessions: torch.Tensor) -> torch.Tensor:
+        """Shared-head logits (B, C) with every class outside row b's session sessions[b] at -inf."""
+        _, owner = self.shared_columns(seen, logits.device)
+        return logits.masked_fill(owner[None, :] != sessions.to(logits.device)[:, None], float("-inf"))
+
+    def shared_prediction(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Prediction from shared-head logits (`shared_logits`): the argmax class (multi-label:
+        a (B, num_classes) bool of sigmoid > 0.5)."""
         if self.multilabel:
-            hot = torch.zeros(len(pooled), self.num_classes, dtype=torch.bool, device=pooled.device)
+            hot = torch.zeros(len(logits), self.num_classes, dtype=torch.bool, device=logits.device)
             hot[:, classes] = logits.sigmoid() > 0.5
             return hot
         return classes[logits.argmax(-1)]
+
+    @torch.no_grad()
+    def predict_shared(self, pooled: torch.Tensor, seen: int,
+                       sessions: torch.Tensor | None = None) -> torch.Tensor:
+        """Shared-head prediction from pooled features (B, d): argmax over every class of the
+        first `seen` sessions (multi-label: sigmoid > 0.5); sessions (B,): restrict each row to
+        its session's classes instead (the oracle). See `shared_logits`."""
+        return self.shared_prediction(*self.shared_logits(pooled, seen, sessions))

@@ -21,6 +21,8 @@ and implements what differs from the defaults below (adapters around frozen line
   make_session(...)        one session's adapter for one linear (None: no adapters)
   attach(model)            wrap linears / add the method's own modules
   session_parameters(model, k)  what trains in session k (earlier sessions' parts never)
+  own_parameters(model, k) its own part of that (session_parameters adds heads[k]):
+                           session k's adapters by default, a prompt module's own
   start_session(model, k)  before session k trains (initialise its parts from the trained past)
   forward(model, batch, session, epoch, aux) -> {"logits": (B, classes of `session`), ...}
   loss_terms(model, batch, out, session) -> {name: (weight, scalar)}: added to the supervised
@@ -100,9 +102,14 @@ class Method(Plugin):
         """Whether the method wraps linears (it overrides make_session)."""
         return type(self).make_session is not Method.make_session
 
+    def own_parameters(self, model, k: int):
+        """What of the method's own parts trains in session k (its head aside): its adapters."""
+        return (p for a in model.adapted for p in a.session_module(k).parameters())
+
     def session_parameters(self, model, k: int) -> dict[str, nn.Parameter]:
-        """Session k's trainable tensors, by name: its adapters and its head."""
-        wanted = {id(p) for a in model.adapted for p in a.session_module(k).parameters()}
+        """Session k's trainable tensors, by name: the method's own (`own_parameters`) and its
+        head."""
+        wanted = {id(p) for p in self.own_parameters(model, k)}
         wanted |= {id(p) for p in model.heads[k].parameters()}
         return {n: p for n, p in model.named_parameters() if id(p) in wanted}
 
