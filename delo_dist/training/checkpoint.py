@@ -119,7 +119,6 @@ def free_space(path: Path) -> str:
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} bytes free" if unit == "bytes" else f"{n:.1f} {unit} free"
         n /= 1024
-    return ""
 
 
 def write_failure(e: OSError, fallback: Path) -> str:
@@ -138,7 +137,11 @@ def _attempt(fn: Callable[[], None], where: Path) -> str | None:
 
 def _fail_together(error: str | None, root: Path, tmp: Path) -> None:
     """Every rank learns whether any rank failed; then all raise, the `.tmp` parts removed."""
-    errors = [e for e in dist.all_gather_objects(error) if e]
+    _raise_if_any([e for e in dist.all_gather_objects(error) if e], root, tmp)
+
+
+def _raise_if_any(errors: list[str], root: Path, tmp: Path) -> None:
+    """`errors`, the same on every rank: if any, all raise, the `.tmp` parts removed."""
     if not errors:
         return
     if dist.rank() == 0:
@@ -179,7 +182,7 @@ def save(out_dir: Path, tag: str, model, engine, state: dict, include_backbone: 
     _fail_together(_attempt(start, tmp) if r == 0 else None, root, tmp)
     error = _attempt(write_parts, tmp)
     gathered = dist.all_gather_objects((error, records))
-    _fail_together(next((e for e, _ in gathered if e), None), root, tmp)
+    _raise_if_any([e for e, _ in gathered if e], root, tmp)   # every rank has every error
 
     def finish():
         files = {name: rec for _, recs in gathered for name, rec in recs.items()}
