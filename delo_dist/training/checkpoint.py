@@ -36,6 +36,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from delo_dist import dist
 from delo_dist.data.shards import file_sha256
+from delo_dist.training import stopping
 
 INTEGRITY = "integrity.json"
 LATEST = "latest"
@@ -305,11 +306,11 @@ def newest_verified(root: Path, before: Path) -> Path | None:
 
 
 def choose_resume(out_dir: Path, requested: str | None, fall_back: bool,
-                  command_for: Callable[[Path], str]) -> tuple[Path | None, str | None]:
+                  key: str = "train.resume_from") -> tuple[Path | None, str | None]:
     """The checkpoint a relaunch resumes from, verified: `requested` (train.resume_from) or
     what `latest` names; (None, None) when there is none. A damaged one raises
     CheckpointError naming the file, what was expected and the newest earlier checkpoint that
-    verifies with `command_for(it)`, or, when `fall_back`, is replaced by that one (the
+    verifies with the command that relaunches this job with `key` set to it, or, when `fall_back`, is replaced by that one (the
     second value is then the note to print)."""
     root = Path(out_dir) / "checkpoints"
     if requested is not None and Path(requested).resolve().parent != root.resolve():
@@ -336,19 +337,24 @@ def choose_resume(out_dir: Path, requested: str | None, fall_back: bool,
             return earlier, (f"{e}; resuming from the newest earlier checkpoint that verifies, "
                              f"{earlier} ({describe(earlier)}), as train.damaged_checkpoint=fall_back says")
         raise CheckpointError(f"{e}; the newest earlier checkpoint that verifies is {earlier} "
-                              f"({describe(earlier)}): resume from it with `{command_for(earlier)}` "
+                              f"({describe(earlier)}): resume from it with `{_command(key, earlier)}` "
                               "(or set train.damaged_checkpoint=fall_back)") from None
 
 
-def check_for_eval(path: Path, command_for: Callable[[Path], str]) -> None:
+def check_for_eval(path: Path, key: str = "eval.checkpoint") -> None:
     """eval.checkpoint must verify; else name the newest earlier one that does."""
     try:
         verify(path)
     except CheckpointError as e:
         earlier = newest_verified(Path(path).parent, Path(path))
         hint = (f"; the newest earlier checkpoint that verifies is {earlier} ({describe(earlier)}): "
-                f"`{command_for(earlier)}`" if earlier else "")
+                f"`{_command(key, earlier)}`" if earlier else "")
         raise CheckpointError(f"{e}{hint}") from None
+
+
+def _command(key: str, path: Path) -> str:
+    """This job's command with `key` set to `path` (the hint a damaged checkpoint gives)."""
+    return stopping.launch_command(f"{key}={path}")
 
 
 def _read(path: Path, what: Callable[[], object]):

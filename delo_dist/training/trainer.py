@@ -134,8 +134,7 @@ class Trainer:
         if note:
             print(note, flush=True)
         if evaluating:
-            checkpoint.check_for_eval(Path(self.recipe.eval.checkpoint), lambda p: stopping.launch_command(
-                f"eval.checkpoint={p}"))
+            checkpoint.check_for_eval(Path(self.recipe.eval.checkpoint), "eval.checkpoint")
             return
         neutral = run_identity.check_recipe(self.out, to_dict(self.recipe))
         if neutral:
@@ -149,8 +148,7 @@ class Trainer:
         """Main rank: the checkpoint to resume from, verified (checkpoint.choose_resume)."""
         t = self.recipe.train
         path, note = checkpoint.choose_resume(
-            self.out, t.resume_from, t.damaged_checkpoint == "fall_back",
-            lambda p: stopping.launch_command(f"train.resume_from={p}"))
+            self.out, t.resume_from, t.damaged_checkpoint == "fall_back", "train.resume_from")
         if note:
             print(note, flush=True)
         return path
