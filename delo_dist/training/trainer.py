@@ -79,14 +79,14 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         evaluating = r.eval.checkpoint is not None  # evaluation only: no run, no resume
         self.lock = RunLock(self.out)
-        self._agree(self._preflight, evaluating)
+        finished, resume_from = self._agree(self._preflight, evaluating)
 
         self.manifest = self._data()
         self.manifest_sha = manifest_sha256(r.data.shards)
         check_sizes(r.data.shards, self.manifest)
         if not evaluating:
-            self._agree(self._record_identity)
-            self.already_finished = dist.all_gather_objects(self.already_finished)[0]  # main's word
+            self._agree(self._record_identity, finished)
+            self.already_finished = finished
         if self.already_finished:
             return
         self.multilabel = bool(self.manifest.get("multilabel"))
@@ -111,38 +111,43 @@ class Trainer:
         if self.main:
             print("\n".join(lines), flush=True)
         self.result = {"sessions": []}   # + the matrices, a row per evaluated session
-        self.resume = None if evaluating else self._resume()
+        self.resume = None if evaluating else self._resume(resume_from)
 
-    def _agree(self, step, *args) -> None:
-        """Run a main-rank check; every rank raises if it failed (no rank left waiting)."""
-        error = None
+    def _agree(self, step, *args):
+        """Run a main-rank step; every rank raises if it failed (no rank left waiting), else
+        every rank returns what it returned on the main rank."""
+        error = result = None
         if self.main:
             try:
-                step(*args)
+                result = step(*args)
             except (RunLockError, RunIdentityError, TrackingUnreachable, FileExistsError,
                     checkpoint.CheckpointError) as e:
                 error = (type(e).__name__, str(e))
-        errors = [e for e in dist.all_gather_objects(error) if e]
+        gathered = dist.all_gather_objects((error, result))
+        errors = [e for e, _ in gathered if e]
         if errors:   # the same kind of error on every rank (train.py words each kind)
             kind = {"CheckpointError": checkpoint.CheckpointError,
                     "TrackingUnreachable": TrackingUnreachable}.get(errors[0][0], LaunchError)
             raise kind(errors[0][1])
+        return gathered[0][1]   # the main rank's word
 
-    def _preflight(self, evaluating: bool) -> None:
-        """Main rank, before any work: the folder's lock, its recorded recipe, the tracker."""
+    def _preflight(self, evaluating: bool) -> tuple[bool, Path | None]:
+        """Main rank, before any work: the folder's lock, its recorded recipe, the tracker.
+        -> (whether the folder holds a finished run, the checkpoint to resume from)."""
         note = self.lock.acquire()
         if note:
             print(note, flush=True)
         if evaluating:
             checkpoint.check_for_eval(Path(self.recipe.eval.checkpoint), "eval.checkpoint")
-            return
+            return False, None
         neutral = run_identity.check_recipe(self.out, to_dict(self.recipe))
         if neutral:
             print("continuing this output folder's run; result-neutral keys differ "
                   "(allowed): " + "; ".join(neutral), flush=True)
         probe(resolve_uri(self.recipe))
-        if not (self.out / "metrics.json").is_file():   # a finished run resumes nothing
-            self._resume_choice = self._choose_checkpoint()
+        if (self.out / "metrics.json").is_file():   # a finished run resumes nothing
+            return True, None
+        return False, self._choose_checkpoint()
 
     def _choose_checkpoint(self) -> Path | None:
         """Main rank: the checkpoint to resume from, verified (checkpoint.choose_resume)."""
@@ -153,11 +158,11 @@ class Trainer:
             print(note, flush=True)
         return path
 
-    def _record_identity(self) -> None:
-        """Main rank, data in hand: same data as the folder's run? Then record the identity."""
+    def _record_identity(self, finished: bool) -> None:
+        """Main rank, data in hand: same data as the folder's run? Then record the identity
+        (not for a `finished` run: nothing to train, nothing to rewrite)."""
         run_identity.check_data(self.out, self.manifest_sha)
-        if (self.out / "metrics.json").is_file():
-            self.already_finished = True   # nothing to train, nothing to rewrite
+        if finished:
             return
         run_identity.record(self.out, to_dict(self.recipe), self.manifest_sha)
         if not has_file_records(self.manifest):
@@ -172,9 +177,8 @@ class Trainer:
             self._agree(make_from_config, root, d.synthetic)
         return read_manifest(root)
 
-    def _resume(self) -> dict | None:
+    def _resume(self, path: Path | None) -> dict | None:
         # the main rank chose and verified it before any work (_preflight); every rank loads it
-        path = dist.all_gather_objects(getattr(self, "_resume_choice", None))[0]
         if self.main:
             stopping.clear_marker(self.out)
         if path is None:
