@@ -360,33 +360,40 @@ class Trainer:
 
     def train_step(self, engine, micro: list[dict], k: int, epoch: int) -> dict:
         """One micro-batch (the last of `micro`, this optimizer step's micro-batches so far).
-        Returns the loss parts averaged over the step's micro-batches so far and the ranks;
-        at the step's last micro-batch sets `self.nonfinite` (None, or what was not finite)."""
+        Returns the loss parts averaged over the step's micro-batches so far: at the step's
+        last micro-batch over every rank too, and then sets `self.stop_agreed` and
+        `self.nonfinite` (None, or what was not finite); before it, this rank's alone."""
         self.model.train()
         with autocast(self.precision, self.device):  # forward and loss; backward outside
             loss, parts = objective(engine, self.model, micro[-1], k, epoch, self.multilabel)
         engine.backward(loss)
         norm = engine.step()   # the gradient norm at the step's last micro-batch; never applied
+        n = len(micro)
+        if n == 1:
+            self._step_sums = {}
+        for name, v in parts.items():   # summed here, reduced once at the step's end
+            self._step_sums[name] = self._step_sums.get(name, 0.0) + v
+        if n < self.accum:
+            self.nonfinite = None
+            return {name: v / n for name, v in self._step_sums.items()}
         bad_norm = norm is not None and not math.isfinite(norm)   # if non-finite (engines.py)
-        # One reduction: global means of the loss parts (rank 0 alone would report its own
-        # slice of the batch), whether any rank was asked to stop, whether any saw a
-        # non-finite gradient norm (a NaN loss on any rank makes the summed loss NaN).
-        names = sorted(parts)
-        packed = [parts[n] for n in names] + [float(self.stop_requested), float(bad_norm)]
+        # One reduction a step: global means of the loss parts (rank 0 alone would report its
+        # own slice of the batch), whether any rank was asked to stop (a stop asked during the
+        # step is still set), whether any saw a non-finite gradient norm (a NaN loss on any
+        # rank or micro-batch makes the summed loss NaN).
+        names = sorted(self._step_sums)
+        packed = [self._step_sums[nm] for nm in names] + [float(self.stop_requested), float(bad_norm)]
         sums = dist.all_reduce_sum(torch.tensor(packed, dtype=torch.float64)).tolist()
         self.stop_agreed = sums[-2] > 0
-        n = len(micro)
-        self._step_parts = {nm: v / self.world for nm, v in zip(names, sums)} if n == 1 else {
-            nm: (self._step_parts[nm] * (n - 1) + v / self.world) / n for nm, v in zip(names, sums)}
+        step_parts = {nm: v / (self.world * n) for nm, v in zip(names, sums)}
         self.nonfinite = None
-        if n == self.accum:
-            if not math.isfinite(self._step_parts["loss"]):
-                self.nonfinite = f"loss {self._step_parts['loss']}"
-            elif sums[-1] > 0:
-                self.nonfinite = f"gradient norm {norm} (loss {self._step_parts['loss']:.4g})"
-            else:  # the EMA sees the optimizer step's whole global batch, of applied steps only
-                observe_task_id(self.model, concat_batches(micro), k)
-        return self._step_parts
+        if not math.isfinite(step_parts["loss"]):
+            self.nonfinite = f"loss {step_parts['loss']}"
+        elif sums[-1] > 0:
+            self.nonfinite = f"gradient norm {norm} (loss {step_parts['loss']:.4g})"
+        else:  # the EMA sees the optimizer step's whole global batch, of applied steps only
+            observe_task_id(self.model, concat_batches(micro), k)
+        return step_parts
 
     # ================================================================ evaluation
     def evaluate_checkpoint(self, path: Path) -> None:
