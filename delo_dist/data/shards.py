@@ -15,7 +15,6 @@ half tar that looks whole; the manifest is written last, the same way.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import webdataset as wds
+
+from delo_dist.data.files import atomic_write_text, file_sha256
 
 FORMAT = "delo-dist/1"
 SPLITS = ("train", "val", "test")
@@ -67,14 +68,6 @@ def write_split(samples: Iterable[dict], root: Path, session: int, split: str,
     return {"count": len(keys), "shards": shards, "keys": keys, "files": files}
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def manifest_sha256(root: str | Path) -> str:
     """The data's identity: the hash of manifest.json (which holds every tar's hash)."""
     return file_sha256(Path(root) / "manifest.json")
@@ -106,10 +99,7 @@ class DataIntegrityError(RuntimeError):
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
-    manifest = {"format": FORMAT, **manifest}
-    tmp = Path(root) / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, Path(root) / "manifest.json")
+    atomic_write_text(Path(root) / "manifest.json", json.dumps({"format": FORMAT, **manifest}, indent=1))
 
 
 class ManifestError(DataIntegrityError, ValueError):
