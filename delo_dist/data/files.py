@@ -28,3 +28,19 @@ def file_sha256(path: str | Path) -> str:
             h.update(block)
     return h.hexdigest()
 
+
+def file_mismatch(path: str | Path, size: int, sha256: str | None = None) -> str | None:
+    """How `path` differs from the `size` and (when given) `sha256` recorded when it was
+    written: None when it matches, else "missing", "<bytes> bytes" (another size) or
+    "sha256 <hex digest>" (the same size, other bytes). Callers word the message."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    actual = path.stat().st_size
+    if actual != size:
+        return f"{actual} bytes"
+    if sha256 is not None:
+        digest = file_sha256(path)
+        if digest != sha256:
+            return f"sha256 {digest}"
+    return None

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 
 import webdataset as wds
 
-from delo_dist.data.files import atomic_write_text, file_sha256
+from delo_dist.data.files import atomic_write_text, file_mismatch, file_sha256
 
 FORMAT = "delo-dist/1"
 SPLITS = ("train", "val", "test")
@@ -85,9 +85,9 @@ def check_sizes(root: str | Path, manifest: dict) -> None:
     for sess in manifest["sessions"]:
         for entry in sess["splits"].values():
             for shard, rec in entry.get("files", {}).items():
-                size = (Path(root) / shard).stat().st_size
-                if size != rec["bytes"]:
-                    wrong.append(f"{shard}: {size} bytes, the manifest says {rec['bytes']}")
+                problem = file_mismatch(Path(root) / shard, rec["bytes"])   # "<actual> bytes"
+                if problem is not None:
+                    wrong.append(f"{shard}: {problem}, the manifest says {rec['bytes']}")
     if wrong:
         raise DataIntegrityError(f"{Path(root) / 'manifest.json'}: shards changed since they were "
                                  "written: " + "; ".join(wrong) +

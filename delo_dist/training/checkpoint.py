@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from delo_dist import dist
-from delo_dist.data.shards import file_sha256
+from delo_dist.data.files import file_mismatch
 from delo_dist.training import stopping
 
 INTEGRITY = "integrity.json"
@@ -241,16 +241,16 @@ def verify(path: Path) -> None:
         raise CheckpointError(f"{records}: unreadable integrity records ({type(e).__name__}: {e})") from None
     for name, (size, sha) in sorted(expected.items()):
         f = path / name
-        if not f.is_file():
+        problem = file_mismatch(f, size, sha)
+        if problem == "missing":
             raise CheckpointError(f"{f}: missing, expected {size} bytes")
-        actual = f.stat().st_size
-        if actual != size:
-            raise CheckpointError(f"{f}: {actual} bytes, expected {size} (cut or overwritten "
-                                  "since it was written)")
-        digest = file_sha256(f)
-        if digest != sha:
+        if problem is not None and problem.startswith("sha256 "):
+            digest = problem[len("sha256 "):]
             raise CheckpointError(f"{f}: sha256 {digest[:16]}..., expected {sha[:16]}... (same "
                                   "size, other bytes: altered since it was written)")
+        if problem is not None:   # "<actual> bytes"
+            raise CheckpointError(f"{f}: {problem}, expected {size} (cut or overwritten "
+                                  "since it was written)")
 
 
 def _check_readable(path: Path) -> None:
