@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from delo_dist.config import Recipe, flatten, to_dict
+from delo_dist.data.files import atomic_write_text
 
 RUN_ID_FILE = "mlflow_run_id"
 TRACKING_FILE = "tracking.json"
@@ -193,8 +194,8 @@ class Tracker:
 
     def _first_records(self, recipe: Recipe, out: Path, manifest_sha256: str | None) -> None:
         uri = self.uri
-        _write(out / RUN_ID_FILE, self.run_id)
-        _write(out / TRACKING_FILE, json.dumps({"uri": redact(uri), "run_id": self.run_id}))
+        atomic_write_text(out / RUN_ID_FILE, self.run_id)
+        atomic_write_text(out / TRACKING_FILE, json.dumps({"uri": redact(uri), "run_id": self.run_id}))
         params = {k: redact(v)[:500] for k, v in flatten(to_dict(recipe)).items()}
         if manifest_sha256:
             params["data.manifest_sha256"] = manifest_sha256
@@ -315,18 +316,10 @@ def replay(client, run_id: str, buffer: Path) -> bool:
         try:
             apply(client, run_id, rec)
         except Exception:  # noqa: BLE001 - still unreachable: keep the rest for later
-            tmp = buffer.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in recs[i:]))
-            os.replace(tmp, buffer)
+            atomic_write_text(buffer, "".join(json.dumps(r) + "\n" for r in recs[i:]))
             return False
     buffer.unlink()
     return True
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def sync(out: Path) -> int:

@@ -15,7 +15,6 @@ half tar that looks whole; the manifest is written last, the same way.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import webdataset as wds
+
+from delo_dist.data.files import atomic_write_text, file_mismatch, file_sha256
 
 FORMAT = "delo-dist/1"
 SPLITS = ("train", "val", "test")
@@ -67,14 +68,6 @@ def write_split(samples: Iterable[dict], root: Path, session: int, split: str,
     return {"count": len(keys), "shards": shards, "keys": keys, "files": files}
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def manifest_sha256(root: str | Path) -> str:
     """The data's identity: the hash of manifest.json (which holds every tar's hash)."""
     return file_sha256(Path(root) / "manifest.json")
@@ -92,9 +85,9 @@ def check_sizes(root: str | Path, manifest: dict) -> None:
     for sess in manifest["sessions"]:
         for entry in sess["splits"].values():
             for shard, rec in entry.get("files", {}).items():
-                size = (Path(root) / shard).stat().st_size
-                if size != rec["bytes"]:
-                    wrong.append(f"{shard}: {size} bytes, the manifest says {rec['bytes']}")
+                problem = file_mismatch(Path(root) / shard, rec["bytes"])   # "<actual> bytes"
+                if problem is not None:
+                    wrong.append(f"{shard}: {problem}, the manifest says {rec['bytes']}")
     if wrong:
         raise DataIntegrityError(f"{Path(root) / 'manifest.json'}: shards changed since they were "
                                  "written: " + "; ".join(wrong) +
@@ -106,10 +99,7 @@ class DataIntegrityError(RuntimeError):
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
-    manifest = {"format": FORMAT, **manifest}
-    tmp = Path(root) / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, Path(root) / "manifest.json")
+    atomic_write_text(Path(root) / "manifest.json", json.dumps({"format": FORMAT, **manifest}, indent=1))
 
 
 class ManifestError(DataIntegrityError, ValueError):

@@ -41,6 +41,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from delo_dist.data.files import atomic_write_text
 from delo_dist.data.shards import DataIntegrityError, iter_tar_samples
 
 
@@ -123,13 +124,7 @@ class SessionStream(IterableDataset):
         if self.faults_path is None or self.rank != 0 or (info is not None and info.id != 0):
             return
         self.faults_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.faults_path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps(self.bad))
-            tmp.replace(self.faults_path)
-        except OSError as e:   # a full disk: no half file left behind
-            tmp.unlink(missing_ok=True)
-            raise OSError(e.errno, e.strerror, str(tmp)) from None
+        atomic_write_text(self.faults_path, json.dumps(self.bad))   # a full disk: no half file
 
     def _ordered(self):
         urls = list(self.urls)

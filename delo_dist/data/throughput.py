@@ -79,14 +79,14 @@ def make_prepared(root: Path, samples: int, classes: int, width: int, height: in
             "prepared": sum(sum(c.values()) for c in summary["counts"])}
 
 
-def reading_backbone(image_size: int, max_text_len: int, overrides: list[str] = ()):
-    """The recipe's backbone (the default one unless overrides say) as the trainer reads
-    with it: its `collate` decodes, normalises and tokenises."""
+def reading_backbone(image_size: int, max_text_len: int):
+    """The default recipe's backbone as the trainer reads with it: its `collate` decodes,
+    normalises and tokenises."""
     from delo_dist.config import load_recipe
     from delo_dist.models.adapters import RoutingContext
     from delo_dist.models.backbone import build_backbone
     recipe = load_recipe(None, ["data.make_synthetic=true", f"backbone.image_size={image_size}",
-                                f"backbone.max_text_len={max_text_len}", *overrides])
+                                f"backbone.max_text_len={max_text_len}"])
     return build_backbone(recipe.backbone, RoutingContext())
 
 

@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from delo_dist.data.shards import file_sha256, has_file_records, read_manifest
+from delo_dist.data.files import file_mismatch
+from delo_dist.data.shards import has_file_records, read_manifest
 
 
 def verify(root: str | Path) -> tuple[list[str], int]:
@@ -22,14 +23,15 @@ def verify(root: str | Path) -> tuple[list[str], int]:
     for k, sess in enumerate(manifest["sessions"]):
         for split, entry in sess["splits"].items():
             for shard, rec in entry.get("files", {}).items():
-                path = Path(root) / shard
                 checked += 1
-                size = path.stat().st_size
-                if size != rec["bytes"]:
-                    problems.append(f"{shard} (session {k} {split}): {size} bytes, "
-                                    f"manifest says {rec['bytes']}")
-                elif file_sha256(path) != rec["sha256"]:
-                    problems.append(f"{shard} (session {k} {split}): sha256 differs from the manifest")
+                problem = file_mismatch(Path(root) / shard, rec["bytes"], rec["sha256"])
+                if problem is None:
+                    continue
+                if problem.startswith("sha256 "):
+                    problem = "sha256 differs from the manifest"
+                elif problem != "missing":   # "<actual> bytes"
+                    problem += f", manifest says {rec['bytes']}"
+                problems.append(f"{shard} (session {k} {split}): {problem}")
     return problems, checked
 
 

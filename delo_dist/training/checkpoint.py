@@ -35,7 +35,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from delo_dist import dist
-from delo_dist.data.shards import file_sha256
+from delo_dist.data.files import file_mismatch
+from delo_dist.training import stopping
 
 INTEGRITY = "integrity.json"
 LATEST = "latest"
@@ -120,7 +121,6 @@ def free_space(path: Path) -> str:
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} bytes free" if unit == "bytes" else f"{n:.1f} {unit} free"
         n /= 1024
-    return ""
 
 
 def write_failure(e: OSError, fallback: Path) -> str:
@@ -139,7 +139,11 @@ def _attempt(fn: Callable[[], None], where: Path) -> str | None:
 
 def _fail_together(error: str | None, root: Path, tmp: Path) -> None:
     """Every rank learns whether any rank failed; then all raise, the `.tmp` parts removed."""
-    errors = [e for e in dist.all_gather_objects(error) if e]
+    _raise_if_any([e for e in dist.all_gather_objects(error) if e], root, tmp)
+
+
+def _raise_if_any(errors: list[str], root: Path, tmp: Path) -> None:
+    """`errors`, the same on every rank: if any, all raise, the `.tmp` parts removed."""
     if not errors:
         return
     if dist.rank() == 0:
@@ -180,7 +184,7 @@ def save(out_dir: Path, tag: str, model, engine, state: dict, include_backbone: 
     _fail_together(_attempt(start, tmp) if r == 0 else None, root, tmp)
     error = _attempt(write_parts, tmp)
     gathered = dist.all_gather_objects((error, records))
-    _fail_together(next((e for e, _ in gathered if e), None), root, tmp)
+    _raise_if_any([e for e, _ in gathered if e], root, tmp)   # every rank has every error
 
     def finish():
         files = {name: rec for _, recs in gathered for name, rec in recs.items()}
@@ -238,16 +242,16 @@ def verify(path: Path) -> None:
         raise CheckpointError(f"{records}: unreadable integrity records ({type(e).__name__}: {e})") from None
     for name, (size, sha) in sorted(expected.items()):
         f = path / name
-        if not f.is_file():
+        problem = file_mismatch(f, size, sha)
+        if problem == "missing":
             raise CheckpointError(f"{f}: missing, expected {size} bytes")
-        actual = f.stat().st_size
-        if actual != size:
-            raise CheckpointError(f"{f}: {actual} bytes, expected {size} (cut or overwritten "
-                                  "since it was written)")
-        digest = file_sha256(f)
-        if digest != sha:
+        if problem is not None and problem.startswith("sha256 "):
+            digest = problem[len("sha256 "):]
             raise CheckpointError(f"{f}: sha256 {digest[:16]}..., expected {sha[:16]}... (same "
                                   "size, other bytes: altered since it was written)")
+        if problem is not None:   # "<actual> bytes"
+            raise CheckpointError(f"{f}: {problem}, expected {size} (cut or overwritten "
+                                  "since it was written)")
 
 
 def _check_readable(path: Path) -> None:
@@ -303,11 +307,11 @@ def newest_verified(root: Path, before: Path) -> Path | None:
 
 
 def choose_resume(out_dir: Path, requested: str | None, fall_back: bool,
-                  command_for: Callable[[Path], str]) -> tuple[Path | None, str | None]:
+                  key: str = "train.resume_from") -> tuple[Path | None, str | None]:
     """The checkpoint a relaunch resumes from, verified: `requested` (train.resume_from) or
     what `latest` names; (None, None) when there is none. A damaged one raises
     CheckpointError naming the file, what was expected and the newest earlier checkpoint that
-    verifies with `command_for(it)`, or, when `fall_back`, is replaced by that one (the
+    verifies with the command that relaunches this job with `key` set to it, or, when `fall_back`, is replaced by that one (the
     second value is then the note to print)."""
     root = Path(out_dir) / "checkpoints"
     if requested is not None and Path(requested).resolve().parent != root.resolve():
@@ -334,19 +338,24 @@ def choose_resume(out_dir: Path, requested: str | None, fall_back: bool,
             return earlier, (f"{e}; resuming from the newest earlier checkpoint that verifies, "
                              f"{earlier} ({describe(earlier)}), as train.damaged_checkpoint=fall_back says")
         raise CheckpointError(f"{e}; the newest earlier checkpoint that verifies is {earlier} "
-                              f"({describe(earlier)}): resume from it with `{command_for(earlier)}` "
+                              f"({describe(earlier)}): resume from it with `{_command(key, earlier)}` "
                               "(or set train.damaged_checkpoint=fall_back)") from None
 
 
-def check_for_eval(path: Path, command_for: Callable[[Path], str]) -> None:
+def check_for_eval(path: Path, key: str = "eval.checkpoint") -> None:
     """eval.checkpoint must verify; else name the newest earlier one that does."""
     try:
         verify(path)
     except CheckpointError as e:
         earlier = newest_verified(Path(path).parent, Path(path))
         hint = (f"; the newest earlier checkpoint that verifies is {earlier} ({describe(earlier)}): "
-                f"`{command_for(earlier)}`" if earlier else "")
+                f"`{_command(key, earlier)}`" if earlier else "")
         raise CheckpointError(f"{e}{hint}") from None
+
+
+def _command(key: str, path: Path) -> str:
+    """This job's command with `key` set to `path` (the hint a damaged checkpoint gives)."""
+    return stopping.launch_command(f"{key}={path}")
 
 
 def _read(path: Path, what: Callable[[], object]):

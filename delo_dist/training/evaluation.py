@@ -74,9 +74,11 @@ def evaluate(model, test_loader: Callable[[int], Iterable[dict]], seen: int, sco
             batch = to_device(batch, device)
             with autocast(precision, device):
                 out = model.predict(batch, seen, oracle)
-            labels, avail, routed = batch["labels"], availability(batch), out.get("routed")
-            local += [(key, _plain(labels, j), _plain(out["pred"], j),
-                       _plain(out.get("oracle_pred"), j),
+            # to the host once per batch: indexing device tensors per sample syncs each time
+            labels, pred, oracle_pred, routed, avail = (_host(t) for t in (
+                batch["labels"], out["pred"], out.get("oracle_pred"), out.get("routed"),
+                availability(batch)))
+            local += [(key, _plain(labels, j), _plain(pred, j), _plain(oracle_pred, j),
                        None if routed is None else int(routed[j]), int(avail[j]))
                       for j, key in enumerate(batch["keys"])]
         gathered = sorted((x for part in dist.all_gather_objects(local) for x in part))
@@ -159,6 +161,11 @@ def _availability_scalars(b: dict) -> dict:
 def _availability_line(b: dict) -> str:
     return ", ".join(f"{n.replace('_', '-')} {'-' if v is None else f'{100 * v:.1f}'}"
                      for n, v in b["overall"].items())
+
+
+def _host(t):
+    """A batch tensor on the CPU (lists and None as they are)."""
+    return t.cpu() if torch.is_tensor(t) else t
 
 
 def _plain(t, j):

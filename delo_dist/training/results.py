@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import psutil
 import torch
 
 from delo_dist import metrics as M
+from delo_dist.data.files import atomic_write_text
 from delo_dist.models.continual import parameter_summary
 from delo_dist.training.evaluation import _availability_line, _availability_scalars
 
@@ -165,13 +165,8 @@ def final_line(s: dict, path: Path) -> str:
 
 def write_strict_json(path: Path, obj) -> None:
     """JSON every reader accepts (NaN and inf as null), written whole or not at all."""
-    tmp = Path(str(path) + ".tmp")
-    try:
-        tmp.write_text(json.dumps(_strict(obj), indent=1, allow_nan=False))
-        os.replace(tmp, path)
-    except OSError as e:   # disk full: no half file left; train.py says where and why
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(tmp)) from None
+    # disk full: no half file left; train.py says where and why
+    atomic_write_text(path, json.dumps(_strict(obj), indent=1, allow_nan=False))
 
 
 def _strict(obj):

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import yaml
 
 from delo_dist.config import flatten, recipe_diff, result_neutral
+from delo_dist.data.files import atomic_write_text
 
 RECIPE_FILE = "recipe.resolved.yaml"
 RUN_FILE = "run.json"
@@ -77,7 +77,5 @@ def record(out: Path, tree: dict, manifest_sha: str) -> dict:
             "manifest_sha256": manifest_sha}
     for name, text in ((RECIPE_FILE, yaml.safe_dump(tree, sort_keys=False)),
                        (RUN_FILE, json.dumps(info, indent=1))):
-        tmp = Path(out) / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, Path(out) / name)
+        atomic_write_text(Path(out) / name, text)
     return info

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from delo_dist.data.files import atomic_write_text
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 MARKER = "PREEMPTED"
 PR_SET_PDEATHSIG = 1
@@ -99,9 +101,7 @@ def mark_preempted(out: Path, checkpoint: Path) -> str:
     """Write the marker; return the one line to print."""
     info = {"checkpoint": str(checkpoint), "resume": launch_command(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid()}
-    tmp = Path(out) / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, Path(out) / MARKER)
+    atomic_write_text(Path(out) / MARKER, json.dumps(info, indent=1))
     return (f"preempted: checkpoint {checkpoint}; resume by relaunching the same command "
             f"({info['resume']}); marker {Path(out) / MARKER}")
 

@@ -79,14 +79,14 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         evaluating = r.eval.checkpoint is not None  # evaluation only: no run, no resume
         self.lock = RunLock(self.out)
-        self._agree(self._preflight, evaluating)
+        finished, resume_from = self._agree(self._preflight, evaluating)
 
         self.manifest = self._data()
         self.manifest_sha = manifest_sha256(r.data.shards)
         check_sizes(r.data.shards, self.manifest)
         if not evaluating:
-            self._agree(self._record_identity)
-            self.already_finished = dist.all_gather_objects(self.already_finished)[0]  # main's word
+            self._agree(self._record_identity, finished)
+            self.already_finished = finished
         if self.already_finished:
             return
         self.multilabel = bool(self.manifest.get("multilabel"))
@@ -111,55 +111,58 @@ class Trainer:
         if self.main:
             print("\n".join(lines), flush=True)
         self.result = {"sessions": []}   # + the matrices, a row per evaluated session
-        self.resume = None if evaluating else self._resume()
+        self.resume = None if evaluating else self._resume(resume_from)
 
-    def _agree(self, step, *args) -> None:
-        """Run a main-rank check; every rank raises if it failed (no rank left waiting)."""
-        error = None
+    def _agree(self, step, *args):
+        """Run a main-rank step; every rank raises if it failed (no rank left waiting), else
+        every rank returns what it returned on the main rank."""
+        error = result = None
         if self.main:
             try:
-                step(*args)
+                result = step(*args)
             except (RunLockError, RunIdentityError, TrackingUnreachable, FileExistsError,
                     checkpoint.CheckpointError) as e:
                 error = (type(e).__name__, str(e))
-        errors = [e for e in dist.all_gather_objects(error) if e]
+        gathered = dist.all_gather_objects((error, result))
+        errors = [e for e, _ in gathered if e]
         if errors:   # the same kind of error on every rank (train.py words each kind)
             kind = {"CheckpointError": checkpoint.CheckpointError,
                     "TrackingUnreachable": TrackingUnreachable}.get(errors[0][0], LaunchError)
             raise kind(errors[0][1])
+        return gathered[0][1]   # the main rank's word
 
-    def _preflight(self, evaluating: bool) -> None:
-        """Main rank, before any work: the folder's lock, its recorded recipe, the tracker."""
+    def _preflight(self, evaluating: bool) -> tuple[bool, Path | None]:
+        """Main rank, before any work: the folder's lock, its recorded recipe, the tracker.
+        -> (whether the folder holds a finished run, the checkpoint to resume from)."""
         note = self.lock.acquire()
         if note:
             print(note, flush=True)
         if evaluating:
-            checkpoint.check_for_eval(Path(self.recipe.eval.checkpoint), lambda p: stopping.launch_command(
-                f"eval.checkpoint={p}"))
-            return
+            checkpoint.check_for_eval(Path(self.recipe.eval.checkpoint), "eval.checkpoint")
+            return False, None
         neutral = run_identity.check_recipe(self.out, to_dict(self.recipe))
         if neutral:
             print("continuing this output folder's run; result-neutral keys differ "
                   "(allowed): " + "; ".join(neutral), flush=True)
         probe(resolve_uri(self.recipe))
-        if not (self.out / "metrics.json").is_file():   # a finished run resumes nothing
-            self._resume_choice = self._choose_checkpoint()
+        if (self.out / "metrics.json").is_file():   # a finished run resumes nothing
+            return True, None
+        return False, self._choose_checkpoint()
 
     def _choose_checkpoint(self) -> Path | None:
         """Main rank: the checkpoint to resume from, verified (checkpoint.choose_resume)."""
         t = self.recipe.train
         path, note = checkpoint.choose_resume(
-            self.out, t.resume_from, t.damaged_checkpoint == "fall_back",
-            lambda p: stopping.launch_command(f"train.resume_from={p}"))
+            self.out, t.resume_from, t.damaged_checkpoint == "fall_back", "train.resume_from")
         if note:
             print(note, flush=True)
         return path
 
-    def _record_identity(self) -> None:
-        """Main rank, data in hand: same data as the folder's run? Then record the identity."""
+    def _record_identity(self, finished: bool) -> None:
+        """Main rank, data in hand: same data as the folder's run? Then record the identity
+        (not for a `finished` run: nothing to train, nothing to rewrite)."""
         run_identity.check_data(self.out, self.manifest_sha)
-        if (self.out / "metrics.json").is_file():
-            self.already_finished = True   # nothing to train, nothing to rewrite
+        if finished:
             return
         run_identity.record(self.out, to_dict(self.recipe), self.manifest_sha)
         if not has_file_records(self.manifest):
@@ -174,9 +177,8 @@ class Trainer:
             self._agree(make_from_config, root, d.synthetic)
         return read_manifest(root)
 
-    def _resume(self) -> dict | None:
+    def _resume(self, path: Path | None) -> dict | None:
         # the main rank chose and verified it before any work (_preflight); every rank loads it
-        path = dist.all_gather_objects(getattr(self, "_resume_choice", None))[0]
         if self.main:
             stopping.clear_marker(self.out)
         if path is None:
@@ -358,33 +360,40 @@ class Trainer:
 
     def train_step(self, engine, micro: list[dict], k: int, epoch: int) -> dict:
         """One micro-batch (the last of `micro`, this optimizer step's micro-batches so far).
-        Returns the loss parts averaged over the step's micro-batches so far and the ranks;
-        at the step's last micro-batch sets `self.nonfinite` (None, or what was not finite)."""
+        Returns the loss parts averaged over the step's micro-batches so far: at the step's
+        last micro-batch over every rank too, and then sets `self.stop_agreed` and
+        `self.nonfinite` (None, or what was not finite); before it, this rank's alone."""
         self.model.train()
         with autocast(self.precision, self.device):  # forward and loss; backward outside
             loss, parts = objective(engine, self.model, micro[-1], k, epoch, self.multilabel)
         engine.backward(loss)
         norm = engine.step()   # the gradient norm at the step's last micro-batch; never applied
+        n = len(micro)
+        if n == 1:
+            self._step_sums = {}
+        for name, v in parts.items():   # summed here, reduced once at the step's end
+            self._step_sums[name] = self._step_sums.get(name, 0.0) + v
+        if n < self.accum:
+            self.nonfinite = None
+            return {name: v / n for name, v in self._step_sums.items()}
         bad_norm = norm is not None and not math.isfinite(norm)   # if non-finite (engines.py)
-        # One reduction: global means of the loss parts (rank 0 alone would report its own
-        # slice of the batch), whether any rank was asked to stop, whether any saw a
-        # non-finite gradient norm (a NaN loss on any rank makes the summed loss NaN).
-        names = sorted(parts)
-        packed = [parts[n] for n in names] + [float(self.stop_requested), float(bad_norm)]
+        # One reduction a step: global means of the loss parts (rank 0 alone would report its
+        # own slice of the batch), whether any rank was asked to stop (a stop asked during the
+        # step is still set), whether any saw a non-finite gradient norm (a NaN loss on any
+        # rank or micro-batch makes the summed loss NaN).
+        names = sorted(self._step_sums)
+        packed = [self._step_sums[nm] for nm in names] + [float(self.stop_requested), float(bad_norm)]
         sums = dist.all_reduce_sum(torch.tensor(packed, dtype=torch.float64)).tolist()
         self.stop_agreed = sums[-2] > 0
-        n = len(micro)
-        self._step_parts = {nm: v / self.world for nm, v in zip(names, sums)} if n == 1 else {
-            nm: (self._step_parts[nm] * (n - 1) + v / self.world) / n for nm, v in zip(names, sums)}
+        step_parts = {nm: v / (self.world * n) for nm, v in zip(names, sums)}
         self.nonfinite = None
-        if n == self.accum:
-            if not math.isfinite(self._step_parts["loss"]):
-                self.nonfinite = f"loss {self._step_parts['loss']}"
-            elif sums[-1] > 0:
-                self.nonfinite = f"gradient norm {norm} (loss {self._step_parts['loss']:.4g})"
-            else:  # the EMA sees the optimizer step's whole global batch, of applied steps only
-                observe_task_id(self.model, concat_batches(micro), k)
-        return self._step_parts
+        if not math.isfinite(step_parts["loss"]):
+            self.nonfinite = f"loss {step_parts['loss']}"
+        elif sums[-1] > 0:
+            self.nonfinite = f"gradient norm {norm} (loss {step_parts['loss']:.4g})"
+        else:  # the EMA sees the optimizer step's whole global batch, of applied steps only
+            observe_task_id(self.model, concat_batches(micro), k)
+        return step_parts
 
     # ================================================================ evaluation
     def evaluate_checkpoint(self, path: Path) -> None:
